@@ -1,0 +1,33 @@
+"""Exception types raised by shardlib.
+
+Every error a user can cause is one of these, so callers can catch shardlib's
+complaints without catching unrelated bugs. Messages follow one shape: the
+public call and argument, the values involved, the rule that was broken, and
+one or two concrete fixes.
+"""
+
+from __future__ import annotations
+
+
+class ShardlibError(Exception):
+    """Base class of every error shardlib raises on purpose."""
+
+
+class LayoutError(ShardlibError, ValueError):
+    """A layout, mesh or shape that does not fit together."""
+
+
+class MeshMismatchError(ShardlibError, ValueError):
+    """Tensors on unequal meshes were combined."""
+
+
+class NoRuleError(ShardlibError, NotImplementedError):
+    """An operator has no propagation rule for sharded tensors."""
+
+
+class LaunchError(ShardlibError, RuntimeError):
+    """A worker process of `sl.launch` failed, died or timed out."""
+
+
+class DistributedSetupError(ShardlibError, RuntimeError):
+    """`torch.distributed` is not set up the way a distributed mesh needs."""
