@@ -461,7 +461,9 @@ def plan(
         raise LayoutError(f"sl.plan: mesh must be a sl.Mesh, got {type(mesh).__name__}.")
     for name, lay in (("src_layout", src_layout), ("dst_layout", dst_layout)):
         if not isinstance(lay, Layout):
-            raise LayoutError(f"sl.plan: {name} must be a layout built with sl.P(...), got {lay!r}.")
+            raise LayoutError(
+                f"sl.plan: {name} must be a layout built with sl.P(...), got {lay!r}."
+            )
         lay.check(abstract, len(shape), f"sl.plan({name}=...)")
     dtype_name, itemsize = _dtype_info(dtype)
     path = _Search(dst_layout, shape, abstract, itemsize).run(src_layout)

@@ -1,0 +1,38 @@
+"""shardlib: JAX-style sharding for PyTorch.
+
+A tensor carries an explicit layout over a named device mesh; layouts change by
+the cheapest redistribution, and every collective is recorded in a ledger.
+
+Examples:
+    >>> import shardlib as sl, torch
+    >>> mesh = sl.Mesh.simulated({"dp": 2, "tp": 2})
+    >>> x = sl.shard(torch.randn(8, 8), mesh, sl.P("dp", "tp"))
+    >>> with sl.comm_ledger() as led:
+    ...     y = sl.reshard(x, sl.P(None, None))
+    >>> torch.equal(y.full(), x.full()), led.count()
+    (True, 2)
+"""
+
+from ._errors import LaunchError as LaunchError
+from ._errors import LayoutError as LayoutError
+from ._errors import MeshMismatchError as MeshMismatchError
+from ._errors import NoRuleError as NoRuleError
+from ._errors import ShardlibError as ShardlibError
+from .collectives._launch import launch as launch
+from .collectives._ledger import CommLedger as CommLedger
+from .collectives._ledger import CommRecord as CommRecord
+from .collectives._ledger import comm_ledger as comm_ledger
+from .layouts._layout import Layout as Layout
+from .layouts._layout import P as P
+from .layouts._mesh import AbstractMesh as AbstractMesh
+from .layouts._mesh import Mesh as Mesh
+from .layouts._planner import Plan as Plan
+from .layouts._planner import plan as plan
+from .ops._api import from_local as from_local
+from .ops._api import full as full
+from .ops._api import reshard as reshard
+from .ops._api import shard as shard
+from .ops._api import visualize as visualize
+from .ops._tensor import ShardedTensor as ShardedTensor
+
+__version__ = "0.1.0"

@@ -1,0 +1,147 @@
+"""The communication ledger: a record of every collective shardlib issues.
+
+Owns `CommRecord`, `CommLedger` and `comm_ledger()`. Records are computed from
+shapes (the ring model of the planner), so both backends log identical numbers.
+Ledgers nest: a record goes to every ledger open at the time. The set of open
+ledgers is process-wide (not per thread) so collectives that autograd runs on
+its own threads are still recorded.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+__all__ = ["CommLedger", "CommRecord", "comm_ledger", "record"]
+
+KINDS = (
+    "all_gather",
+    "reduce_scatter",
+    "all_to_all",
+    "all_reduce",
+    "ppermute",
+    "broadcast",
+    "scatter",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CommRecord:
+    """One collective: what, over which axes, how many bytes the busiest device sent."""
+
+    kind: str
+    axes: tuple[str, ...]
+    group_size: int
+    bytes: int
+    dtype: str
+    direction: str
+    cause: str
+
+
+@dataclass
+class CommLedger:
+    """Collectives recorded while a `comm_ledger()` block was open.
+
+    Examples:
+        >>> import shardlib as sl, torch
+        >>> mesh = sl.Mesh.simulated({"x": 4})
+        >>> x = sl.shard(torch.ones(8, 8), mesh, sl.P("x", None))
+        >>> with sl.comm_ledger() as led:
+        ...     y = sl.reshard(x, sl.P(None, None))
+        >>> [(r.kind, r.axes, r.bytes) for r in led.records]
+        [('all_gather', ('x',), 192)]
+    """
+
+    records: list[CommRecord] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(r.bytes for r in self.records)
+
+    def count(self, kind: str | None = None, direction: str | None = None) -> int:
+        return sum(
+            1
+            for r in self.records
+            if (kind is None or r.kind == kind) and (direction is None or r.direction == direction)
+        )
+
+    def bytes_by(self, kind: str | None = None, direction: str | None = None) -> int:
+        return sum(
+            r.bytes
+            for r in self.records
+            if (kind is None or r.kind == kind) and (direction is None or r.direction == direction)
+        )
+
+    def summary(self) -> str:
+        """A table of the records, then totals per kind."""
+        head = ("#", "kind", "axes", "k", "bytes", "dtype", "dir", "cause")
+        rows = [
+            (
+                str(i),
+                r.kind,
+                ",".join(r.axes),
+                str(r.group_size),
+                _fmt(r.bytes),
+                r.dtype,
+                r.direction[:3],
+                r.cause,
+            )
+            for i, r in enumerate(self.records, 1)
+        ]
+        widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+        line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+        out = [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
+        kinds = sorted({r.kind for r in self.records})
+        totals = ", ".join(f"{k} x{self.count(k)} {_fmt(self.bytes_by(k))}" for k in kinds)
+        out.append(
+            f"total {_fmt(self.total_bytes)} in {len(self.records)} collectives"
+            + (f" ({totals})" if totals else "")
+        )
+        return "\n".join(out)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def _fmt(n: int) -> str:
+    if n >= 2**20:
+        return f"{n / 2**20:.2f} MiB"
+    if n >= 2**10:
+        return f"{n / 2**10:.2f} KiB"
+    return f"{n} B"
+
+
+_lock = threading.Lock()
+_open: list[CommLedger] = []
+
+
+@contextmanager
+def comm_ledger() -> Iterator[CommLedger]:
+    """Record every collective issued inside the block (forward and backward)."""
+    led = CommLedger()
+    with _lock:
+        _open.append(led)
+    try:
+        yield led
+    finally:
+        with _lock:
+            _open.remove(led)
+
+
+def record(
+    kind: str,
+    axes: tuple[str, ...],
+    group_size: int,
+    nbytes: int,
+    dtype: str,
+    direction: str,
+    cause: str,
+) -> None:
+    if not _open:
+        return
+    rec = CommRecord(kind, tuple(axes), group_size, int(nbytes), dtype, direction, cause)
+    with _lock:
+        for led in _open:
+            led.records.append(rec)

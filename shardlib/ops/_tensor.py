@@ -1,0 +1,122 @@
+"""`ShardedTensor`: a torch.Tensor wrapper subclass that carries a layout over a mesh.
+
+Owns the subclass itself: construction, metadata (global shape and dtype),
+printing, the `.grad` guard, and the hand-off of every aten op to
+`_dispatch.dispatch`. It does not decide anything about ops: rules live in the
+op-family modules, redistribution in `collectives`.
+
+Invariants: `_shards` holds exactly the unpadded blocks of this process's
+devices (flat order) under `_layout`; all shards share dtype and device; the
+wrapper's shape is the global shape and its strides are contiguous.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .._errors import ShardlibError
+from ..layouts._layout import Layout
+from ..layouts._mesh import Mesh
+
+__all__ = ["ShardedTensor"]
+
+_grad_descriptor = torch.Tensor.grad
+
+
+class ShardedTensor(torch.Tensor):
+    """A tensor with a global shape whose data is split over a device mesh.
+
+    Create with `sl.shard` (from a global tensor) or `sl.from_local` (from
+    per-device shards). `x.layout` is its `Layout`, `x.mesh` its `Mesh`,
+    `x.local_shards()` the blocks this process holds, `x.full()` the global
+    value as a plain tensor.
+
+    Examples:
+        >>> import shardlib as sl, torch
+        >>> mesh = sl.Mesh.simulated({"x": 2})
+        >>> x = sl.shard(torch.arange(6.0).reshape(3, 2), mesh, sl.P("x", None))
+        >>> x
+        ShardedTensor(shape=(3, 2), dtype=torch.float32, layout=P('x', None), mesh=Mesh.simulated({'x': 2}))
+        >>> [s.tolist() for s in x.local_shards()]
+        [[[0.0, 1.0], [2.0, 3.0]], [[4.0, 5.0]]]
+    """
+
+    _shards: list[torch.Tensor]
+    _mesh: Mesh
+    _layout: Layout
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @staticmethod
+    def __new__(
+        cls,
+        shards: list[torch.Tensor],
+        mesh: Mesh,
+        layout: Layout,
+        shape: tuple[int, ...],
+        requires_grad: bool = False,
+    ) -> ShardedTensor:
+        ref = shards[0]
+        out = torch.Tensor._make_wrapper_subclass(
+            cls, shape, dtype=ref.dtype, device=ref.device, requires_grad=requires_grad
+        )
+        out._shards = shards
+        out._mesh = mesh
+        out._layout = layout
+        return out
+
+    # -- metadata --------------------------------------------------------------
+    @property
+    def layout(self) -> Layout:  # type: ignore[override]
+        """The `Layout` (shadows `torch.Tensor.layout`, which is always strided here)."""
+        return self._layout
+
+    @property
+    def mesh(self) -> Mesh:
+        return self._mesh
+
+    def local_shards(self) -> list[torch.Tensor]:
+        """The exact, unpadded blocks of the devices this process owns, in flat device order."""
+        return list(self._shards)
+
+    def full(self) -> torch.Tensor:
+        """The global value (partials reduced) as a plain tensor; collective, differentiable."""
+        from ._api import full
+
+        return full(self)
+
+    @property
+    def grad(self) -> Any:  # type: ignore[override]
+        return _grad_descriptor.__get__(self)
+
+    @grad.setter
+    def grad(self, value: Any) -> None:
+        if value is not None and not isinstance(value, ShardedTensor):
+            raise ShardlibError(
+                f"setting .grad of a ShardedTensor {self._layout!r} to a plain "
+                f"{type(value).__name__}: the gradient must be sharded too. Use "
+                "sl.shard(g, x.mesh, x.layout) (or sl.from_local) to build it."
+            )
+        _grad_descriptor.__set__(self, value)
+
+    @grad.deleter
+    def grad(self) -> None:
+        _grad_descriptor.__delete__(self)
+
+    def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]
+        grad = f", grad_fn={type(self.grad_fn).__name__}" if self.grad_fn is not None else ""
+        if self.requires_grad and self.grad_fn is None:
+            grad = ", requires_grad=True"
+        return (
+            f"ShardedTensor(shape={tuple(self.shape)}, dtype={self.dtype}, "
+            f"layout={self._layout!r}, mesh={self._mesh!r}{grad})"
+        )
+
+    # -- dispatch --------------------------------------------------------------
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        from ._dispatch import dispatch
+
+        return dispatch(func, args, kwargs or {})
