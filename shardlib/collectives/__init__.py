@@ -5,3 +5,5 @@ from ._ledger import CommRecord as CommRecord
 from ._ledger import comm_ledger as comm_ledger
 from ._redistribute import execute as execute
 from ._simulated import SimulatedBackend as SimulatedBackend
+from ._launch import Workers as Workers
+from ._launch import launch as launch
