@@ -163,7 +163,11 @@ class DistributedBackend:
 
     def broadcast(self, mesh, tensor, src, shape, dtype):
         device = torch.device(self.device_type)
-        buf = tensor.contiguous() if self.rank == src else torch.empty(shape, dtype=dtype, device=device)
+        buf = (
+            tensor.contiguous()
+            if self.rank == src
+            else torch.empty(shape, dtype=dtype, device=device)
+        )
         dist.broadcast(buf, src=src)
         return buf
 
@@ -175,7 +179,9 @@ class DistributedBackend:
 
 
 @lru_cache(maxsize=4096)
-def _perm(mesh: AbstractMesh, rank: int, axes: tuple[str, ...], ordered: tuple[str, ...]) -> tuple[int, ...]:
+def _perm(
+    mesh: AbstractMesh, rank: int, axes: tuple[str, ...], ordered: tuple[str, ...]
+) -> tuple[int, ...]:
     """perm[j] = group-rank position of the member at position j along `axes`."""
     by_axes = mesh.group(rank, axes)
     by_rank = mesh.group(rank, ordered)

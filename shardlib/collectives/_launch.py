@@ -52,7 +52,10 @@ def _worker_main(rank, world, port, backend, threads, pg_timeout, tasks, results
         if backend == "nccl":
             torch.cuda.set_device(rank % torch.cuda.device_count())
         dist.init_process_group(
-            backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+            backend,
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world,
             timeout=timedelta(seconds=pg_timeout),
         )
     except BaseException:
@@ -114,8 +117,16 @@ class Workers:
         self._procs = [
             ctx.Process(
                 target=_worker_main,
-                args=(r, self.nprocs, port, self.backend, self.threads, pg_timeout,
-                      self._tasks[r], self._results),
+                args=(
+                    r,
+                    self.nprocs,
+                    port,
+                    self.backend,
+                    self.threads,
+                    pg_timeout,
+                    self._tasks[r],
+                    self._results,
+                ),
                 daemon=True,
             )
             for r in range(self.nprocs)
@@ -132,8 +143,13 @@ class Workers:
     def alive(self) -> bool:
         return bool(self._procs) and all(p.is_alive() for p in self._procs)
 
-    def run(self, fn: Callable, axes: Mapping[str, int], args: Sequence[Any] = (),
-            timeout: float | None = None) -> list[Any]:
+    def run(
+        self,
+        fn: Callable,
+        axes: Mapping[str, int],
+        args: Sequence[Any] = (),
+        timeout: float | None = None,
+    ) -> list[Any]:
         """Call ``fn(mesh, *args)`` on every rank with ``mesh = Mesh.distributed(axes)``."""
         _parse_axes(axes, "sl.launch(axes=...)")
         axes = dict(axes)
@@ -178,7 +194,8 @@ class Workers:
                     rank, cid, ok, value = self._results.get(timeout=0.2)
                 except queue.Empty:
                     dead = [
-                        r for r, p in enumerate(self._procs)
+                        r
+                        for r, p in enumerate(self._procs)
                         if not p.is_alive() and r not in got and r not in errors
                     ]
                     for r in dead:
@@ -242,8 +259,13 @@ class Workers:
 
 
 def launch(
-    fn: Callable, axes: Mapping[str, int], backend: str = "gloo", args: Sequence[Any] = (),
-    *, threads: int = 1, timeout: float = 120.0,
+    fn: Callable,
+    axes: Mapping[str, int],
+    backend: str = "gloo",
+    args: Sequence[Any] = (),
+    *,
+    threads: int = 1,
+    timeout: float = 120.0,
 ) -> list[Any]:
     """Run ``fn(mesh, *args)`` on one local process per mesh device; return per-rank results.
 
