@@ -190,7 +190,7 @@ def test_gradients_match_simulated(workers4):
     sim = run_grad(sl.Mesh.simulated(axes), (6, 5), cases)
     dist_outs = workers4.run(run_grad, axes, ((6, 5), cases))
     w = _value((6, 5), torch.float64, seed=1)
-    for i, (src, _, g_layout) in enumerate(cases):
+    for i, (src, _, _g) in enumerate(cases):
         layout, sim_shards, sim_full, sim_led = sim[i]
         assert layout == src.without_partial()
         torch.testing.assert_close(sim_full, w, rtol=1e-12, atol=0)
