@@ -42,6 +42,7 @@ CASES = [
 CACHED_REPEATS = 20000
 UNCACHED_REPEATS = 30
 COLD_REPEATS = 10
+BATCH = 100
 
 
 def _median_us(fn, repeats: int, setup=None) -> float:
@@ -90,9 +91,8 @@ def main() -> None:
         cold = _median_us(run, COLD_REPEATS, _clear_all) / 1e3
         uncached = _median_us(run, UNCACHED_REPEATS, _clear_plans) / 1e3
         n_steps = len(run().steps)
-        # Time many lookups per sample so the timer's own cost does not dominate.
-        batch = 100
-        cached = _median_us(lambda: [run() for _ in range(batch)], CACHED_REPEATS // batch) / batch
+        # Time BATCH lookups per sample so the timer's own cost does not dominate.
+        cached = _median_us(lambda: [run() for _ in range(BATCH)], CACHED_REPEATS // BATCH) / BATCH
         worst[len(axes)] = max(worst.get(len(axes), 0.0), uncached)
         print(
             f"{str(axes):<26} {str(shape):<14} {f'{src!r} -> {dst!r}':<58} {n_steps:>5} "

@@ -135,10 +135,10 @@ def worker(mesh_unused, n: int, reps: int):
         sl_bytes = dt_bytes = 0
         for _ in range(reps):
             with sl.comm_ledger() as led:
-                y = _time(lambda: sl.reshard(x, dst), t_sl)
+                y = _time(lambda x=x, dst=dst: sl.reshard(x, dst), t_sl)
             sl_bytes = led.total_bytes
             with _DTensorBytes() as mode:
-                dy = _time(lambda: dx.redistribute(dmesh, _placements(ddst)), t_dt)
+                dy = _time(lambda dx=dx, m=dmesh, d=ddst: dx.redistribute(m, _placements(d)), t_dt)
             dt_bytes, dt_kinds = mode.bytes, mode.kinds
         torch.testing.assert_close(y.local_shards()[0], dy.to_local(), rtol=1e-5, atol=1e-5)
         rows.append(

@@ -193,8 +193,7 @@ class BruteForce:
         """Blocks held per partial coordinate, as a multiset: equal for states a permutation links."""
         dims, partial, op = state
         held = sorted(
-            (tuple(self.coords[d][a] for a in partial), b)
-            for d, b in enumerate(self.blocks(dims))
+            (tuple(self.coords[d][a] for a in partial), b) for d, b in enumerate(self.blocks(dims))
         )
         return partial, op, tuple(held)
 
@@ -240,7 +239,10 @@ class BruteForce:
                         for dev in self.devices
                         for peer in self.group(dev, suffix)
                     )
-                    out[("all_to_all", suffix, d, d2)] = ((nd2, partial, op), (k - 1) * piece * item)
+                    out[("all_to_all", suffix, d, d2)] = (
+                        (nd2, partial, op),
+                        (k - 1) * piece * item,
+                    )
             # reduce_scatter: partial axes become the minor-most split of d; (k-1) * largest dst block.
             for seq in ordered_subsets(partial):
                 nd = set_dim(dims, d, cur + seq)
@@ -311,7 +313,7 @@ def to_state(layout: sl.Layout):
     return (layout.dims, tuple(sorted(layout.partial)), layout.reduce_op)
 
 
-def label(step, state):
+def label(step):
     """The brute force's name for one of the planner's steps."""
     if isinstance(step, Slice):
         return ("slice", step.axes, step.dim)
@@ -343,7 +345,7 @@ def check_pair(axes: dict, shape, src, dst, ops, itemsize: int = 4) -> str | Non
         return f"{where}: plan costs {p.total_bytes} B, brute force finds {best} B\n{p}"
     cur = src
     for i, s in enumerate(p.steps):
-        lab = label(s.step, cur)
+        lab = label(s.step)
         if to_state(s.src) != cur:
             return f"{where}: step {i} starts at {s.src}, expected {to_layout(cur)}\n{p}"
         if lab not in bf.edges[cur]:
@@ -484,7 +486,9 @@ def test_reduce_before_gather_and_no_gather_then_slice():
 def test_plans_are_cached_by_key():
     mesh = sl.Mesh.simulated({"a": 2, "b": 2})
     p1 = sl.plan(P("a", "b"), P(None, ("b", "a")), (9, 5), mesh, torch.float32)
-    p2 = sl.plan(P("a", "b"), P(None, ("b", "a")), (9, 5), sl.Mesh.simulated({"a": 2, "b": 2}), torch.float32)
+    p2 = sl.plan(
+        P("a", "b"), P(None, ("b", "a")), (9, 5), sl.Mesh.simulated({"a": 2, "b": 2}), torch.float32
+    )
     assert p1 is p2
     assert sl.plan(P("a", "b"), P(None, ("b", "a")), (9, 5), mesh, torch.float16) is not p1
     assert sl.plan(P("a", "b"), P(None, ("b", "a")), (9, 6), mesh, torch.float32) is not p1
