@@ -91,3 +91,54 @@ def test_mesh_size_must_match_processes(small_pool):
 def test_bad_axes_are_rejected():
     with pytest.raises(sl.LayoutError, match="positive ints"):
         sl.launch(rank_and_arg, {"x": 0}, args=("a",))
+
+
+_CTRL_C_SCRIPT = """
+import os, sys, time
+import shardlib as sl
+
+def sleeper(mesh, folder):
+    with open(os.path.join(folder, f"{os.getpid()}.pid"), "w") as f:
+        f.write("up")
+    time.sleep(3600)
+
+if __name__ == "__main__":
+    try:
+        sl.launch(sleeper, {"x": 2}, args=(sys.argv[1],), timeout=600)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+        sys.exit(130)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is not running
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def test_ctrl_c_stops_worker_processes(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "ctrl_c.py"
+    script.write_text(_CTRL_C_SCRIPT)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 90
+    while len(list(tmp_path.glob("*.pid"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    pids = [int(p.stem) for p in tmp_path.glob("*.pid")]
+    assert len(pids) == 2, "workers did not start"
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in out
+    deadline = time.monotonic() + 15
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in pids), "worker processes outlived Ctrl-C"
