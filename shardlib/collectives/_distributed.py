@@ -112,21 +112,20 @@ class DistributedBackend:
         out = torch.empty((k * b.numel(),), dtype=b.dtype, device=b.device)
         _all_gather_single(out, b.reshape(-1), group=group)
         out = out.view(k, *b.shape)
-        return [out if perm == tuple(range(k)) else out[list(perm)]]
+        return [_reorder(out, perm)]
 
     def all_to_all(self, mesh, bufs, axes):
         (b,) = bufs
         group, perm = self._group(mesh, axes)
-        inv = _inverse(perm)
-        inp = b[list(inv)].contiguous()
+        inp = _reorder(b, _inverse(perm)).contiguous()
         out = torch.empty_like(inp)
         dist.all_to_all_single(out, inp, group=group)
-        return [out[list(perm)]]
+        return [_reorder(out, perm)]
 
     def reduce_scatter(self, mesh, bufs, axes, op):
         (b,) = bufs
         group, perm = self._group(mesh, axes)
-        inp = b[list(_inverse(perm))].reshape(-1)
+        inp = _reorder(b, _inverse(perm)).reshape(-1)
         out = torch.empty((inp.numel() // len(perm),), dtype=b.dtype, device=b.device)
         _reduce_scatter_single(out, inp, op=_OPS[op], group=group)
         return [out.view(b.shape[1:])]
@@ -186,6 +185,11 @@ def _perm(
     by_axes = mesh.group(rank, axes)
     by_rank = mesh.group(rank, ordered)
     return tuple(by_rank.index(m) for m in by_axes)
+
+
+def _reorder(t: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
+    """``t[list(order)]`` along dim 0, without a copy when `order` is the identity."""
+    return t if order == tuple(range(len(order))) else t[list(order)]
 
 
 def _inverse(perm: tuple[int, ...]) -> tuple[int, ...]:

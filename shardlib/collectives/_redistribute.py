@@ -136,11 +136,11 @@ def _run_step(step, src: Layout, dst: Layout, shape, mesh: Mesh, shards):
         out = []
         for dev, g in zip(devs, gathered):
             members = am.group(dev, step.axes)
-            parts = []
-            for j, m in enumerate(members):
-                lo, hi = sb(m)[d]
-                parts.append(g[j].narrow(d, 0, hi - lo))
-            union = torch.cat(parts, d)
+            sizes = [hi - lo for lo, hi in (sb(m)[d] for m in members)]
+            if d == 0 and all(n == size for n in sizes):
+                union = g.reshape(len(sizes) * size, *g.shape[2:])  # no padding: a free view
+            else:
+                union = torch.cat([g[j].narrow(d, 0, n) for j, n in enumerate(sizes)], d)
             lo0 = sb(members[0])[d][0]
             lo, hi = db(dev)[d]
             out.append(union.narrow(d, lo - lo0, hi - lo))
@@ -157,9 +157,14 @@ def _run_step(step, src: Layout, dst: Layout, shape, mesh: Mesh, shards):
             bufs = []
             for dev, t in zip(devs, shards):
                 lo0 = sb(dev)[d][0]
+                bounds = [db(m)[d] for m in am.group(dev, step.axes)]
+                if d == 0 and t.is_contiguous() and t.shape[0] == k * size and all(
+                    hi - lo == size for lo, hi in bounds
+                ):
+                    bufs.append(t.view(k, size, *t.shape[1:]))  # no padding: a free view
+                    continue
                 pieces = []
-                for m in am.group(dev, step.axes):
-                    lo, hi = db(m)[d]
+                for lo, hi in bounds:
                     piece = t.narrow(d, lo - lo0, hi - lo) if hi > lo else t.narrow(d, 0, 0)
                     pieces.append(pad_to(piece, d, size))
                 bufs.append(torch.stack(pieces))
