@@ -522,3 +522,18 @@ def test_plans_are_deterministic():
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
     assert out.stdout == "".join(f"{s}\n" for s in first)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", [(9, 5), (6, 4)])
+def test_every_pair_is_optimal_on_three_axes(shape):
+    """Exhaustive on {a:2, b:2, c:2} for 2-D shapes (about 18k pairs each; slow tier)."""
+    bf = brute_force(tuple(AXES3.items()), shape, 4, OPS3)
+    failures = []
+    for src, dst in itertools.product(bf.states, repeat=2):
+        problem = check_pair(AXES3, shape, src, dst, OPS3)
+        if problem:
+            failures.append(problem)
+    assert not failures, f"{len(failures)} of {len(bf.states) ** 2} pairs fail:\n" + "\n".join(
+        failures[:5]
+    )
