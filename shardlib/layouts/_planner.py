@@ -30,7 +30,7 @@ block lies inside what its group holds before the step. With ``n = 10`` on a
 reaches ``P("a")`` through a gather of both axes and a slice instead; the
 bytes of that detour are what the plan reports.
 
-The search is Dijkstra over layouts with path cost ``(bytes, number of steps,
+The search is A* (Dijkstra with a consistent lower bound) over layouts with path cost ``(bytes, number of steps,
 step keys)``: least bytes, then fewest steps, then a fixed canonical order, so
 plans are deterministic. `plan` caches by ``(src, dst, shape, mesh, dtype)``.
 """
@@ -338,15 +338,48 @@ class _Search:
             piece *= max_chunk(n, self.k((dst_dims if d == to_dim else src_dims)[d]))
         return piece
 
+    def lower_bound(self, dims: tuple, partial: tuple[str, ...], op: str) -> int:
+        """A consistent lower bound on the bytes still needed to reach the destination (A*).
+
+        Three facts, with q = numel * itemsize / devices:
+        - every reduction over axes S costs at least (|S| - 1) q, so partial
+          axes the destination does not keep cost at least sum(|a| - 1) q;
+        - no step grows the largest local block by more than it sends (a
+          gather of k sends (k-1) B and grows B to at most k B; all-to-all
+          likewise; the others never grow it), so reaching a bigger
+          destination block costs at least the growth;
+        - a split axis (|a| > 1) not where the destination wants it moves
+          only by a gather (>= q), an all-to-all (>= q/2) or a permute (>= q).
+        Reductions never grow blocks or move split axes, and gathers,
+        all-to-alls and permutes never reduce, so the first bound adds to the
+        larger of the other two. Zero-cost steps never lower any of them.
+        """
+        q = self.q
+        dst = self.dst
+        h = 0
+        if partial:
+            keep = set(dst.partial) if op == dst.reduce_op else set()
+            h = q * sum(self.size[a] - 1 for a in partial if a not in keep)
+        growth = self.dst_block - self.numel(dims) * self.itemsize
+        for axes, target in zip(dims, dst.dims):
+            for i, a in enumerate(axes):
+                if self.size[a] > 1 and axes[: i + 1] != target[: i + 1]:
+                    return h + max(growth, q // 2)
+        return h + max(growth, 0)
+
     def run(self, src: Layout) -> tuple[Step, ...]:
+        """A* with `lower_bound`: Dijkstra on reduced costs, so the same plan and tie-breaks."""
         start = (src.dims, src.partial, src.reduce_op)
         goal = (self.dst.dims, self.dst.partial, self.dst.reduce_op)
+        self.q = math.prod(self.shape) * self.itemsize // self.mesh.size
+        self.dst_block = self.numel(self.dst.dims) * self.itemsize
+        h = self.lower_bound
         best: dict[tuple, tuple] = {start: (0, 0, ())}
-        heap: list = [(0, 0, (), 0, start, ())]
+        heap: list = [(h(*start), 0, (), 0, 0, start, ())]
         tie = itertools.count(1)
         inf = (math.inf,)
         while heap:
-            cost, nsteps, keys, _, state, path = heapq.heappop(heap)
+            _, nsteps, keys, _, cost, state, path = heapq.heappop(heap)
             if state == goal:
                 return path
             if best.get(state, inf) < (cost, nsteps, keys):
@@ -359,7 +392,8 @@ class _Search:
                 full = (*new, (*keys, _step_key(step)))
                 if full < old:
                     best[nxt] = full
-                    heapq.heappush(heap, (*full, next(tie), nxt, (*path, step)))
+                    f = new[0] + h(*nxt)
+                    heapq.heappush(heap, (f, new[1], full[2], next(tie), new[0], nxt, (*path, step)))
         raise LayoutError(f"sl.plan: no sequence of steps leads from {src!r} to {self.dst!r}.")
 
 
