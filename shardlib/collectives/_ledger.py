@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from .._format import format_bytes
+
 __all__ = ["CommLedger", "CommRecord", "comm_ledger", "record"]
 
 KINDS = (
@@ -83,7 +85,7 @@ class CommLedger:
                 r.kind,
                 ",".join(r.axes),
                 str(r.group_size),
-                _fmt(r.bytes),
+                format_bytes(r.bytes),
                 r.dtype,
                 r.direction[:3],
                 r.cause,
@@ -94,23 +96,15 @@ class CommLedger:
         line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
         out = [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
         kinds = sorted({r.kind for r in self.records})
-        totals = ", ".join(f"{k} x{self.count(k)} {_fmt(self.bytes_by(k))}" for k in kinds)
+        totals = ", ".join(f"{k} x{self.count(k)} {format_bytes(self.bytes_by(k))}" for k in kinds)
         out.append(
-            f"total {_fmt(self.total_bytes)} in {len(self.records)} collectives"
+            f"total {format_bytes(self.total_bytes)} in {len(self.records)} collectives"
             + (f" ({totals})" if totals else "")
         )
         return "\n".join(out)
 
     def __str__(self) -> str:
         return self.summary()
-
-
-def _fmt(n: int) -> str:
-    if n >= 2**20:
-        return f"{n / 2**20:.2f} MiB"
-    if n >= 2**10:
-        return f"{n / 2**10:.2f} KiB"
-    return f"{n} B"
 
 
 _lock = threading.Lock()

@@ -158,8 +158,11 @@ def _run_step(step, src: Layout, dst: Layout, shape, mesh: Mesh, shards):
             for dev, t in zip(devs, shards):
                 lo0 = sb(dev)[d][0]
                 bounds = [db(m)[d] for m in am.group(dev, step.axes)]
-                if d == 0 and t.is_contiguous() and t.shape[0] == k * size and all(
-                    hi - lo == size for lo, hi in bounds
+                if (
+                    d == 0
+                    and t.is_contiguous()
+                    and t.shape[0] == k * size
+                    and all(hi - lo == size for lo, hi in bounds)
                 ):
                     bufs.append(t.view(k, size, *t.shape[1:]))  # no padding: a free view
                     continue

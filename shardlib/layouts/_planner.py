@@ -45,6 +45,7 @@ from functools import lru_cache
 from typing import Any
 
 from .._errors import LayoutError
+from .._format import dtype_name, format_bytes
 from ._layout import Layout
 from ._mesh import AbstractMesh, Mesh
 from ._shard import chunk_bounds, max_chunk, max_local_numel
@@ -393,7 +394,9 @@ class _Search:
                 if full < old:
                     best[nxt] = full
                     f = new[0] + h(*nxt)
-                    heapq.heappush(heap, (f, new[1], full[2], next(tie), new[0], nxt, (*path, step)))
+                    heapq.heappush(
+                        heap, (f, new[1], full[2], next(tie), new[0], nxt, (*path, step))
+                    )
         raise LayoutError(f"sl.plan: no sequence of steps leads from {src!r} to {self.dst!r}.")
 
 
@@ -442,17 +445,9 @@ class Plan:
         rows = [head]
         width = max(len(str(s.step)) for s in self.steps)
         for i, s in enumerate(self.steps, 1):
-            rows.append(f"  {i}. {str(s.step):<{width}}  {_fmt_bytes(s.bytes):>12}   -> {s.dst}")
-        rows.append(f"  total {_fmt_bytes(self.total_bytes)}")
+            rows.append(f"  {i}. {str(s.step):<{width}}  {format_bytes(s.bytes):>12}   -> {s.dst}")
+        rows.append(f"  total {format_bytes(self.total_bytes)}")
         return "\n".join(rows)
-
-
-def _fmt_bytes(n: int) -> str:
-    if n >= 2**20:
-        return f"{n / 2**20:.2f} MiB"
-    if n >= 2**10:
-        return f"{n / 2**10:.2f} KiB"
-    return f"{n} B"
 
 
 def _dtype_info(dtype: Any) -> tuple[str, int]:
@@ -461,7 +456,7 @@ def _dtype_info(dtype: Any) -> tuple[str, int]:
     itemsize = getattr(dtype, "itemsize", None)
     if itemsize is None:
         raise LayoutError(f"sl.plan: dtype {dtype!r} is not a torch.dtype (e.g. torch.float32).")
-    return str(dtype).removeprefix("torch."), itemsize
+    return dtype_name(dtype), itemsize
 
 
 _CACHE: dict[tuple, Plan] = {}

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .._errors import LayoutError, MeshMismatchError
+from .._format import dtype_name
 from ..collectives._ledger import record
 from ..collectives._redistribute import execute
 from ..layouts._layout import Layout
@@ -142,7 +143,11 @@ def reshard(x: ShardedTensor, layout: Layout) -> ShardedTensor:
 class _Full(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
-        ctx.layout, ctx.mesh = x._layout, x._mesh
+        # The cotangent of full() is the same on every device: keep it replicated so the
+        # producer of `x` moves it only as far as it must (a slice, for a reshard); a leaf
+        # gets it cut to its own layout so `.grad` matches the parameter.
+        ctx.mesh = x._mesh
+        ctx.layout = x._layout if x.is_leaf else Layout(((),) * x.ndim)
         replicated = Layout(((),) * x.ndim)
         y = x if x._layout == replicated else _reshard_impl(x, replicated, "full", "forward")
         return y._shards[0].clone() if y is x else y._shards[0]
@@ -234,15 +239,7 @@ def _shard_from(tensor: torch.Tensor | None, mesh: Mesh, layout: Any, src: int) 
     if not any(layout.dims):
         nbytes = max_local_numel(shape, layout, am) * itemsize
         value = be.broadcast(am, tensor.detach() if owns_src else None, src, shape, dtype)
-        record(
-            "broadcast",
-            am.axis_names,
-            am.size,
-            nbytes,
-            str(dtype).removeprefix("torch."),
-            "forward",
-            "shard",
-        )
+        record("broadcast", am.axis_names, am.size, nbytes, dtype_name(dtype), "forward", "shard")
         return _local_blocks(value, mesh, layout)
     pad = max_local_shape(shape, layout, am)
     pieces = None
@@ -251,15 +248,7 @@ def _shard_from(tensor: torch.Tensor | None, mesh: Mesh, layout: Any, src: int) 
         pieces = [_pad_all(b, pad) for b in full_blocks._shards]
     got = be.scatter(am, pieces, src, pad, dtype)
     nbytes = (am.size - 1) * max_local_numel(shape, layout, am) * itemsize
-    record(
-        "scatter",
-        am.axis_names,
-        am.size,
-        nbytes,
-        str(dtype).removeprefix("torch."),
-        "forward",
-        "shard",
-    )
+    record("scatter", am.axis_names, am.size, nbytes, dtype_name(dtype), "forward", "shard")
     shards = []
     for dev, t in zip(mesh.local_devices, got):
         for d, n in enumerate(local_shape(shape, layout, am, dev)):

@@ -76,12 +76,29 @@ def _wrap(shards: list[torch.Tensor], like: ShardedTensor, layout=None) -> Shard
 def _same_layout_unary(func, args, kwargs):
     x = args[0]
     shards = [func(s, *args[1:], **kwargs) for s in x._shards]
-    if x._layout.reduce_op == "avg" and not shards[0].is_floating_point():
+    op = x._layout.reduce_op
+    if x._layout.partial and not _cast_commutes(op, x.dtype, shards[0].dtype):
         raise LayoutError(
-            f"{func}: casting a partial-avg tensor {x._layout!r} to {shards[0].dtype} would "
-            "truncate the average; sl.reshard it to a non-partial layout first."
+            f"{func}: casting a partial-{op} tensor {x._layout!r} from {x.dtype} to "
+            f"{shards[0].dtype} is wrong summand by summand (the cast of a {op} is not the "
+            f"{op} of the casts, e.g. int(0.5) + int(0.5) != int(1.0)); reduce first with "
+            f"sl.reshard(x, {x._layout.without_partial()!r}), then cast."
         )
     return _wrap(shards, x)
+
+
+def _cast_commutes(op: str, src: torch.dtype, dst: torch.dtype) -> bool:
+    """Whether casting every summand, then reducing with `op`, equals reducing, then casting."""
+    if src == dst:
+        return True
+    src_float = src.is_floating_point or src.is_complex
+    dst_float = dst.is_floating_point or dst.is_complex
+    if op in ("sum", "avg"):
+        # Linear casts only: into a float (up to rounding), or integer -> integer (modular).
+        # A bool partial sum reduces as logical or, which no cast preserves.
+        return src != torch.bool and (dst_float or (not src_float and dst != torch.bool))
+    # max / min commute with monotone casts: into a float, float -> int (truncation), from bool.
+    return dst != torch.bool and (dst_float or src_float or src == torch.bool)
 
 
 @register(
@@ -102,6 +119,14 @@ def _check_same_layout(func, a: Any, b: Any) -> None:
         raise NoRuleError(
             f"{func}: mixing a ShardedTensor with a {type(b if isinstance(a, ShardedTensor) else a).__name__} "
             "has no rule yet; sl.shard the other operand with the same layout first."
+        )
+    if a.shape != b.shape:
+        # Broadcasting would run per shard, where the blocks of a size-1 dim and of a
+        # size-n dim do not line up, and the result would keep `a`'s global shape.
+        raise NoRuleError(
+            f"{func}: operands have shapes {tuple(a.shape)} and {tuple(b.shape)}; broadcasting "
+            "sharded tensors has no rule yet. Fix: shard both operands at one global shape, "
+            "e.g. sl.shard(t.expand(shape).contiguous(), mesh, layout) for the smaller one."
         )
     if a._layout != b._layout:
         raise NoRuleError(

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .._errors import ShardlibError
+from .._errors import LayoutError
 from ..layouts._layout import Layout
 from ..layouts._mesh import Mesh
 
@@ -94,7 +94,7 @@ class ShardedTensor(torch.Tensor):
     @grad.setter
     def grad(self, value: Any) -> None:
         if value is not None and not isinstance(value, ShardedTensor):
-            raise ShardlibError(
+            raise LayoutError(
                 f"setting .grad of a ShardedTensor {self._layout!r} to a plain "
                 f"{type(value).__name__}: the gradient must be sharded too. Use "
                 "sl.shard(g, x.mesh, x.layout) (or sl.from_local) to build it."
