@@ -28,11 +28,15 @@ from .layouts._mesh import AbstractMesh as AbstractMesh
 from .layouts._mesh import Mesh as Mesh
 from .layouts._planner import Plan as Plan
 from .layouts._planner import plan as plan
+from .ops import _pointwise as _pointwise  # noqa: F401  (registers rules)
 from .ops._api import from_local as from_local
 from .ops._api import full as full
 from .ops._api import reshard as reshard
 from .ops._api import shard as shard
 from .ops._api import visualize as visualize
+from .ops._dispatch import allow_replicate_fallback as allow_replicate_fallback
+from .ops._dispatch import strict as strict
+from .ops._rules import register_rule as register_rule
 from .ops._tensor import ShardedTensor as ShardedTensor
 
 __version__ = "0.1.0"

@@ -277,29 +277,42 @@ def test_add_and_add_inplace():
         assert c.layout == layout and torch.equal(c.full(), 3 * v), layout
         a.add_(b)
         assert a.layout == layout and torch.equal(a.full(), 3 * v), layout
+    # A partial-max sum is not linear: both operands are reduced first, and the result is exact.
     a = _sharded(mesh, v, P("a", None, partial={"b": "max"}))
-    with pytest.raises(sl.LayoutError, match="partial-max"):
-        _ = a + a
-    with pytest.raises(sl.NoRuleError, match=r"sl.reshard"):
-        _ = _sharded(mesh, v, P("a", "b")) + _sharded(mesh, v, P("b", "a"))
+    with sl.comm_ledger() as led:
+        c = a + a
+    assert c.layout == P("a", None) and torch.equal(c.full(), 2 * v)
+    assert [r.kind for r in led.records] == ["all_reduce", "all_reduce"]
+    # Unequal layouts: the cheaper operand moves (one permute), the result is exact.
+    x, y = _sharded(mesh, v, P("a", "b")), _sharded(mesh, v, P("b", "a"))
+    with sl.comm_ledger() as led:
+        z = x + y
+    assert torch.equal(z.full(), 2 * v) and [r.kind for r in led.records] == ["ppermute"]
 
 
-def test_add_rejects_broadcasting():
-    """Equal layouts but unequal shapes: per-shard broadcasting would be wrong, so it raises.
+def test_add_broadcasting_is_exact():
+    """Broadcast operands follow the output's split dims; a size-1 dim is never split.
 
-    (It used to return a (4, 1) wrapper around (2, 4) shards, and to fail inside
-    torch for a split size-1 dim.)
+    (Before op rules, per-shard broadcasting returned a (4, 1) wrapper around
+    (2, 4) shards.) In-place ops whose result would not fit raise torch's error.
     """
     mesh = sl.Mesh.simulated({"x": 2})
-    for small, big, layout in [((4, 1), (4, 4), P("x", None)), ((1,), (4,), P("x"))]:
-        a = sl.shard(torch.ones(small), mesh, layout)
-        b = sl.shard(torch.ones(big), mesh, layout)
-        for op in (torch.Tensor.add, torch.Tensor.add_, torch.Tensor.copy_):
-            for x, y in ((a, b), (b, a)):
-                with pytest.raises(sl.NoRuleError, match=r"shapes \(.*broadcasting") as info:
-                    op(x, y)
-                msg = str(info.value)
-                assert str(small) in msg and str(big) in msg and "expand" in msg
+    for small, big, a_layout, b_layout in [
+        ((4, 1), (4, 4), P("x", None), P("x", None)),
+        ((1,), (4,), P(None), P("x")),
+    ]:
+        ts = torch.arange(float(small[0])).reshape(small)
+        tb = torch.ones(big)
+        a, b = sl.shard(ts, mesh, a_layout), sl.shard(tb, mesh, b_layout)
+        for x, y, want in ((a, b, ts + tb), (b, a, tb + ts)):
+            with sl.comm_ledger() as led:
+                out = x + y
+            assert out.shape == want.shape and torch.equal(out.full(), want)
+            assert led.records == []
+        b.add_(a)
+        assert torch.equal(b.full(), tb + ts)
+        with pytest.raises(RuntimeError, match="broadcast"):
+            a.add_(b)
 
 
 def test_copy_():
@@ -311,8 +324,12 @@ def test_copy_():
         out = dst.copy_(_sharded(mesh, v, layout))
         assert out is dst and torch.equal(dst.full(), v), layout
         assert [s.data_ptr() for s in dst.local_shards()] == before  # in place
-    with pytest.raises(sl.NoRuleError, match=r"P\('b', 'a'\)"):
-        _sharded(mesh, v, P("a", "b")).copy_(_sharded(mesh, v, P("b", "a")))
+    # A source in another layout is moved to the destination's (one permute here).
+    dst = _sharded(mesh, torch.zeros(SHAPE, dtype=torch.float64), P("a", "b"))
+    with sl.comm_ledger() as led:
+        dst.copy_(_sharded(mesh, v, P("b", "a")))
+    assert dst.layout == P("a", "b") and torch.equal(dst.full(), v)
+    assert [r.kind for r in led.records] == ["ppermute"]
 
 
 def test_grad_setter_rejects_plain_tensor():

@@ -1,9 +1,15 @@
 """Sharded tensors and the dispatch of ops on them."""
 
+from . import _pointwise as _pointwise  # registers rules
 from ._api import from_local as from_local
 from ._api import full as full
 from ._api import reshard as reshard
 from ._api import shard as shard
 from ._api import visualize as visualize
-from ._dispatch import register as register
+from ._dispatch import allow_replicate_fallback as allow_replicate_fallback
+from ._dispatch import strict as strict
+from ._rules import ArgSpec as ArgSpec
+from ._rules import RuleInput as RuleInput
+from ._rules import Strategy as Strategy
+from ._rules import register_rule as register_rule
 from ._tensor import ShardedTensor as ShardedTensor

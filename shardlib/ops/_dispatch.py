@@ -1,162 +1,294 @@
-"""Dispatch of aten ops on `ShardedTensor`s: rule lookup, local execution, wrapping.
+"""Dispatch of aten ops on `ShardedTensor`s: rule lookup, pricing, redistribution, local run.
 
-Owns the handler registry (`register`) and the error for ops without a rule.
-For now it carries the ops autograd itself issues on sharded tensors (detach,
-alias, *_like, add/add_ of equal layouts, copy_, clone, dtype casts); the
-rule families of DESIGN §6 register into the same table as they arrive.
+Owns the decision cache, the choice between a rule's candidate strategies
+(least planner bytes, then the rule's order), strict mode, the opt-in
+replicate fallback, and the "no rule" error. It does not own any rule: rule
+families register into `_rules.py`.
+
+Hot path: a decision is cached by (op, every argument's abstract signature,
+mesh), so a repeated op costs one dict lookup, the redistributions it needs
+(none, typically) and the local op on each shard.
+
+Invariant: every collective issued here goes through `collectives.execute`,
+so it is in the ledger with the op's name as cause.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .._errors import LayoutError, MeshMismatchError, NoRuleError
+from ..collectives._redistribute import execute
+from ..layouts._layout import Layout
+from ..layouts._mesh import Mesh
+from ..layouts._planner import plan
+from ._rules import ArgSpec, RuleInput, Strategy, rule_for
 from ._tensor import ShardedTensor
 
-__all__ = ["dispatch", "register"]
+__all__ = ["allow_replicate_fallback", "dispatch", "strict"]
 
-aten = torch.ops.aten
-Handler = Callable[[Any, tuple, dict], Any]
-_HANDLERS: dict[Any, Handler] = {}
+_state = {"strict": 0, "fallback": 0}
 
 
-def register(*ops: Any) -> Callable[[Handler], Handler]:
-    """Register `handler(func, args, kwargs)` for the given aten overloads."""
+@contextlib.contextmanager
+def strict() -> Iterator[None]:
+    """Raise on any implicit communication inside the block.
 
-    def deco(fn: Handler) -> Handler:
-        for op in ops:
-            _HANDLERS[op] = fn
-        return fn
+    The error names the op, the layouts and the `sl.reshard` call that would
+    make the communication explicit.
+    """
+    _state["strict"] += 1
+    try:
+        yield
+    finally:
+        _state["strict"] -= 1
 
-    return deco
+
+@contextlib.contextmanager
+def allow_replicate_fallback() -> Iterator[None]:
+    """Let ops without a rule run by gathering every input, computing, and keeping a replica.
+
+    The gathers are in the ledger (cause: the op's name); outputs are replicated.
+    """
+    _state["fallback"] += 1
+    try:
+        yield
+    finally:
+        _state["fallback"] -= 1
+
+
+# == signatures and the decision cache =========================================
+def _signature(a: Any) -> Any:
+    if isinstance(a, ShardedTensor):
+        return (a._layout, a.shape, a.dtype, a._mesh)
+    if isinstance(a, torch.Tensor):
+        return ("tensor", a.shape, a.dtype, a.device)
+    if isinstance(
+        a,
+        int
+        | float
+        | bool
+        | str
+        | None
+        | torch.dtype
+        | torch.device
+        | torch.memory_format
+        | torch.layout,
+    ):
+        return (type(a), a)
+    return ("object", id(a))  # not shared between calls; decisions for these are not reused
+
+
+@dataclass(frozen=True, slots=True)
+class _Decision:
+    strategy: Strategy
+    tensor_pos: tuple[int, ...]  # positions of tensor leaves among the flat arguments
+    out_specs: tuple[ArgSpec, ...]
+    inplace: bool
+
+
+_DECISIONS: dict[tuple, _Decision] = {}
+_DECISION_LIMIT = 65536
 
 
 def dispatch(func: Any, args: tuple, kwargs: dict) -> Any:
-    handler = _HANDLERS.get(func)
-    if handler is None:
-        raise NoRuleError(_no_rule_message(func, args, kwargs))
-    return handler(func, args, kwargs)
+    flat, spec = tree_flatten((args, kwargs))
+    key = (func, *map(_signature, flat))
+    decision = _DECISIONS.get(key)
+    mesh = _mesh_of(func, flat)
+    if decision is None:
+        decision = _decide(func, flat, spec, mesh)
+        if len(_DECISIONS) >= _DECISION_LIMIT:
+            _DECISIONS.clear()
+        _DECISIONS[key] = decision
+    return _run(func, decision, flat, spec, mesh)
 
 
-def _no_rule_message(func: Any, args: tuple, kwargs: dict) -> str:
-    layouts = [
-        f"{a._layout!r} {tuple(a.shape)}"
-        for a in (*args, *kwargs.values())
-        if isinstance(a, ShardedTensor)
+def _mesh_of(func: Any, flat: list) -> Mesh:
+    meshes = []
+    for a in flat:
+        if isinstance(a, ShardedTensor) and a._mesh not in meshes:
+            meshes.append(a._mesh)
+    if len(meshes) > 1:
+        raise MeshMismatchError(
+            f"{func}: its inputs live on unequal meshes "
+            + ", ".join(repr(m) for m in meshes)
+            + ". Put all operands on one mesh (the same sl.Mesh) before combining them."
+        )
+    return meshes[0]
+
+
+# == deciding ==================================================================
+def _meta(a: Any) -> Any:
+    if isinstance(a, torch.Tensor):
+        return torch.empty(a.shape, dtype=a.dtype, device="meta")
+    return a
+
+
+def _decide(func: Any, flat: list, spec: Any, mesh: Mesh) -> _Decision:
+    tensor_pos = tuple(i for i, a in enumerate(flat) if isinstance(a, torch.Tensor))
+    specs = []
+    for i in tensor_pos:
+        a = flat[i]
+        layout = a._layout if isinstance(a, ShardedTensor) else Layout(((),) * a.ndim)
+        specs.append(ArgSpec(tuple(a.shape), a.dtype, layout))
+    out_specs = _output_specs(func, flat, spec)
+    abstract = [
+        ArgSpec(tuple(a.shape), a.dtype, specs[tensor_pos.index(i)].layout)
+        if isinstance(a, torch.Tensor)
+        else a
+        for i, a in enumerate(flat)
     ]
-    return (
-        f"shardlib has no layout rule for {func} (inputs: {', '.join(layouts) or 'none sharded'}). "
-        "Fixes: compute on the global value with x.full(), or on local blocks with "
-        "x.local_shards() / sl.from_local; to teach shardlib the op, register a handler with "
-        "shardlib.ops.register(torch.ops.aten.<op>.<overload>) that maps input layouts to "
-        "output layouts."
+    a_args, a_kwargs = tree_unflatten(abstract, spec)
+    ri = RuleInput(func, mesh.abstract, tuple(a_args), dict(a_kwargs), tuple(specs), out_specs)
+    inplace = _is_inplace(func)
+    if inplace and not (tensor_pos and isinstance(flat[tensor_pos[0]], ShardedTensor)):
+        raise LayoutError(
+            f"{func}: an in-place op on a plain tensor with sharded operands; the result would "
+            "be sharded. Use the out-of-place op, or x.full() to get a plain operand."
+        )
+    rule = rule_for(func)
+    if rule is None:
+        if not _state["fallback"]:
+            raise NoRuleError(_no_rule_message(func, specs))
+        candidates = [_replicate_everything(ri)]
+    else:
+        candidates = list(rule(ri))
+    if inplace:
+        self_layout = specs[0].layout
+        kept = [c for c in candidates if c.inputs[0] == self_layout and c.outputs[0] == self_layout]
+        if not kept:
+            raise LayoutError(
+                f"{func}: this in-place op would change the layout of its first operand "
+                f"{self_layout!r} (shape {specs[0].shape}); in-place ops keep layouts. Use the "
+                f"out-of-place op, or sl.reshard the operands first (layouts: "
+                f"{', '.join(repr(s.layout) for s in specs)})."
+            )
+        candidates = kept
+    if not candidates:
+        raise LayoutError(
+            f"{func}: no valid layout for inputs {', '.join(f'{s.layout!r} {s.shape}' for s in specs)}. "
+            "sl.reshard the inputs to a layout the op accepts (e.g. replicated)."
+        )
+    best, best_cost = None, None
+    for c in candidates:
+        cost = sum(
+            plan(s.layout, want, s.shape, mesh.abstract, s.dtype).total_bytes
+            for s, want in zip(specs, c.inputs)
+        )
+        if best_cost is None or cost < best_cost:
+            best, best_cost = c, cost
+    return _Decision(best, tensor_pos, out_specs, inplace)
+
+
+def _output_specs(func: Any, flat: list, spec: Any) -> tuple[ArgSpec, ...]:
+    m_args, m_kwargs = tree_unflatten([_meta(a) for a in flat], spec)
+    try:
+        out = func(*m_args, **m_kwargs)
+    except NotImplementedError as e:  # an op without a meta kernel (others: torch's own error)
+        raise NoRuleError(
+            f"{func}: shardlib infers output shapes on the meta device and this op has no meta "
+            f"kernel ({type(e).__name__}: {e}). Compute it on x.full() or in sl.shard_map."
+        ) from None
+    leaves, _ = tree_flatten(out)
+    return tuple(ArgSpec(tuple(t.shape), t.dtype) for t in leaves if isinstance(t, torch.Tensor))
+
+
+def _is_inplace(func: Any) -> bool:
+    schema = getattr(func, "_schema", None)
+    return bool(
+        schema
+        and schema.arguments
+        and schema.arguments[0].alias_info
+        and schema.arguments[0].alias_info.is_write
     )
 
 
-def _sharded(args: tuple, kwargs: dict) -> list[ShardedTensor]:
-    found = [a for a in (*args, *kwargs.values()) if isinstance(a, ShardedTensor)]
-    meshes = {a._mesh for a in found}
-    if len(meshes) > 1:
-        raise MeshMismatchError(
-            "tensors on unequal meshes were combined: "
-            + ", ".join(f"{a._layout!r} on {a._mesh!r}" for a in found)
-            + ". Put them on one mesh (sl.shard / sl.from_local with the same sl.Mesh)."
-        )
-    return found
+def _replicate_everything(ri: RuleInput) -> Strategy:
+    return Strategy(
+        tuple(Layout(((),) * s.ndim) for s in ri.tensors),
+        tuple(Layout(((),) * s.ndim) for s in ri.outputs),
+    )
 
 
-def _wrap(shards: list[torch.Tensor], like: ShardedTensor, layout=None) -> ShardedTensor:
-    return ShardedTensor(shards, like._mesh, layout or like._layout, tuple(like.shape))
+def _no_rule_message(func: Any, specs: list[ArgSpec]) -> str:
+    layouts = ", ".join(f"{s.layout!r} {s.shape}" for s in specs)
+    return (
+        f"shardlib has no layout rule for {func} (inputs: {layouts}). Fixes: compute on the "
+        "global value with x.full(), or per device with sl.shard_map; opt into "
+        "gather-compute-keep-replica with `with sl.allow_replicate_fallback():` (recorded in "
+        "the ledger); or add a rule: `@shardlib.ops.register_rule(torch.ops.aten.<op>)` on a "
+        "function of a RuleInput that yields Strategy(input_layouts, output_layouts)."
+    )
 
 
-@register(aten.detach.default, aten.alias.default, aten.clone.default, aten._to_copy.default)
-def _same_layout_unary(func, args, kwargs):
-    x = args[0]
-    shards = [func(s, *args[1:], **kwargs) for s in x._shards]
-    op = x._layout.reduce_op
-    if x._layout.partial and not _cast_commutes(op, x.dtype, shards[0].dtype):
+# == running ===================================================================
+def _direction() -> str:
+    return "backward" if torch._C._current_graph_task_id() != -1 else "forward"
+
+
+def _move(func: Any, a: ShardedTensor, want: Layout) -> ShardedTensor:
+    p = plan(a._layout, want, tuple(a.shape), a._mesh, a.dtype)
+    if _state["strict"] and any(s.step.kind for s in p.steps):
+        steps = ", ".join(f"{s.step} ({s.bytes} B)" for s in p.steps if s.step.kind)
         raise LayoutError(
-            f"{func}: casting a partial-{op} tensor {x._layout!r} from {x.dtype} to "
-            f"{shards[0].dtype} is wrong summand by summand (the cast of a {op} is not the "
-            f"{op} of the casts, e.g. int(0.5) + int(0.5) != int(1.0)); reduce first with "
-            f"sl.reshard(x, {x._layout.without_partial()!r}), then cast."
+            f"sl.strict: {func} needs communication: an input of shape {tuple(a.shape)} with "
+            f"layout {a._layout!r} must become {want!r} ({steps}). Fix: make it explicit with "
+            f"`x = sl.reshard(x, {want!r})` before the op, or leave strict mode."
         )
-    return _wrap(shards, x)
+    shards = execute(p, a._mesh, a._shards, direction=_direction(), cause=_cause(func))
+    return ShardedTensor(shards, a._mesh, want, tuple(a.shape))
 
 
-def _cast_commutes(op: str, src: torch.dtype, dst: torch.dtype) -> bool:
-    """Whether casting every summand, then reducing with `op`, equals reducing, then casting."""
-    if src == dst:
-        return True
-    src_float = src.is_floating_point or src.is_complex
-    dst_float = dst.is_floating_point or dst.is_complex
-    if op in ("sum", "avg"):
-        # Linear casts only: into a float (up to rounding), or integer -> integer (modular).
-        # A bool partial sum reduces as logical or, which no cast preserves.
-        return src != torch.bool and (dst_float or (not src_float and dst != torch.bool))
-    # max / min commute with monotone casts: into a float, float -> int (truncation), from bool.
-    return dst != torch.bool and (dst_float or src_float or src == torch.bool)
+def _cause(func: Any) -> str:
+    name = str(func)
+    return name.removeprefix("aten.")
 
 
-@register(
-    aten.ones_like.default,
-    aten.zeros_like.default,
-    aten.empty_like.default,
-    aten.full_like.default,
-)
-def _like(func, args, kwargs):
-    x = args[0]
-    # The result is a fresh global value, replicated over the partial axes.
-    return _wrap([func(s, *args[1:], **kwargs) for s in x._shards], x, x._layout.without_partial())
+def _run(func: Any, decision: _Decision, flat: list, spec: Any, mesh: Mesh) -> Any:
+    strategy = decision.strategy
+    n = len(mesh.local_devices)
+    per_device = [list(flat) for _ in range(n)]
+    for pos, want in zip(decision.tensor_pos, strategy.inputs):
+        a = flat[pos]
+        if isinstance(a, ShardedTensor):
+            if a._layout != want:
+                a = _move(func, a, want)
+            shards = a._shards
+        else:
+            shards = _constant_blocks(a, mesh, want)
+        for j in range(n):
+            per_device[j][pos] = shards[j]
+    fn = strategy.local or func
+    results = []
+    for j in range(n):
+        d_args, d_kwargs = tree_unflatten(per_device[j], spec)
+        results.append(fn(*d_args, **d_kwargs))
+    if decision.inplace:
+        return flat[0]
+    leaves0, out_spec = tree_flatten(results[0])
+    per_leaf = [tree_flatten(r)[0] for r in results]
+    outs, k = [], 0
+    for i, leaf in enumerate(leaves0):
+        if isinstance(leaf, torch.Tensor):
+            o = decision.out_specs[k]
+            outs.append(ShardedTensor([p[i] for p in per_leaf], mesh, strategy.outputs[k], o.shape))
+            k += 1
+        else:
+            outs.append(leaf)
+    return tree_unflatten(outs, out_spec)
 
 
-def _check_same_layout(func, a: Any, b: Any) -> None:
-    _sharded((a, b), {})
-    if not isinstance(b, ShardedTensor) or not isinstance(a, ShardedTensor):
-        raise NoRuleError(
-            f"{func}: mixing a ShardedTensor with a {type(b if isinstance(a, ShardedTensor) else a).__name__} "
-            "has no rule yet; sl.shard the other operand with the same layout first."
-        )
-    if a.shape != b.shape:
-        # Broadcasting would run per shard, where the blocks of a size-1 dim and of a
-        # size-n dim do not line up, and the result would keep `a`'s global shape.
-        raise NoRuleError(
-            f"{func}: operands have shapes {tuple(a.shape)} and {tuple(b.shape)}; broadcasting "
-            "sharded tensors has no rule yet. Fix: shard both operands at one global shape, "
-            "e.g. sl.shard(t.expand(shape).contiguous(), mesh, layout) for the smaller one."
-        )
-    if a._layout != b._layout:
-        raise NoRuleError(
-            f"{func}: operands have layouts {a._layout!r} and {b._layout!r}; only equal layouts "
-            f"are supported so far. Fix: sl.reshard(other, {a._layout!r}) first."
-        )
-    if (
-        a._layout.partial
-        and a._layout.reduce_op in ("max", "min")
-        and func is not aten.copy_.default
-    ):
-        raise LayoutError(
-            f"{func}: adding two partial-{a._layout.reduce_op} tensors is not their "
-            f"{a._layout.reduce_op} of sums; reduce first with sl.reshard(x, "
-            f"{a._layout.without_partial()!r})."
-        )
+def _constant_blocks(t: torch.Tensor, mesh: Mesh, want: Layout) -> list[torch.Tensor]:
+    """A plain tensor is a replicated constant: cut it locally to `want` (no communication)."""
+    from ._api import _local_blocks
 
-
-@register(aten.add.Tensor, aten.add_.Tensor)
-def _add(func, args, kwargs):
-    a, b = args[0], args[1]
-    _check_same_layout(func, a, b)
-    shards = [func(x, y, *args[2:], **kwargs) for x, y in zip(a._shards, b._shards)]
-    return a if func is aten.add_.Tensor else _wrap(shards, a)
-
-
-@register(aten.copy_.default)
-def _copy(func, args, kwargs):
-    dst, src = args[0], args[1]
-    _check_same_layout(func, dst, src)
-    for x, y in zip(dst._shards, src._shards):
-        x.copy_(y, *args[2:], **kwargs)
-    return dst
+    if want.is_replicated:
+        return [t] * len(mesh.local_devices)  # read-only use by the op; no copies
+    return _local_blocks(t, mesh, want)._shards

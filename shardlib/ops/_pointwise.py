@@ -1,0 +1,164 @@
+"""Rules for pointwise ops (everything tagged `torch.Tag.pointwise`) and their kin.
+
+Owns elementwise propagation with broadcasting, and the partial semantics of
+elementwise ops:
+
+- add/sub (and copy_): linear in all operands together; partial-`sum`/`avg`
+  operands stay partial when every partial operand has the same partial axes,
+  and the others become partial for free (`to_partial`). A Python number
+  operand would be added once per summand, so it forbids this.
+- mul/div: linear in one operand; one partial-`sum`/`avg` operand (the
+  numerator, for div) keeps its partial axes if the others are not partial.
+- neg, clone, detach, alias, dtype casts that commute with the reduction:
+  keep the input's partial axes.
+- anything else is nonlinear: partial inputs are reduced first.
+
+Output layouts are taken from the inputs (each input's split dims mapped
+through broadcasting, and their merge); the dispatcher keeps the cheapest.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..layouts._layout import Layout
+from ._rules import ArgSpec, RuleInput, Strategy, register_rule, register_tag_rule
+
+aten = torch.ops.aten
+
+_ADD = {aten.add.Tensor, aten.add_.Tensor, aten.sub.Tensor, aten.sub_.Tensor}
+_MUL = {aten.mul.Tensor, aten.mul_.Tensor, aten.mul.Scalar, aten.mul_.Scalar}
+_DIV = {aten.div.Tensor, aten.div_.Tensor, aten.div.Scalar, aten.div_.Scalar}
+_UNARY = {
+    aten.neg.default,
+    aten.neg_.default,
+    aten.clone.default,
+    aten.detach.default,
+    aten.alias.default,
+    aten.zero_.default,
+    aten.positive.default,
+}
+_LIKE = {
+    aten.ones_like.default,
+    aten.zeros_like.default,
+    aten.empty_like.default,
+    aten.full_like.default,
+    aten.rand_like.default,
+    aten.randn_like.default,
+}
+
+
+def _out_dims(s: ArgSpec, out: ArgSpec) -> tuple[tuple[str, ...], ...]:
+    """`s`'s split axes placed on the output dims (broadcast dims carry none)."""
+    dims = [()] * out.ndim
+    off = out.ndim - s.ndim
+    for di, axes in enumerate(s.layout.dims):
+        if s.shape[di] == out.shape[di + off]:
+            dims[di + off] = axes
+    return tuple(dims)
+
+
+def _in_dims(dims: tuple, s: ArgSpec, out: ArgSpec) -> tuple[tuple[str, ...], ...]:
+    off = out.ndim - s.ndim
+    return tuple(
+        dims[di + off] if s.shape[di] == out.shape[di + off] else () for di in range(s.ndim)
+    )
+
+
+def candidate_dims(specs: tuple[ArgSpec, ...], out: ArgSpec) -> list[tuple]:
+    """Output dim layouts worth trying: the merge of all inputs', each input's, replicated."""
+    each = [_out_dims(s, out) for s in specs]
+    merged, used = [()] * out.ndim, set()
+    for dims in each:
+        for d, axes in enumerate(dims):
+            if axes and not merged[d] and not used & set(axes):
+                merged[d] = axes
+                used |= set(axes)
+    found = []
+    for dims in (tuple(merged), *each, ((),) * out.ndim):
+        if dims not in found:
+            found.append(dims)
+    return found
+
+
+def _cast_commutes(op: str, src: torch.dtype, dst: torch.dtype) -> bool:
+    """Whether casting each summand then reducing with `op` equals reducing then casting."""
+    if src == dst:
+        return True
+    src_float = src.is_floating_point or src.is_complex
+    dst_float = dst.is_floating_point or dst.is_complex
+    if op in ("sum", "avg"):
+        return src != torch.bool and (dst_float or (not src_float and dst != torch.bool))
+    return dst != torch.bool and (dst_float or src_float or src == torch.bool)
+
+
+def _partial_options(ri: RuleInput) -> list[tuple[tuple[str, ...], str, tuple[bool, ...]]]:
+    """(partial axes, op, which inputs carry them) choices that are exact for this op."""
+    op, specs = ri.op, ri.tensors
+    partial = [s for s in specs if s.layout.partial]
+    if not partial:
+        return []
+    first = partial[0].layout
+    same = all(
+        s.layout.partial == first.partial and s.layout.reduce_op == first.reduce_op for s in partial
+    )
+    if not same or first.reduce_op not in ("sum", "avg"):
+        if op in _UNARY and len(specs) == 1:
+            return [(first.partial, first.reduce_op, (True,))]
+        return []
+    numbers = [a for a in ri.args if isinstance(a, int | float) and not isinstance(a, bool)]
+    if op in _ADD:
+        if numbers:  # add(x, 2): the 2 would be added once per summand
+            return []
+        return [(first.partial, first.reduce_op, tuple(True for _ in specs))]
+    if op in _MUL or op in _DIV:
+        if len(partial) != 1 or (op in _DIV and not specs[0].layout.partial):
+            return []
+        return [(first.partial, first.reduce_op, tuple(bool(s.layout.partial) for s in specs))]
+    if op in _UNARY or op is aten._to_copy.default:
+        out = ri.outputs[0]
+        if op is aten._to_copy.default and not _cast_commutes(
+            first.reduce_op, specs[0].dtype, out.dtype
+        ):
+            return []
+        return [(first.partial, first.reduce_op, (True,) * len(specs))]
+    return []
+
+
+@register_tag_rule(torch.Tag.pointwise)
+@register_rule(*_ADD, *_UNARY, aten._to_copy.default)
+def pointwise_rule(ri: RuleInput):
+    out = ri.outputs[0]
+    specs = ri.tensors
+    options = _partial_options(ri)
+    for dims in candidate_dims(specs, out):
+        used = {a for axes in dims for a in axes}
+        for axes, op, carries in options:
+            if used & set(axes):
+                continue
+            yield Strategy(
+                tuple(
+                    Layout(_in_dims(dims, s, out), axes if c else (), op)
+                    for s, c in zip(specs, carries)
+                ),
+                (Layout(dims, axes, op),) * len(ri.outputs),
+            )
+        yield Strategy(
+            tuple(Layout(_in_dims(dims, s, out)) for s in specs),
+            (Layout(dims),) * len(ri.outputs),
+        )
+
+
+@register_rule(*_LIKE)
+def like_rule(ri: RuleInput):
+    """A fresh value of the input's shape: same split dims, never partial."""
+    (x,) = ri.tensors
+    yield Strategy((x.layout,), (x.layout.without_partial(),))
+
+
+@register_rule(aten.copy_.default)
+def copy_rule(ri: RuleInput):
+    """`dst.copy_(src)`: dst keeps its layout; src is brought to it (partial included, any op)."""
+    dst, src = ri.tensors[0], ri.tensors[1]
+    want = Layout(_in_dims(dst.layout.dims, src, dst), dst.layout.partial, dst.layout.reduce_op)
+    yield Strategy((dst.layout, want, *(s.layout for s in ri.tensors[2:])), (dst.layout,))
