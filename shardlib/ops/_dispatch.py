@@ -265,6 +265,14 @@ def _run(func: Any, decision: _Decision, flat: list, spec: Any, mesh: Mesh) -> A
             shards = _constant_blocks(a, mesh, want)
         for j in range(n):
             per_device[j][pos] = shards[j]
+    if strategy.decompose is not None:
+        moved = list(flat)
+        for pos, want in zip(decision.tensor_pos, strategy.inputs):
+            a = flat[pos]
+            if isinstance(a, ShardedTensor) and a._layout != want:
+                moved[pos] = _move(func, a, want)
+        d_args, d_kwargs = tree_unflatten(moved, spec)
+        return strategy.decompose(*d_args, **d_kwargs)
     fn = strategy.local or func
     results = []
     for j in range(n):

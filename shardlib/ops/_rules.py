@@ -47,11 +47,19 @@ class Strategy:
     given, replaces the op on each device's shards: ``local(*args, **kwargs)``
     with the same argument structure (used by rules whose local computation
     differs from the global one, e.g. a mean over a split dim).
+
+    `decompose`, when given, replaces the whole op: it is called with the
+    original arguments (ShardedTensors included) after the inputs were moved
+    to `inputs`, and computes the result from other ops, each dispatched by
+    its own rule (DESIGN §6 decompositions: softmax over a split dim, var, ...).
+    Its collectives are in the ledger and strict mode sees them; `outputs` is
+    then informational and may be empty.
     """
 
     inputs: tuple[Layout, ...]
-    outputs: tuple[Layout, ...]
+    outputs: tuple[Layout, ...] = ()
     local: Callable | None = field(default=None, compare=False)
+    decompose: Callable | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
