@@ -1,5 +1,6 @@
 """Sharded tensors and the dispatch of ops on them."""
 
+from . import _contractions as _contractions  # registers rules
 from . import _pointwise as _pointwise  # registers rules
 from ._api import from_local as from_local
 from ._api import full as full

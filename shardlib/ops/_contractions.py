@@ -1,0 +1,108 @@
+"""Rules for contractions: mm, bmm, addmm, baddbmm, mv, dot — one einsum-equation rule.
+
+Owns the einsum rule: each mesh axis is given to at most one equation label.
+An axis on a label both operands carry and the output keeps is a batch split
+(no communication); on a label only one operand carries, the other operand is
+replicated over it; on a contracted label (both operands, not in the output)
+each device multiplies its chunks, and the output is partial (`sum`) over that
+axis — no communication until a consumer needs the sum (DESIGN §6).
+
+A partial (`sum`/`avg`) operand stays partial through the contraction when the
+other operand is not partial over the same axes (bilinearity); two partial
+operands cannot be multiplied summand by summand, so one is reduced first.
+
+Candidates come from each operand's layout read as a label assignment, and
+from their merge; the dispatcher prices them with the planner.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..layouts._layout import Layout
+from ._pointwise import _in_dims
+from ._rules import ArgSpec, RuleInput, Strategy, register_rule
+
+aten = torch.ops.aten
+
+EQUATIONS = {
+    aten.mm.default: "ij,jk->ik",
+    aten.bmm.default: "bij,bjk->bik",
+    aten.mv.default: "ij,j->i",
+    aten.dot.default: "i,i->",
+    aten.addmm.default: "ij,jk->ik",
+    aten.baddbmm.default: "bij,bjk->bik",
+    aten.addmv.default: "ij,j->i",
+}
+_WITH_BIAS = {aten.addmm.default, aten.baddbmm.default, aten.addmv.default}
+
+
+def _label_axes(labels: str, layout: Layout) -> dict[str, tuple[str, ...]]:
+    return {lab: axes for lab, axes in zip(labels, layout.dims) if axes}
+
+
+def _candidates(in_labels: list[str], specs: tuple[ArgSpec, ...]) -> list[dict]:
+    each = [_label_axes(lab, s.layout) for lab, s in zip(in_labels, specs)]
+    merged: dict[str, tuple[str, ...]] = {}
+    used: set[str] = set()
+    for assignment in each:
+        for lab, axes in assignment.items():
+            if lab not in merged and not used & set(axes):
+                merged[lab] = axes
+                used |= set(axes)
+    found: list[dict] = []
+    for c in (merged, *each, {}):
+        if c not in found:
+            found.append(c)
+    return found
+
+
+def einsum_strategies(eq: str, specs: tuple[ArgSpec, ...]):
+    """Strategies for a two- (or one-) operand einsum equation over `specs`."""
+    lhs, out_labels = eq.split("->")
+    in_labels = lhs.split(",")
+    if any(len(set(lab)) != len(lab) for lab in in_labels):
+        return  # repeated labels (diagonals): no rule
+    contracted = {lab for labs in in_labels for lab in labs if lab not in out_labels}
+    partial_inputs = [i for i, s in enumerate(specs) if s.layout.partial]
+    for assign in _candidates(in_labels, specs):
+        used = {a for axes in assign.values() for a in axes}
+        summed = tuple(a for lab, axes in assign.items() if lab in contracted for a in axes)
+        options: list[int | None] = []
+        for i in partial_inputs:  # keep one operand's partial axes; the other is reduced
+            keep = specs[i].layout
+            if keep.reduce_op in ("sum", "avg") and not used & set(keep.partial):
+                if not (summed and keep.reduce_op == "avg"):
+                    options.append(i)
+        options.append(None)
+        for keeper in options:
+            extra = specs[keeper].layout if keeper is not None else Layout(())
+            inputs = tuple(
+                Layout(
+                    tuple(assign.get(lab, ()) for lab in labs),
+                    extra.partial if i == keeper else (),
+                    extra.reduce_op if i == keeper else "sum",
+                )
+                for i, labs in enumerate(in_labels)
+            )
+            out = Layout(
+                tuple(assign.get(lab, ()) for lab in out_labels),
+                summed + extra.partial,
+                extra.reduce_op if extra.partial else "sum",
+            )
+            yield inputs, out
+
+
+@register_rule(*EQUATIONS)
+def contraction_rule(ri: RuleInput):
+    eq = EQUATIONS[ri.op]
+    specs = ri.tensors
+    out_spec = ri.outputs[0]
+    if ri.op in _WITH_BIAS:
+        bias, operands = specs[0], specs[1:]
+        for inputs, out in einsum_strategies(eq, operands):
+            want_bias = Layout(_in_dims(out.dims, bias, out_spec), out.partial, out.reduce_op)
+            yield Strategy((want_bias, *inputs), (out,))
+    else:
+        for inputs, out in einsum_strategies(eq, specs):
+            yield Strategy(inputs, (out,))
