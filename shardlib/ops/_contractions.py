@@ -71,9 +71,9 @@ def einsum_strategies(eq: str, specs: tuple[ArgSpec, ...]):
         options: list[int | None] = []
         for i in partial_inputs:  # keep one operand's partial axes; the other is reduced
             keep = specs[i].layout
-            if keep.reduce_op in ("sum", "avg") and not used & set(keep.partial):
-                if not (summed and keep.reduce_op == "avg"):
-                    options.append(i)
+            linear = keep.reduce_op == "sum" or (keep.reduce_op == "avg" and not summed)
+            if linear and not used & set(keep.partial):
+                options.append(i)
         options.append(None)
         for keeper in options:
             extra = specs[keeper].layout if keeper is not None else Layout(())
