@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .._errors import LayoutError, MeshMismatchError, NoRuleError
 from ..collectives._redistribute import execute
@@ -63,32 +62,82 @@ def allow_replicate_fallback() -> Iterator[None]:
         _state["fallback"] -= 1
 
 
-# == signatures and the decision cache =========================================
+# == argument paths and signatures ==============================================
+# aten ops take tensors as top-level arguments or inside one list (cat, index, ...), so
+# a tensor's place is a short path: (i,), (i, j), ("kw", name) or ("kw", name, j). This
+# avoids pytree walks on the hot path.
+_ATOMS = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format,
+          torch.layout)
+
+
 def _signature(a: Any) -> Any:
     if isinstance(a, ShardedTensor):
         return (a._layout, a.shape, a.dtype, a._mesh)
     if isinstance(a, torch.Tensor):
         return ("tensor", a.shape, a.dtype, a.device)
-    if isinstance(
-        a,
-        int
-        | float
-        | bool
-        | str
-        | None
-        | torch.dtype
-        | torch.device
-        | torch.memory_format
-        | torch.layout,
-    ):
-        return (type(a), a)
-    return ("object", id(a))  # not shared between calls; decisions for these are not reused
+    t = type(a)
+    if t in _ATOMS:
+        return (t, a)  # 1, 1.0 and True hash alike but give different dtypes
+    if t is list or t is tuple:
+        return (t, *map(_signature, a))
+    return ("object", id(a))  # unhashable or unknown: never shared between calls
+
+
+def _key(func: Any, args: tuple, kwargs: dict) -> tuple:
+    if kwargs:
+        return (func, *map(_signature, args), *((k, _signature(v)) for k, v in kwargs.items()))
+    return (func, *map(_signature, args))
+
+
+def _tensor_paths(args: tuple, kwargs: dict) -> tuple[tuple, ...]:
+    paths = []
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor):
+            paths.append((i,))
+        elif isinstance(a, list | tuple):
+            paths += [(i, j) for j, b in enumerate(a) if isinstance(b, torch.Tensor)]
+    for k, a in kwargs.items():
+        if isinstance(a, torch.Tensor):
+            paths.append(("kw", k))
+        elif isinstance(a, list | tuple):
+            paths += [("kw", k, j) for j, b in enumerate(a) if isinstance(b, torch.Tensor)]
+    return tuple(paths)
+
+
+def _get(args: tuple, kwargs: dict, path: tuple) -> Any:
+    if path[0] == "kw":
+        a = kwargs[path[1]]
+        return a[path[2]] if len(path) == 3 else a
+    a = args[path[0]]
+    return a[path[1]] if len(path) == 2 else a
+
+
+def _substitute(args: tuple, kwargs: dict, paths: tuple, values: list) -> tuple[list, dict]:
+    """Copies of args/kwargs with `values` placed at `paths` (lists copied where touched)."""
+    new_args, new_kwargs = list(args), dict(kwargs) if kwargs else kwargs
+    for path, v in zip(paths, values):
+        if path[0] == "kw":
+            if len(path) == 3:
+                seq = new_kwargs[path[1]]
+                if seq is kwargs[path[1]]:
+                    seq = new_kwargs[path[1]] = list(seq)
+                seq[path[2]] = v
+            else:
+                new_kwargs[path[1]] = v
+        elif len(path) == 2:
+            seq = new_args[path[0]]
+            if seq is args[path[0]]:
+                seq = new_args[path[0]] = list(seq)
+            seq[path[1]] = v
+        else:
+            new_args[path[0]] = v
+    return new_args, new_kwargs
 
 
 @dataclass(frozen=True, slots=True)
 class _Decision:
     strategy: Strategy
-    tensor_pos: tuple[int, ...]  # positions of tensor leaves among the flat arguments
+    paths: tuple[tuple, ...]  # where the tensor arguments sit
     out_specs: tuple[ArgSpec, ...]
     inplace: bool
 
@@ -98,21 +147,19 @@ _DECISION_LIMIT = 65536
 
 
 def dispatch(func: Any, args: tuple, kwargs: dict) -> Any:
-    flat, spec = tree_flatten((args, kwargs))
-    key = (func, *map(_signature, flat))
+    key = _key(func, args, kwargs)
     decision = _DECISIONS.get(key)
-    mesh = _mesh_of(func, flat)
     if decision is None:
-        decision = _decide(func, flat, spec, mesh)
+        decision = _decide(func, args, kwargs)
         if len(_DECISIONS) >= _DECISION_LIMIT:
             _DECISIONS.clear()
         _DECISIONS[key] = decision
-    return _run(func, decision, flat, spec, mesh)
+    return _run(func, decision, args, kwargs)
 
 
-def _mesh_of(func: Any, flat: list) -> Mesh:
+def _mesh_of(func: Any, tensors: list) -> Mesh:
     meshes = []
-    for a in flat:
+    for a in tensors:
         if isinstance(a, ShardedTensor) and a._mesh not in meshes:
             meshes.append(a._mesh)
     if len(meshes) > 1:
@@ -126,29 +173,25 @@ def _mesh_of(func: Any, flat: list) -> Mesh:
 
 # == deciding ==================================================================
 def _meta(a: Any) -> Any:
-    if isinstance(a, torch.Tensor):
-        return torch.empty(a.shape, dtype=a.dtype, device="meta")
-    return a
+    return torch.empty(a.shape, dtype=a.dtype, device="meta")
 
 
-def _decide(func: Any, flat: list, spec: Any, mesh: Mesh) -> _Decision:
-    tensor_pos = tuple(i for i, a in enumerate(flat) if isinstance(a, torch.Tensor))
-    specs = []
-    for i in tensor_pos:
-        a = flat[i]
-        layout = a._layout if isinstance(a, ShardedTensor) else Layout(((),) * a.ndim)
-        specs.append(ArgSpec(tuple(a.shape), a.dtype, layout))
-    out_specs = _output_specs(func, flat, spec)
-    abstract = [
-        ArgSpec(tuple(a.shape), a.dtype, specs[tensor_pos.index(i)].layout)
-        if isinstance(a, torch.Tensor)
-        else a
-        for i, a in enumerate(flat)
-    ]
-    a_args, a_kwargs = tree_unflatten(abstract, spec)
-    ri = RuleInput(func, mesh.abstract, tuple(a_args), dict(a_kwargs), tuple(specs), out_specs)
+def _decide(func: Any, args: tuple, kwargs: dict) -> _Decision:
+    paths = _tensor_paths(args, kwargs)
+    tensors = [_get(args, kwargs, p) for p in paths]
+    mesh = _mesh_of(func, tensors)
+    specs = tuple(
+        ArgSpec(
+            tuple(a.shape), a.dtype,
+            a._layout if isinstance(a, ShardedTensor) else Layout(((),) * a.ndim),
+        )
+        for a in tensors
+    )
+    out_specs = _output_specs(func, args, kwargs, paths, tensors)
+    a_args, a_kwargs = _substitute(args, kwargs, paths, list(specs))
+    ri = RuleInput(func, mesh.abstract, tuple(a_args), dict(a_kwargs), specs, out_specs)
     inplace = _is_inplace(func)
-    if inplace and not (tensor_pos and isinstance(flat[tensor_pos[0]], ShardedTensor)):
+    if inplace and not (paths and isinstance(tensors[0], ShardedTensor)):
         raise LayoutError(
             f"{func}: an in-place op on a plain tensor with sharded operands; the result would "
             "be sharded. Use the out-of-place op, or x.full() to get a plain operand."
@@ -162,7 +205,8 @@ def _decide(func: Any, flat: list, spec: Any, mesh: Mesh) -> _Decision:
         candidates = list(rule(ri))
     if inplace:
         self_layout = specs[0].layout
-        kept = [c for c in candidates if c.inputs[0] == self_layout and c.outputs[0] == self_layout]
+        kept = [c for c in candidates if c.inputs[0] == self_layout
+                and (c.decompose is not None or c.outputs[0] == self_layout)]
         if not kept:
             raise LayoutError(
                 f"{func}: this in-place op would change the layout of its first operand "
@@ -184,11 +228,11 @@ def _decide(func: Any, flat: list, spec: Any, mesh: Mesh) -> _Decision:
         )
         if best_cost is None or cost < best_cost:
             best, best_cost = c, cost
-    return _Decision(best, tensor_pos, out_specs, inplace)
+    return _Decision(best, paths, out_specs, inplace)
 
 
-def _output_specs(func: Any, flat: list, spec: Any) -> tuple[ArgSpec, ...]:
-    m_args, m_kwargs = tree_unflatten([_meta(a) for a in flat], spec)
+def _output_specs(func: Any, args: tuple, kwargs: dict, paths: tuple, tensors: list) -> tuple[ArgSpec, ...]:
+    m_args, m_kwargs = _substitute(args, kwargs, paths, [_meta(t) for t in tensors])
     try:
         out = func(*m_args, **m_kwargs)
     except NotImplementedError as e:  # an op without a meta kernel (others: torch's own error)
@@ -196,18 +240,14 @@ def _output_specs(func: Any, flat: list, spec: Any) -> tuple[ArgSpec, ...]:
             f"{func}: shardlib infers output shapes on the meta device and this op has no meta "
             f"kernel ({type(e).__name__}: {e}). Compute it on x.full() or in sl.shard_map."
         ) from None
-    leaves, _ = tree_flatten(out)
+    leaves = out if isinstance(out, list | tuple) else [out]
     return tuple(ArgSpec(tuple(t.shape), t.dtype) for t in leaves if isinstance(t, torch.Tensor))
 
 
 def _is_inplace(func: Any) -> bool:
     schema = getattr(func, "_schema", None)
-    return bool(
-        schema
-        and schema.arguments
-        and schema.arguments[0].alias_info
-        and schema.arguments[0].alias_info.is_write
-    )
+    return bool(schema and schema.arguments and schema.arguments[0].alias_info
+                and schema.arguments[0].alias_info.is_write)
 
 
 def _replicate_everything(ri: RuleInput) -> Strategy:
@@ -217,7 +257,7 @@ def _replicate_everything(ri: RuleInput) -> Strategy:
     )
 
 
-def _no_rule_message(func: Any, specs: list[ArgSpec]) -> str:
+def _no_rule_message(func: Any, specs: tuple[ArgSpec, ...]) -> str:
     layouts = ", ".join(f"{s.layout!r} {s.shape}" for s in specs)
     return (
         f"shardlib has no layout rule for {func} (inputs: {layouts}). Fixes: compute on the "
@@ -247,50 +287,47 @@ def _move(func: Any, a: ShardedTensor, want: Layout) -> ShardedTensor:
 
 
 def _cause(func: Any) -> str:
-    name = str(func)
-    return name.removeprefix("aten.")
+    return str(func).removeprefix("aten.")
 
 
-def _run(func: Any, decision: _Decision, flat: list, spec: Any, mesh: Mesh) -> Any:
-    strategy = decision.strategy
-    n = len(mesh.local_devices)
-    per_device = [list(flat) for _ in range(n)]
-    for pos, want in zip(decision.tensor_pos, strategy.inputs):
-        a = flat[pos]
+def _run(func: Any, decision: _Decision, args: tuple, kwargs: dict) -> Any:
+    strategy, paths = decision.strategy, decision.paths
+    inputs = []
+    mesh = None
+    for path, want in zip(paths, strategy.inputs):
+        a = _get(args, kwargs, path)
         if isinstance(a, ShardedTensor):
+            mesh = a._mesh
             if a._layout != want:
                 a = _move(func, a, want)
-            shards = a._shards
-        else:
-            shards = _constant_blocks(a, mesh, want)
-        for j in range(n):
-            per_device[j][pos] = shards[j]
+        inputs.append(a)
     if strategy.decompose is not None:
-        moved = list(flat)
-        for pos, want in zip(decision.tensor_pos, strategy.inputs):
-            a = flat[pos]
-            if isinstance(a, ShardedTensor) and a._layout != want:
-                moved[pos] = _move(func, a, want)
-        d_args, d_kwargs = tree_unflatten(moved, spec)
+        d_args, d_kwargs = _substitute(args, kwargs, paths, inputs)
         return strategy.decompose(*d_args, **d_kwargs)
+    shard_lists = [
+        a._shards if isinstance(a, ShardedTensor) else _constant_blocks(a, mesh, want)
+        for a, want in zip(inputs, strategy.inputs)
+    ]
     fn = strategy.local or func
     results = []
-    for j in range(n):
-        d_args, d_kwargs = tree_unflatten(per_device[j], spec)
+    for j in range(len(shard_lists[0])):
+        d_args, d_kwargs = _substitute(args, kwargs, paths, [s[j] for s in shard_lists])
         results.append(fn(*d_args, **d_kwargs))
     if decision.inplace:
-        return flat[0]
-    leaves0, out_spec = tree_flatten(results[0])
-    per_leaf = [tree_flatten(r)[0] for r in results]
+        return _get(args, kwargs, paths[0])
+    first = results[0]
+    if isinstance(first, torch.Tensor):
+        o = decision.out_specs[0]
+        return ShardedTensor(results, mesh, strategy.outputs[0], o.shape)
     outs, k = [], 0
-    for i, leaf in enumerate(leaves0):
+    for i, leaf in enumerate(first):
         if isinstance(leaf, torch.Tensor):
             o = decision.out_specs[k]
-            outs.append(ShardedTensor([p[i] for p in per_leaf], mesh, strategy.outputs[k], o.shape))
+            outs.append(ShardedTensor([r[i] for r in results], mesh, strategy.outputs[k], o.shape))
             k += 1
         else:
             outs.append(leaf)
-    return tree_unflatten(outs, out_spec)
+    return type(first)(outs) if isinstance(first, tuple | list) else outs
 
 
 def _constant_blocks(t: torch.Tensor, mesh: Mesh, want: Layout) -> list[torch.Tensor]:
