@@ -15,7 +15,7 @@ Invariants (enforced in `__post_init__`):
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .._errors import LayoutError
@@ -88,6 +88,10 @@ class Layout:
     dims: tuple[tuple[str, ...], ...]
     partial: tuple[str, ...] = ()
     reduce_op: str = "sum"
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __hash__(self) -> int:  # layouts key plans and dispatch decisions: hash once
+        return self._hash
 
     def __post_init__(self) -> None:
         dims = tuple(tuple(d) for d in self.dims)
@@ -100,6 +104,7 @@ class Layout:
         object.__setattr__(self, "dims", dims)
         object.__setattr__(self, "partial", partial)
         object.__setattr__(self, "reduce_op", op)
+        object.__setattr__(self, "_hash", hash((dims, partial, op)))
         seen: dict[str, str] = {}
         twice = []
         for d, axes in enumerate(dims):

@@ -191,14 +191,18 @@ class Mesh:
         return getattr(self.abstract, name)
 
     def __eq__(self, other: object) -> bool:
-        return (
+        return self is other or (
             isinstance(other, Mesh)
             and self.abstract == other.abstract
             and self.backend == other.backend
         )
 
-    def __hash__(self) -> int:
+    @cached_property
+    def _hash(self) -> int:
         return hash((self.abstract, self.backend))
+
+    def __hash__(self) -> int:  # meshes key every dispatch decision: hash once
+        return self._hash
 
     def __repr__(self) -> str:
         return f"Mesh.{self.backend.kind}({self.axes!r})"

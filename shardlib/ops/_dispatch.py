@@ -66,13 +66,37 @@ def allow_replicate_fallback() -> Iterator[None]:
 # aten ops take tensors as top-level arguments or inside one list (cat, index, ...), so
 # a tensor's place is a short path: (i,), (i, j), ("kw", name) or ("kw", name, j). This
 # avoids pytree walks on the hot path.
-_ATOMS = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format,
-          torch.layout)
+_ATOMS = (
+    int,
+    float,
+    bool,
+    str,
+    type(None),
+    torch.dtype,
+    torch.device,
+    torch.memory_format,
+    torch.layout,
+)
+
+
+_SIG_IDS: dict[tuple, int] = {}
+
+
+def _sig_of(a: ShardedTensor) -> int:
+    """A small int standing for (layout, shape, dtype, mesh), cached on the tensor."""
+    sig = a._sig
+    if sig is None:
+        full = (a._layout, a.shape, a.dtype, a._mesh)
+        sig = _SIG_IDS.get(full)
+        if sig is None:
+            sig = _SIG_IDS[full] = len(_SIG_IDS)
+        a._sig = sig
+    return sig
 
 
 def _signature(a: Any) -> Any:
     if isinstance(a, ShardedTensor):
-        return (a._layout, a.shape, a.dtype, a._mesh)
+        return _sig_of(a)
     if isinstance(a, torch.Tensor):
         return ("tensor", a.shape, a.dtype, a.device)
     t = type(a)
@@ -140,6 +164,10 @@ class _Decision:
     paths: tuple[tuple, ...]  # where the tensor arguments sit
     out_specs: tuple[ArgSpec, ...]
     inplace: bool
+    # (position, required layout) when every tensor argument is a positional ShardedTensor,
+    # the op runs as is and returns one tensor: the hot path of `_run`.
+    fast: tuple[tuple[int, Layout], ...] | None = None
+    out_sig: int | None = None
 
 
 _DECISIONS: dict[tuple, _Decision] = {}
@@ -147,7 +175,16 @@ _DECISION_LIMIT = 65536
 
 
 def dispatch(func: Any, args: tuple, kwargs: dict) -> Any:
-    key = _key(func, args, kwargs)
+    if kwargs:
+        key = _key(func, args, kwargs)
+    else:
+        key = (
+            func,
+            *[
+                a._sig if type(a) is ShardedTensor and a._sig is not None else _signature(a)
+                for a in args
+            ],
+        )
     decision = _DECISIONS.get(key)
     if decision is None:
         decision = _decide(func, args, kwargs)
@@ -182,14 +219,22 @@ def _decide(func: Any, args: tuple, kwargs: dict) -> _Decision:
     mesh = _mesh_of(func, tensors)
     specs = tuple(
         ArgSpec(
-            tuple(a.shape), a.dtype,
+            tuple(a.shape),
+            a.dtype,
             a._layout if isinstance(a, ShardedTensor) else Layout(((),) * a.ndim),
         )
         for a in tensors
     )
     out_specs = _output_specs(func, args, kwargs, paths, tensors)
     a_args, a_kwargs = _substitute(args, kwargs, paths, list(specs))
-    ri = RuleInput(func, mesh.abstract, tuple(a_args), dict(a_kwargs), specs, out_specs)
+    ri = RuleInput(
+        func,
+        mesh.abstract,
+        tuple(a_args),
+        dict(a_kwargs),
+        specs,
+        tuple(o for o in out_specs if o is not None),
+    )
     inplace = _is_inplace(func)
     if inplace and not (paths and isinstance(tensors[0], ShardedTensor)):
         raise LayoutError(
@@ -205,8 +250,12 @@ def _decide(func: Any, args: tuple, kwargs: dict) -> _Decision:
         candidates = list(rule(ri))
     if inplace:
         self_layout = specs[0].layout
-        kept = [c for c in candidates if c.inputs[0] == self_layout
-                and (c.decompose is not None or c.outputs[0] == self_layout)]
+        kept = [
+            c
+            for c in candidates
+            if c.inputs[0] == self_layout
+            and (c.decompose is not None or c.outputs[0] == self_layout)
+        ]
         if not kept:
             raise LayoutError(
                 f"{func}: this in-place op would change the layout of its first operand "
@@ -228,10 +277,34 @@ def _decide(func: Any, args: tuple, kwargs: dict) -> _Decision:
         )
         if best_cost is None or cost < best_cost:
             best, best_cost = c, cost
-    return _Decision(best, paths, out_specs, inplace)
+    fast = None
+    simple = (
+        all(len(p) == 1 and p[0] != "kw" for p in paths)
+        and all(isinstance(t, ShardedTensor) for t in tensors)
+        and best.local is None
+        and best.decompose is None
+        and len(out_specs) == 1
+        and out_specs[0] is not None
+    )
+    if simple:
+        # Required layouts are compared by identity on the hot path: use the inputs' own
+        # layout objects where they already match.
+        fast = tuple(
+            (p[0], t._layout if t._layout == want else want)
+            for p, t, want in zip(paths, tensors, best.inputs)
+        )
+        best = Strategy(tuple(w for _, w in fast), best.outputs)
+    out_sig = None
+    if fast is not None:
+        o = out_specs[0]
+        full = (best.outputs[0], torch.Size(o.shape), o.dtype, mesh)
+        out_sig = _SIG_IDS.setdefault(full, len(_SIG_IDS))
+    return _Decision(best, paths, out_specs, inplace, fast, out_sig)
 
 
-def _output_specs(func: Any, args: tuple, kwargs: dict, paths: tuple, tensors: list) -> tuple[ArgSpec, ...]:
+def _output_specs(
+    func: Any, args: tuple, kwargs: dict, paths: tuple, tensors: list
+) -> tuple[ArgSpec, ...]:
     m_args, m_kwargs = _substitute(args, kwargs, paths, [_meta(t) for t in tensors])
     try:
         out = func(*m_args, **m_kwargs)
@@ -240,14 +313,24 @@ def _output_specs(func: Any, args: tuple, kwargs: dict, paths: tuple, tensors: l
             f"{func}: shardlib infers output shapes on the meta device and this op has no meta "
             f"kernel ({type(e).__name__}: {e}). Compute it on x.full() or in sl.shard_map."
         ) from None
+    if isinstance(out, torch.Tensor):
+        return (ArgSpec(tuple(out.shape), out.dtype),)
     leaves = out if isinstance(out, list | tuple) else [out]
-    return tuple(ArgSpec(tuple(t.shape), t.dtype) for t in leaves if isinstance(t, torch.Tensor))
+    # a trailing None marks "not a single tensor" (lists of one tensor, tuples, scalars)
+    return (
+        *(ArgSpec(tuple(t.shape), t.dtype) for t in leaves if isinstance(t, torch.Tensor)),
+        None,
+    )
 
 
 def _is_inplace(func: Any) -> bool:
     schema = getattr(func, "_schema", None)
-    return bool(schema and schema.arguments and schema.arguments[0].alias_info
-                and schema.arguments[0].alias_info.is_write)
+    return bool(
+        schema
+        and schema.arguments
+        and schema.arguments[0].alias_info
+        and schema.arguments[0].alias_info.is_write
+    )
 
 
 def _replicate_everything(ri: RuleInput) -> Strategy:
@@ -292,13 +375,34 @@ def _cause(func: Any) -> str:
 
 def _run(func: Any, decision: _Decision, args: tuple, kwargs: dict) -> Any:
     strategy, paths = decision.strategy, decision.paths
+    fast = decision.fast
+    if fast is not None:
+        for i, want in fast:
+            if args[i]._layout is not want:
+                break
+        else:
+            # Hot path: sharded positional inputs already in place, one tensor output.
+            first = args[fast[0][0]]
+            per_device = []
+            for j in range(len(first._shards)):
+                a = list(args)
+                for i, _ in fast:
+                    a[i] = args[i]._shards[j]
+                per_device.append(func(*a, **kwargs))
+            if decision.inplace:
+                return first
+            out = ShardedTensor(
+                per_device, first._mesh, strategy.outputs[0], decision.out_specs[0].shape
+            )
+            out._sig = decision.out_sig
+            return out
     inputs = []
     mesh = None
     for path, want in zip(paths, strategy.inputs):
         a = _get(args, kwargs, path)
         if isinstance(a, ShardedTensor):
             mesh = a._mesh
-            if a._layout != want:
+            if a._layout is not want and a._layout != want:
                 a = _move(func, a, want)
         inputs.append(a)
     if strategy.decompose is not None:

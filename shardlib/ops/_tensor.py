@@ -46,6 +46,7 @@ class ShardedTensor(torch.Tensor):
     _shards: list[torch.Tensor]
     _mesh: Mesh
     _layout: Layout
+    _sig: int | None = None  # interned (layout, shape, dtype, mesh): see _dispatch._sig_of
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 
@@ -117,6 +118,13 @@ class ShardedTensor(torch.Tensor):
     # -- dispatch --------------------------------------------------------------
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        from ._dispatch import dispatch
+        return _dispatch(func, args, kwargs or {})
 
-        return dispatch(func, args, kwargs or {})
+
+def _dispatch(func, args, kwargs):
+    """Bound to `_dispatch.dispatch` on first use (the modules import each other)."""
+    global _dispatch
+    from ._dispatch import dispatch
+
+    _dispatch = dispatch
+    return dispatch(func, args, kwargs)
