@@ -414,9 +414,12 @@ def _run(func: Any, decision: _Decision, args: tuple, kwargs: dict) -> Any:
     ]
     fn = strategy.local or func
     results = []
-    for j in range(len(shard_lists[0])):
+    for j, dev in enumerate(mesh.local_devices):
         d_args, d_kwargs = _substitute(args, kwargs, paths, [s[j] for s in shard_lists])
-        results.append(fn(*d_args, **d_kwargs))
+        if strategy.local_device:
+            results.append(fn(dev, *d_args, **d_kwargs))
+        else:
+            results.append(fn(*d_args, **d_kwargs))
     if decision.inplace:
         return _get(args, kwargs, paths[0])
     first = results[0]

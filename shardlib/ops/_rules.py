@@ -60,6 +60,9 @@ class Strategy:
     outputs: tuple[Layout, ...] = ()
     local: Callable | None = field(default=None, compare=False)
     decompose: Callable | None = field(default=None, compare=False)
+    # With `local_device=True`, `local` is called as ``local(device, *args, **kwargs)``,
+    # `device` being the flat mesh index of the shard (e.g. a vocabulary chunk's offset).
+    local_device: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
