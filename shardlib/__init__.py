@@ -36,6 +36,7 @@ from .ops._api import shard as shard
 from .ops._api import visualize as visualize
 from .ops._dispatch import allow_replicate_fallback as allow_replicate_fallback
 from .ops._dispatch import strict as strict
+from .ops._explain import explain as explain
 from .ops._rules import register_rule as register_rule
 from .ops._tensor import ShardedTensor as ShardedTensor
 

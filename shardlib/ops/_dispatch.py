@@ -33,6 +33,7 @@ from ._tensor import ShardedTensor
 __all__ = ["allow_replicate_fallback", "dispatch", "strict"]
 
 _state = {"strict": 0, "fallback": 0}
+_explainers: list = []  # open `sl.explain` recorders (see _explain.py)
 
 
 @contextlib.contextmanager
@@ -175,6 +176,12 @@ _DECISION_LIMIT = 65536
 
 
 def dispatch(func: Any, args: tuple, kwargs: dict) -> Any:
+    if _explainers:
+        return _explainers[-1].record(func, args, kwargs, _dispatch)
+    return _dispatch(func, args, kwargs)
+
+
+def _dispatch(func: Any, args: tuple, kwargs: dict) -> Any:
     if kwargs:
         key = _key(func, args, kwargs)
     else:
