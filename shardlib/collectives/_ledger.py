@@ -42,7 +42,7 @@ class CommRecord:
     cause: str
 
 
-@dataclass
+@dataclass(eq=False)  # ledgers nest: identity, not contents, tells them apart
 class CommLedger:
     """Collectives recorded while a `comm_ledger()` block was open.
 

@@ -2,6 +2,8 @@
 
 from . import _contractions as _contractions  # registers rules
 from . import _pointwise as _pointwise  # registers rules
+from . import _reductions as _reductions  # registers rules
+from . import _views as _views  # registers rules
 from ._api import from_local as from_local
 from ._api import full as full
 from ._api import reshard as reshard
