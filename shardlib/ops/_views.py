@@ -1,0 +1,602 @@
+"""Rules for view and shape ops: reshape, permutes, expand, squeeze, split/cat, slicing.
+
+Owns the layout propagation of every op that only moves elements around (and
+of the backward ops autograd emits for them):
+
+- view / reshape: JAX reshape semantics. Input and output dims are grouped
+  into merge/split groups of equal products (size-1 dims stand alone). In a
+  group only the major input dim may stay split; its split carries over to the
+  major output dim when every device's block is then exactly the torch.chunk
+  block of that dim (with uneven sizes it may not be: then its minor axes, or
+  all of them, are gathered first). Other split dims of a group are gathered.
+- transpose / t / permute: the layout's dims are permuted, no communication.
+- expand / repeat: expanded or repeated dims are replicated, others keep their split.
+- squeeze / unsqueeze: a size-1 dim (never split) is removed or inserted.
+- split / split_with_sizes / unbind / cat / stack, slice / select /
+  index_select / index_add, flip / roll / diagonal, and the backward ops
+  slice_backward / select_backward / diagonal_backward / new_zeros: the dim
+  the op works along must not be split (it is gathered first); every other
+  dim keeps its split. index_select also takes the split of a 1-d index.
+- the ``*_copy`` variants (functionalization) follow their view op.
+
+Every op here places each output element from exactly one input element (or
+zero), so partial layouts pass through with their reduce op, except
+index_add (a sum: partial sum/avg only) and the fill-value ops.
+
+Shape arguments of these ops are global; rules whose local call needs local
+sizes give a `Strategy.local` that recomputes them from the device's own
+input shard, so one decision serves every device.
+
+Invariant: the local result of every strategy is exactly the torch.chunk
+block of the global result under the output layout (checked bitwise in
+tests/test_views.py). Deliberately not here: reductions (expand's backward is
+a sum), advanced indexing (`aten.index.Tensor`, gather/scatter), as_strided.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from ..layouts._layout import Layout
+from ..layouts._shard import chunk_bounds
+from ._rules import ArgSpec, RuleInput, Strategy, register_rule
+
+aten = torch.ops.aten
+
+__all__ = ["reshape_groups"]
+
+
+# == helpers ===================================================================
+def _bind(op: Any, args: Sequence, kwargs: dict) -> dict[str, Any]:
+    """The op's arguments by schema name, defaults filled in."""
+    bound = {}
+    for i, a in enumerate(op._schema.arguments):
+        if not a.kwarg_only and i < len(args):
+            bound[a.name] = args[i]
+        elif a.name in kwargs:
+            bound[a.name] = kwargs[a.name]
+        elif a.has_default_value():
+            bound[a.name] = a.default_value
+    return bound
+
+
+def _call(op: Any, bound: dict[str, Any]) -> Any:
+    pos, kw = [], {}
+    for a in op._schema.arguments:
+        if a.name in bound:
+            if a.kwarg_only:
+                kw[a.name] = bound[a.name]
+            else:
+                pos.append(bound[a.name])
+    return op(*pos, **kw)
+
+
+def _rewrite(op: Any, name: str, compute: Callable[[dict], Any]) -> Callable:
+    """A `Strategy.local` calling `op` with argument `name` recomputed from the local arguments."""
+
+    def local(*args: Any, **kwargs: Any) -> Any:
+        bound = _bind(op, args, kwargs)
+        bound[name] = compute(bound)
+        return _call(op, bound)
+
+    return local
+
+
+def _wrap(d: int, ndim: int) -> int:
+    return d % ndim if ndim else 0
+
+
+def _lay(dims: Sequence[tuple[str, ...]], like: Layout, keep_partial: bool = True) -> Layout:
+    """`dims` with `like`'s partial axes and reduce op (or none)."""
+    if keep_partial:
+        return Layout(tuple(dims), like.partial, like.reduce_op)
+    return Layout(tuple(dims))
+
+
+def _cleared(layout: Layout, *ds: int) -> Layout:
+    """`layout` with dims `ds` not split (partial kept)."""
+    dims = list(layout.dims)
+    for d in ds:
+        dims[d] = ()
+    return _lay(dims, layout)
+
+
+def _copy_of(fn: Callable) -> Callable:
+    """A local for a ``*_copy`` op: the view computation, then a fresh tensor."""
+
+    def local(*args: Any, **kwargs: Any) -> Any:
+        out = fn(*args, **kwargs)
+        if isinstance(out, list | tuple):
+            return [t.clone() for t in out]
+        return out.clone()
+
+    return local
+
+
+def _alias(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return aten.alias.default(x)
+
+
+def _fresh(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return x.clone()
+
+
+_COPIES = {
+    aten.view_copy.default,
+    aten._reshape_copy.default,
+    aten.transpose_copy.int,
+    aten.t_copy.default,
+    aten.permute_copy.default,
+    aten.expand_copy.default,
+    aten.squeeze_copy.default,
+    aten.squeeze_copy.dim,
+    aten.squeeze_copy.dims,
+    aten.unsqueeze_copy.default,
+    aten.split_copy.Tensor,
+    aten.split_with_sizes_copy.default,
+    aten.unbind_copy.int,
+    aten.slice_copy.Tensor,
+    aten.select_copy.int,
+    aten.diagonal_copy.default,
+}
+
+
+# == reshape / view ============================================================
+def reshape_groups(
+    in_shape: Sequence[int], out_shape: Sequence[int]
+) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Merge/split groups of a reshape: (input dims, output dims) with equal products.
+
+    Size-1 dims belong to no group (they hold no position in the flat order).
+    Requires equal, non-zero element counts.
+
+    Examples:
+        >>> reshape_groups((8, 6), (4, 2, 6))
+        [((0,), (0, 1)), ((1,), (2,))]
+        >>> reshape_groups((2, 1, 3), (6,))
+        [((0, 2), (0,))]
+    """
+    ins = [d for d, n in enumerate(in_shape) if n != 1]
+    outs = [d for d, n in enumerate(out_shape) if n != 1]
+    groups, i, j = [], 0, 0
+    while i < len(ins):
+        gi, go = [ins[i]], [outs[j]]
+        pi, po = in_shape[ins[i]], out_shape[outs[j]]
+        i, j = i + 1, j + 1
+        while pi != po:
+            if pi < po:
+                gi.append(ins[i])
+                pi *= in_shape[ins[i]]
+                i += 1
+            else:
+                go.append(outs[j])
+                po *= out_shape[outs[j]]
+                j += 1
+        groups.append((tuple(gi), tuple(go)))
+    return groups
+
+
+def _carries(n_in: int, n_out: int, total: int, k: int) -> bool:
+    """Whether k torch.chunk blocks of the major input dim are those of the major output dim.
+
+    Input block c covers flat elements ``[lo*R, hi*R)`` of the group (R = total/n_in),
+    output block c covers ``[lo'*R', hi'*R')``; they must agree for every c.
+    """
+    r_in, r_out = total // n_in, total // n_out
+    return all(
+        chunk_bounds(n_in, k, c)[0] * r_in == chunk_bounds(n_out, k, c)[0] * r_out
+        for c in range(1, k)
+    )
+
+
+_RESHAPES = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
+
+
+@register_rule(*_RESHAPES, aten.view_copy.default, aten._reshape_copy.default)
+def reshape_rule(ri: RuleInput) -> Iterator[Strategy]:
+    """JAX reshape: a split survives on the major dim of its group when blocks line up.
+
+    (8, 6) P("x", None) -> (48,) gives P("x"), -> (4, 2, 6) gives P("x", None, None).
+    """
+    x, out = ri.tensors[0], ri.outputs[0]
+    lay = x.layout
+    if math.prod(x.shape) == 0:  # nothing to place: every shard is empty either way
+        yield Strategy((_lay(((),) * x.ndim, lay),), (_lay(((),) * out.ndim, lay),))
+        return
+    groups = reshape_groups(x.shape, out.shape)
+    in_dims, out_dims = [()] * x.ndim, [()] * out.ndim
+    for gi, go in groups:
+        axes = lay.dims[gi[0]]
+        total = math.prod(x.shape[i] for i in gi)
+        while axes and not _carries(
+            x.shape[gi[0]], out.shape[go[0]], total, ri.mesh.group_size(axes)
+        ):
+            axes = axes[:-1]  # keep the major axes that still line up, gather the minor ones
+        in_dims[gi[0]] = out_dims[go[0]] = axes
+    yield Strategy(
+        (_lay(in_dims, lay),),
+        (_lay(out_dims, lay),),
+        local=_reshape_local(ri.op, groups, out.shape),
+    )
+
+
+def _reshape_local(op: Any, groups: list, out_shape: tuple[int, ...]) -> Callable:
+    rest = [math.prod(out_shape[o] for o in go[1:]) for _, go in groups]
+
+    def local(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        shape = list(out_shape)
+        for (gi, go), r in zip(groups, rest):
+            shape[go[0]] = math.prod(x.shape[i] for i in gi) // r
+        if op in _RESHAPES:  # local shards may be non-contiguous (the wrapper never is)
+            return x.reshape(shape)
+        return op(x, shape)
+
+    return local
+
+
+# == transpose / permute =======================================================
+def _permutation(ri: RuleInput) -> list[int]:
+    x = ri.tensors[0]
+    b = _bind(ri.op, ri.args, ri.kwargs)
+    perm = list(range(x.ndim))
+    if ri.op in (aten.permute.default, aten.permute_copy.default):
+        return [_wrap(d, x.ndim) for d in b["dims"]]
+    if ri.op in (aten.transpose.int, aten.transpose_copy.int):
+        d0, d1 = _wrap(b["dim0"], x.ndim), _wrap(b["dim1"], x.ndim)
+    else:  # t: swaps the two dims of a matrix, leaves 0-d and 1-d alone
+        d0, d1 = (0, 1) if x.ndim == 2 else (0, 0)
+    if x.ndim:
+        perm[d0], perm[d1] = perm[d1], perm[d0]
+    return perm
+
+
+@register_rule(
+    aten.transpose.int,
+    aten.t.default,
+    aten.permute.default,
+    aten.transpose_copy.int,
+    aten.t_copy.default,
+    aten.permute_copy.default,
+)
+def permute_rule(ri: RuleInput) -> Iterator[Strategy]:
+    """Output dim i has the layout of input dim perm[i]; no communication."""
+    lay = ri.tensors[0].layout
+    perm = _permutation(ri)
+    yield Strategy((lay,), (_lay([lay.dims[p] for p in perm], lay),))
+
+
+# == expand / repeat ===========================================================
+@register_rule(aten.expand.default, aten.expand_copy.default)
+def expand_rule(ri: RuleInput) -> Iterator[Strategy]:
+    """New leading dims and expanded (1 -> n) dims are replicated; the others keep their split."""
+    x, out = ri.tensors[0], ri.outputs[0]
+    lead = out.ndim - x.ndim
+    grown = [d for d in range(x.ndim) if x.shape[d] == 1 and out.shape[lead + d] != 1]
+    want = _cleared(x.layout, *grown)
+    yield Strategy(
+        (want,),
+        (_lay([()] * lead + list(want.dims), want),),
+        local=_rewrite(ri.op, "size", _expand_size(out.shape, lead, grown)),
+    )
+
+
+def _expand_size(out_shape: tuple[int, ...], lead: int, grown: list[int]) -> Callable:
+    """Local expand sizes: global for new and grown dims, -1 (keep the local size) elsewhere."""
+    size = [*out_shape[:lead], *(-1 for _ in range(len(out_shape) - lead))]
+    for d in grown:
+        size[lead + d] = out_shape[lead + d]
+    return lambda bound: size
+
+
+@register_rule(aten.repeat.default)
+def repeat_rule(ri: RuleInput) -> Iterator[Strategy]:
+    """Tiled dims (repeat count != 1) and new leading dims are replicated."""
+    x = ri.tensors[0]
+    reps = list(_bind(ri.op, ri.args, ri.kwargs)["repeats"])
+    lead = len(reps) - x.ndim
+    want = _cleared(x.layout, *(d for d in range(x.ndim) if reps[lead + d] != 1))
+    yield Strategy((want,), (_lay([()] * lead + list(want.dims), want),))
+
+
+# == squeeze / unsqueeze =======================================================
+_SQUEEZES = {
+    aten.squeeze.default: aten.squeeze.dims,
+    aten.squeeze.dim: aten.squeeze.dims,
+    aten.squeeze.dims: aten.squeeze.dims,
+    aten.squeeze_copy.default: aten.squeeze_copy.dims,
+    aten.squeeze_copy.dim: aten.squeeze_copy.dims,
+    aten.squeeze_copy.dims: aten.squeeze_copy.dims,
+}
+
+
+@register_rule(*_SQUEEZES)
+def squeeze_rule(ri: RuleInput) -> Iterator[Strategy]:
+    """Removed size-1 dims must not be split; locally exactly those dims are removed.
+
+    (A dim of global size > 1 can be 1 long on a device; squeezing it there
+    would be wrong, so the local call names the removed dims.)
+    """
+    x = ri.tensors[0]
+    b = _bind(ri.op, ri.args, ri.kwargs)
+    if "dim" not in b:
+        asked = range(x.ndim)
+    elif isinstance(b["dim"], int):
+        asked = [b["dim"]]
+    else:
+        asked = b["dim"]
+    removed = sorted({_wrap(d, x.ndim) for d in asked if x.ndim and x.shape[_wrap(d, x.ndim)] == 1})
+    want = _cleared(x.layout, *removed)
+    dims = [a for d, a in enumerate(want.dims) if d not in removed]
+    op = _SQUEEZES[ri.op]
+    yield Strategy(
+        (want,), (_lay(dims, want),), local=lambda t, *args, **kwargs: op(t, removed)
+    )
+
+
+@register_rule(aten.unsqueeze.default, aten.unsqueeze_copy.default)
+def unsqueeze_rule(ri: RuleInput) -> Iterator[Strategy]:
+    """Insert an unsplit dim."""
+    lay = ri.tensors[0].layout
+    d = _wrap(_bind(ri.op, ri.args, ri.kwargs)["dim"], lay.ndim + 1)
+    dims = list(lay.dims)
+    dims.insert(d, ())
+    yield Strategy((lay,), (_lay(dims, lay),))
+
+
+# == split / unbind / cat / stack ==============================================
+@register_rule(
+    aten.split.Tensor,
+    aten.split_with_sizes.default,
+    aten.split_copy.Tensor,
+    aten.split_with_sizes_copy.default,
+)
+def split_rule(ri: RuleInput) -> Iterator[Strategy]:
+    """Split along an unsplit dim locally; a split dim is gathered first.
+
+    A split into one piece (the whole tensor) keeps any layout.
+    """
+    x = ri.tensors[0]
+    d = _wrap(_bind(ri.op, ri.args, ri.kwargs)["dim"], x.ndim)
+    n = len(ri.outputs)
+    if n == 1 and ri.outputs[0].shape == x.shape:
+        local = _fresh if ri.op in _COPIES else (lambda t, *a, **k: [aten.alias.default(t)])
+        yield Strategy((x.layout,), (x.layout,), local=local)
+        return
+    want = _cleared(x.layout, d) if x.ndim else x.layout
+    yield Strategy((want,), (want,) * n)
+
+
+@register_rule(aten.unbind.int, aten.unbind_copy.int)
+def unbind_rule(ri: RuleInput) -> Iterator[Strategy]:
+    """Unbind along an unsplit dim (a split one is gathered first); outputs drop it."""
+    x = ri.tensors[0]
+    d = _wrap(_bind(ri.op, ri.args, ri.kwargs)["dim"], x.ndim)
+    want = _cleared(x.layout, d)
+    out = _lay([a for i, a in enumerate(want.dims) if i != d], want)
+    yield Strategy((want,), (out,) * len(ri.outputs))
+
+
+def _skipped_by_cat(s: ArgSpec, out: ArgSpec) -> bool:
+    """torch.cat ignores 1-d empty tensors whatever the other operands' rank."""
+    return s.ndim == 1 and s.shape[0] == 0 and out.ndim != 1
+
+
+def _joint_candidates(specs: Sequence[ArgSpec], clear: int | None) -> list[Layout]:
+    """Common input layouts worth trying: each input's (dim `clear` unsplit), then replicated."""
+    found: list[Layout] = []
+    ndim = specs[0].ndim if specs else 0
+    for s in specs:
+        cand = _cleared(s.layout, clear) if clear is not None else s.layout
+        if cand not in found:
+            found.append(cand)
+    replicated = Layout(((),) * ndim)
+    if replicated not in found:
+        found.append(replicated)
+    return found
+
+
+@register_rule(aten.cat.default)
+def cat_rule(ri: RuleInput) -> Iterator[Strategy]:
+    """All operands in one layout whose cat dim is unsplit; partial if they share it.
+
+    Candidates take each operand's layout in turn (the planner turns replicated
+    operands partial for free); the dispatcher keeps the cheapest.
+    """
+    out = ri.outputs[0]
+    specs = ri.tensors
+    kept = [s for s in specs if not _skipped_by_cat(s, out)]
+    d = _wrap(_bind(ri.op, ri.args, ri.kwargs)["dim"], out.ndim)
+    for cand in _joint_candidates(kept, d):
+        yield Strategy(
+            tuple(_lay(((),), cand) if _skipped_by_cat(s, out) else cand for s in specs),
+            (cand,),
+        )
+
+
+@register_rule(aten.stack.default)
+def stack_rule(ri: RuleInput) -> Iterator[Strategy]:
+    """All operands in one layout; the new dim is unsplit."""
+    out = ri.outputs[0]
+    d = _wrap(_bind(ri.op, ri.args, ri.kwargs)["dim"], out.ndim)
+    for cand in _joint_candidates(ri.tensors, None):
+        dims = list(cand.dims)
+        dims.insert(d, ())
+        yield Strategy((cand,) * len(ri.tensors), (_lay(dims, cand),))
+
+
+# == slicing and indexing along a dim ==========================================
+@register_rule(aten.slice.Tensor, aten.slice_copy.Tensor)
+def slice_rule(ri: RuleInput) -> Iterator[Strategy]:
+    """Slice an unsplit dim locally; a split dim is gathered first (a full slice keeps it)."""
+    x, out = ri.tensors[0], ri.outputs[0]
+    if x.ndim == 0:
+        yield Strategy((x.layout,), (x.layout,))
+        return
+    b = _bind(ri.op, ri.args, ri.kwargs)
+    d = _wrap(b["dim"], x.ndim)
+    if out.shape == x.shape and b["step"] == 1:  # the whole dim, start 0
+        yield Strategy((x.layout,), (x.layout,), local=_fresh if ri.op in _COPIES else _alias)
+        return
+    want = _cleared(x.layout, d)
+    yield Strategy((want,), (want,))
+
+
+@register_rule(aten.select.int, aten.select_copy.int)
+def select_rule(ri: RuleInput) -> Iterator[Strategy]:
+    """Select from an unsplit dim locally (a split dim is gathered first); the dim is dropped."""
+    x = ri.tensors[0]
+    d = _wrap(_bind(ri.op, ri.args, ri.kwargs)["dim"], x.ndim)
+    want = _cleared(x.layout, d)
+    yield Strategy((want,), (_lay([a for i, a in enumerate(want.dims) if i != d], want),))
+
+
+@register_rule(aten.index_select.default)
+def index_select_rule(ri: RuleInput) -> Iterator[Strategy]:
+    """Select along an unsplit dim of x with a replicated index, or keep a 1-d index's split.
+
+    With the index split over axes A (unused by x), output dim `dim` is split
+    over A: each device selects its index block from its full local dim.
+    """
+    x, index = ri.tensors[0], ri.tensors[1]
+    d = _wrap(_bind(ri.op, ri.args, ri.kwargs)["dim"], x.ndim)
+    want = _cleared(x.layout, d) if x.ndim else x.layout
+    idx_axes = index.layout.dims[0] if index.ndim == 1 else ()
+    if x.ndim and idx_axes and not set(idx_axes) & want.used_axes:
+        out = want.with_dim(d, idx_axes)
+        yield Strategy((want, index.layout.without_partial()), (out,))
+    yield Strategy((want, Layout(((),) * index.ndim)), (want,))
+
+
+@register_rule(aten.index_add.default, aten.index_add_.default)
+def index_add_rule(ri: RuleInput) -> Iterator[Strategy]:
+    """self[.., index, ..] += alpha * source along an unsplit dim; index replicated.
+
+    Linear in (self, source) together: partial sum/avg of either is kept
+    (the other becomes partial for free).
+    """
+    x, index, source = ri.tensors[0], ri.tensors[1], ri.tensors[2]
+    d = _wrap(_bind(ri.op, ri.args, ri.kwargs)["dim"], x.ndim)
+    idx = Layout(((),) * index.ndim)
+    for cand in _joint_candidates([x, source], d if x.ndim else None):
+        if cand.partial and cand.reduce_op not in ("sum", "avg"):
+            cand = cand.without_partial()
+        yield Strategy((cand, idx, cand), (cand,))
+
+
+@register_rule(aten.flip.default)
+def flip_rule(ri: RuleInput) -> Iterator[Strategy]:
+    """Flip unsplit dims locally (split ones are gathered first)."""
+    x = ri.tensors[0]
+    dims = _bind(ri.op, ri.args, ri.kwargs)["dims"]
+    want = _cleared(x.layout, *(_wrap(d, x.ndim) for d in dims)) if x.ndim else x.layout
+    yield Strategy((want,), (want,))
+
+
+@register_rule(aten.roll.default)
+def roll_rule(ri: RuleInput) -> Iterator[Strategy]:
+    """Roll unsplit dims locally; a roll of the flattened tensor needs it unsplit."""
+    x = ri.tensors[0]
+    dims = list(_bind(ri.op, ri.args, ri.kwargs)["dims"])
+    rolled = [_wrap(d, x.ndim) for d in dims] if dims else list(range(x.ndim))
+    want = _cleared(x.layout, *rolled)
+    yield Strategy((want,), (want,))
+
+
+@register_rule(aten.diagonal.default, aten.diagonal_copy.default)
+def diagonal_rule(ri: RuleInput) -> Iterator[Strategy]:
+    """dim1 and dim2 unsplit; the other dims keep their split; the new last dim is unsplit."""
+    x = ri.tensors[0]
+    b = _bind(ri.op, ri.args, ri.kwargs)
+    d1, d2 = _wrap(b["dim1"], x.ndim), _wrap(b["dim2"], x.ndim)
+    want = _cleared(x.layout, d1, d2)
+    dims = [a for i, a in enumerate(want.dims) if i not in (d1, d2)] + [()]
+    yield Strategy((want,), (_lay(dims, want),))
+
+
+# == backward ops ==============================================================
+@register_rule(aten.slice_backward.default)
+def slice_backward_rule(ri: RuleInput) -> Iterator[Strategy]:
+    """Zeros of the input's shape with the gradient placed in the slice, along an unsplit dim."""
+    g, out = ri.tensors[0], ri.outputs[0]
+    b = _bind(ri.op, ri.args, ri.kwargs)
+    d = _wrap(b["dim"], g.ndim)
+    if out.shape == g.shape and b["step"] == 1:  # the slice was the whole dim
+        yield Strategy((g.layout,), (g.layout,), local=_fresh)
+        return
+    want = _cleared(g.layout, d)
+    sizes = _local_sizes_keeping(d, out.shape[d])
+    yield Strategy((want,), (want,), local=_rewrite(ri.op, "input_sizes", sizes))
+
+
+def _local_sizes_keeping(d: int, n: int) -> Callable[[dict], list[int]]:
+    """input_sizes for a backward op: the local gradient's shape with dim d set to n."""
+
+    def sizes(bound: dict) -> list[int]:
+        s = list(bound["grad_output"].shape)
+        s[d] = n
+        return s
+
+    return sizes
+
+
+@register_rule(aten.select_backward.default)
+def select_backward_rule(ri: RuleInput) -> Iterator[Strategy]:
+    """Zeros of the input's shape with the gradient at the index; the inserted dim is unsplit."""
+    g, out = ri.tensors[0], ri.outputs[0]
+    d = _wrap(_bind(ri.op, ri.args, ri.kwargs)["dim"], out.ndim)
+    dims = list(g.layout.dims)
+    dims.insert(d, ())
+    n = out.shape[d]
+
+    def sizes(bound: dict) -> list[int]:
+        s = list(bound["grad_output"].shape)
+        s.insert(d, n)
+        return s
+
+    yield Strategy((g.layout,), (_lay(dims, g.layout),), local=_rewrite(ri.op, "input_sizes", sizes))
+
+
+@register_rule(aten.diagonal_backward.default)
+def diagonal_backward_rule(ri: RuleInput) -> Iterator[Strategy]:
+    """Zeros with the gradient on the diagonal; the diagonal's dims are unsplit."""
+    g, out = ri.tensors[0], ri.outputs[0]
+    b = _bind(ri.op, ri.args, ri.kwargs)
+    d1, d2 = _wrap(b["dim1"], out.ndim), _wrap(b["dim2"], out.ndim)
+    want = _cleared(g.layout, g.ndim - 1)
+    others = [i for i in range(out.ndim) if i not in (d1, d2)]
+    dims = [()] * out.ndim
+    for i, a in zip(others, want.dims[:-1]):
+        dims[i] = a
+
+    def sizes(bound: dict) -> list[int]:
+        s = list(out.shape)
+        for i, n in zip(others, bound["grad_output"].shape[:-1]):
+            s[i] = n
+        return s
+
+    yield Strategy((want,), (_lay(dims, want),), local=_rewrite(ri.op, "input_sizes", sizes))
+
+
+@register_rule(aten.new_zeros.default, aten.new_empty.default)
+def new_zeros_rule(ri: RuleInput) -> Iterator[Strategy]:
+    """A fresh tensor: dims whose size equals the model's keep its split, others are unsplit.
+
+    new_zeros keeps the model's partial sum/avg axes (zero summands add up to
+    zero), so a backward that accumulates a partial gradient into it
+    (index_select's: new_zeros + index_add_) stays partial.
+    """
+    x, out = ri.tensors[0], ri.outputs[0]
+    same = [x.ndim == out.ndim and x.shape[d] == out.shape[d] for d in range(out.ndim)]
+    dims = [x.layout.dims[d] if same[d] else () for d in range(out.ndim)]
+    keep = ri.op is aten.new_zeros.default and x.layout.reduce_op in ("sum", "avg")
+    out_layout = _lay(dims, x.layout, keep_partial=keep)
+
+    def size(bound: dict) -> list[int]:
+        local = bound["self"].shape
+        return [local[d] if same[d] else n for d, n in enumerate(out.shape)]
+
+    yield Strategy((x.layout,), (out_layout,), local=_rewrite(ri.op, "size", size))
