@@ -34,10 +34,23 @@ from .ops._api import full as full
 from .ops._api import reshard as reshard
 from .ops._api import shard as shard
 from .ops._api import visualize as visualize
+from .ops._api import with_layout as with_layout
+from .ops._contractions import einsum as einsum
 from .ops._dispatch import allow_replicate_fallback as allow_replicate_fallback
 from .ops._dispatch import strict as strict
 from .ops._explain import explain as explain
 from .ops._rules import register_rule as register_rule
+from .ops._shard_map import ShardMapError as ShardMapError
+from .ops._shard_map import all_gather as all_gather
+from .ops._shard_map import all_to_all as all_to_all
+from .ops._shard_map import axis_index as axis_index
+from .ops._shard_map import pmax as pmax
+from .ops._shard_map import pmean as pmean
+from .ops._shard_map import pmin as pmin
+from .ops._shard_map import ppermute as ppermute
+from .ops._shard_map import psum as psum
+from .ops._shard_map import psum_scatter as psum_scatter
+from .ops._shard_map import shard_map as shard_map
 from .ops._tensor import ShardedTensor as ShardedTensor
 
 __version__ = "0.1.0"

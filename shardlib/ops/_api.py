@@ -24,7 +24,7 @@ from ..layouts._planner import plan
 from ..layouts._shard import local_bounds, local_shape, max_local_numel, max_local_shape
 from ._tensor import ShardedTensor
 
-__all__ = ["from_local", "full", "reshard", "shard", "visualize"]
+__all__ = ["from_local", "full", "reshard", "shard", "visualize", "with_layout"]
 
 
 # == argument checks ===========================================================
@@ -137,6 +137,26 @@ def reshard(x: ShardedTensor, layout: Layout) -> ShardedTensor:
     if layout == x._layout:
         return x
     return _Reshard.apply(x, layout, "reshard", "forward")
+
+
+def with_layout(x: ShardedTensor, layout: Layout) -> ShardedTensor:
+    """Pin `x` to `layout` (JAX's sharding constraint): a reshard with cause ``"with_layout"``.
+
+    Use it to fix an intermediate's layout where several would be valid, so the
+    ops around it are chosen against it.
+
+    Examples:
+        >>> import shardlib as sl, torch
+        >>> mesh = sl.Mesh.simulated({"x": 2})
+        >>> y = sl.with_layout(sl.shard(torch.ones(4, 4), mesh, sl.P(None, None)), sl.P("x", None))
+        >>> y.layout
+        P('x', None)
+    """
+    _check_sharded(x, "sl.with_layout(x=...)")
+    _check_layout(layout, x._mesh, x.ndim, x.dtype, "sl.with_layout(layout=...)")
+    if layout == x._layout:
+        return x
+    return _Reshard.apply(x, layout, "with_layout", "forward")
 
 
 # == full ======================================================================

@@ -106,3 +106,61 @@ def contraction_rule(ri: RuleInput):
     else:
         for inputs, out in einsum_strategies(eq, specs):
             yield Strategy(inputs, (out,))
+
+
+def _explicit(eq: str, ndims: list[int]) -> str:
+    eq = eq.replace(" ", "")
+    if "..." in eq:
+        raise NotImplementedError("sl.einsum: '...' is not supported yet; spell the dims out.")
+    if "->" in eq:
+        return eq
+    labels = eq.split(",")
+    counts = {c: sum(lab.count(c) for lab in labels) for c in set(eq) - {","}}
+    return eq + "->" + "".join(sorted(c for c, n in counts.items() if n == 1))
+
+
+def einsum(eq: str, *xs: torch.Tensor, out_layout: Layout | None = None) -> torch.Tensor:
+    """`torch.einsum` on sharded operands, optionally pinning the output layout.
+
+    Without `out_layout` the contraction picks the cheapest layouts by rule.
+    With it, the operands are first moved to the cheapest layouts whose
+    contraction gives `out_layout` directly (JAX's `out_sharding`), so an
+    ambiguous choice (e.g. keep a partial sum, or reduce-scatter it) is yours.
+
+    Examples:
+        >>> import shardlib as sl, torch
+        >>> mesh = sl.Mesh.simulated({"x": 2})
+        >>> a = sl.shard(torch.ones(4, 6), mesh, sl.P(None, "x"))
+        >>> b = sl.shard(torch.ones(6, 2), mesh, sl.P("x", None))
+        >>> sl.einsum("ij,jk->ik", a, b).layout
+        P(None, None, partial='x')
+        >>> sl.einsum("ij,jk->ik", a, b, out_layout=sl.P("x", None)).layout
+        P('x', None)
+    """
+    from ..layouts._planner import plan
+    from ._api import reshard, with_layout
+    from ._tensor import ShardedTensor
+
+    eq = _explicit(eq, [x.ndim for x in xs])
+    if (
+        out_layout is not None
+        and len(xs) in (1, 2)
+        and all(isinstance(x, ShardedTensor) for x in xs)
+    ):
+        specs = tuple(ArgSpec(tuple(x.shape), x.dtype, x.layout) for x in xs)
+        mesh = xs[0].mesh
+        best, best_cost = None, None
+        for inputs, out in einsum_strategies(eq, specs) if len(xs) == 2 else ():
+            if out != out_layout:
+                continue
+            cost = sum(
+                plan(s.layout, w, s.shape, mesh, s.dtype).total_bytes for s, w in zip(specs, inputs)
+            )
+            if best_cost is None or cost < best_cost:
+                best, best_cost = inputs, cost
+        if best is not None:
+            xs = tuple(reshard(x, w) for x, w in zip(xs, best))
+    y = torch.einsum(eq, *xs)
+    if out_layout is not None:
+        y = with_layout(y, out_layout)
+    return y
