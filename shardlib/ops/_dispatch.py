@@ -364,6 +364,22 @@ def _direction() -> str:
 
 
 def _move(func: Any, a: ShardedTensor, want: Layout) -> ShardedTensor:
+    """`a` redistributed to `want` for an op: implicit, in the ledger, checked by strict mode.
+
+    The result is remembered on `a` (keyed by layout and `a`'s version counter), so a
+    tensor that several ops need in the same layout (a partial sum consumed twice, say)
+    is redistributed once.
+    """
+    moved = a.__dict__.setdefault("_moved", {})
+    hit = moved.get(want)
+    if hit is not None and hit[0] == a._version:
+        return hit[1]
+    out = _move_uncached(func, a, want)
+    moved[want] = (a._version, out)
+    return out
+
+
+def _move_uncached(func: Any, a: ShardedTensor, want: Layout) -> ShardedTensor:
     p = plan(a._layout, want, tuple(a.shape), a._mesh, a.dtype)
     if _state["strict"] and any(s.step.kind for s in p.steps):
         steps = ", ".join(f"{s.step} ({s.bytes} B)" for s in p.steps if s.step.kind)
