@@ -368,18 +368,8 @@ def _move(func: Any, a: ShardedTensor, want: Layout) -> ShardedTensor:
 
     The result is remembered on `a` (keyed by layout and `a`'s version counter), so a
     tensor that several ops need in the same layout (a partial sum consumed twice, say)
-    is redistributed once.
+    is redistributed once. Strict mode judges the op's need, cached or not.
     """
-    moved = a.__dict__.setdefault("_moved", {})
-    hit = moved.get(want)
-    if hit is not None and hit[0] == a._version:
-        return hit[1]
-    out = _move_uncached(func, a, want)
-    moved[want] = (a._version, out)
-    return out
-
-
-def _move_uncached(func: Any, a: ShardedTensor, want: Layout) -> ShardedTensor:
     p = plan(a._layout, want, tuple(a.shape), a._mesh, a.dtype)
     if _state["strict"] and any(s.step.kind for s in p.steps):
         steps = ", ".join(f"{s.step} ({s.bytes} B)" for s in p.steps if s.step.kind)
@@ -388,8 +378,14 @@ def _move_uncached(func: Any, a: ShardedTensor, want: Layout) -> ShardedTensor:
             f"layout {a._layout!r} must become {want!r} ({steps}). Fix: make it explicit with "
             f"`x = sl.reshard(x, {want!r})` before the op, or leave strict mode."
         )
+    moved = a.__dict__.setdefault("_moved", {})
+    hit = moved.get(want)
+    if hit is not None and hit[0] == a._version:
+        return hit[1]
     shards = execute(p, a._mesh, a._shards, direction=_direction(), cause=_cause(func))
-    return ShardedTensor(shards, a._mesh, want, tuple(a.shape))
+    out = ShardedTensor(shards, a._mesh, want, tuple(a.shape))
+    moved[want] = (a._version, out)
+    return out
 
 
 def _cause(func: Any) -> str:

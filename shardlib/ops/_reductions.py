@@ -293,7 +293,10 @@ def _var_decomposition(func: Any, red: tuple[int, ...], keepdim: bool, correctio
         mean = _reduced(func, aten.mean.dim(x, list(red), True))
         centered = aten.sub.Tensor(x, mean)
         squares = aten.sum.dim_IntList(aten.mul.Tensor(centered, centered), list(red), keepdim)
-        out = aten.div.Scalar(squares, max(count - correction, 0))
+        dof = max(count - correction, 0)
+        if dof == 0:  # x/0 is not linear: each summand would give nan, the sum gives inf
+            squares = _reduced(func, squares)
+        out = aten.div.Scalar(squares, dof)
         if kind == "std":
             out = aten.sqrt.default(out)
         if not with_mean:

@@ -21,11 +21,16 @@ of the backward ops autograd emits for them):
 
 Every op here places each output element from exactly one input element (or
 zero), so partial layouts pass through with their reduce op, except
-index_add (a sum: partial sum/avg only) and the fill-value ops.
+index_add (a sum: partial sum/avg only) and new_zeros/new_empty (fresh
+values: new_zeros keeps partial sum/avg axes, new_empty none).
 
 Shape arguments of these ops are global; rules whose local call needs local
 sizes give a `Strategy.local` that recomputes them from the device's own
-input shard, so one decision serves every device.
+input shard, so one decision serves every device. Local shards of a view are
+views of the input's shards, except a reshape of a non-contiguous shard (the
+wrapper always reports contiguous strides, the shard of a transpose is not),
+which copies as `torch.reshape` does: an in-place write through such a
+reshape does not reach its base.
 
 Invariant: the local result of every strategy is exactly the torch.chunk
 block of the global result under the output layout (checked bitwise in
@@ -103,18 +108,6 @@ def _cleared(layout: Layout, *ds: int) -> Layout:
     for d in ds:
         dims[d] = ()
     return _lay(dims, layout)
-
-
-def _copy_of(fn: Callable) -> Callable:
-    """A local for a ``*_copy`` op: the view computation, then a fresh tensor."""
-
-    def local(*args: Any, **kwargs: Any) -> Any:
-        out = fn(*args, **kwargs)
-        if isinstance(out, list | tuple):
-            return [t.clone() for t in out]
-        return out.clone()
-
-    return local
 
 
 def _alias(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -277,11 +270,10 @@ def expand_rule(ri: RuleInput) -> Iterator[Strategy]:
     lead = out.ndim - x.ndim
     grown = [d for d in range(x.ndim) if x.shape[d] == 1 and out.shape[lead + d] != 1]
     want = _cleared(x.layout, *grown)
-    yield Strategy(
-        (want,),
-        (_lay([()] * lead + list(want.dims), want),),
-        local=_rewrite(ri.op, "size", _expand_size(out.shape, lead, grown)),
+    local = (
+        _rewrite(ri.op, "size", _expand_size(out.shape, lead, grown)) if any(want.dims) else None
     )
+    yield Strategy((want,), (_lay([()] * lead + list(want.dims), want),), local=local)
 
 
 def _expand_size(out_shape: tuple[int, ...], lead: int, grown: list[int]) -> Callable:
@@ -332,9 +324,7 @@ def squeeze_rule(ri: RuleInput) -> Iterator[Strategy]:
     want = _cleared(x.layout, *removed)
     dims = [a for d, a in enumerate(want.dims) if d not in removed]
     op = _SQUEEZES[ri.op]
-    yield Strategy(
-        (want,), (_lay(dims, want),), local=lambda t, *args, **kwargs: op(t, removed)
-    )
+    yield Strategy((want,), (_lay(dims, want),), local=lambda t, *args, **kwargs: op(t, removed))
 
 
 @register_rule(aten.unsqueeze.default, aten.unsqueeze_copy.default)
@@ -363,8 +353,8 @@ def split_rule(ri: RuleInput) -> Iterator[Strategy]:
     d = _wrap(_bind(ri.op, ri.args, ri.kwargs)["dim"], x.ndim)
     n = len(ri.outputs)
     if n == 1 and ri.outputs[0].shape == x.shape:
-        local = _fresh if ri.op in _COPIES else (lambda t, *a, **k: [aten.alias.default(t)])
-        yield Strategy((x.layout,), (x.layout,), local=local)
+        piece = _fresh if ri.op in _COPIES else _alias
+        yield Strategy((x.layout,), (x.layout,), local=lambda t, *a, **k: [piece(t)])
         return
     want = _cleared(x.layout, d) if x.ndim else x.layout
     yield Strategy((want,), (want,) * n)
@@ -557,7 +547,9 @@ def select_backward_rule(ri: RuleInput) -> Iterator[Strategy]:
         s.insert(d, n)
         return s
 
-    yield Strategy((g.layout,), (_lay(dims, g.layout),), local=_rewrite(ri.op, "input_sizes", sizes))
+    yield Strategy(
+        (g.layout,), (_lay(dims, g.layout),), local=_rewrite(ri.op, "input_sizes", sizes)
+    )
 
 
 @register_rule(aten.diagonal_backward.default)
