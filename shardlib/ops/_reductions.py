@@ -244,7 +244,9 @@ def extremum_rule(ri: RuleInput) -> Iterator[Strategy]:
     def strategy(src: Layout) -> Strategy:
         split = _split_axes(src.dims, red)
         out = Layout(_out_dims(src.dims, red, keepdim), src.partial + split, op)
-        return Strategy((src,), (out,), local=_extremum_local(op, red, keepdim))
+        # only a split reduced dim can leave a device an empty block
+        local = _extremum_local(op, red, keepdim) if split else None
+        return Strategy((src,), (out,), local=local)
 
     if x.layout.partial and x.layout.reduce_op == op:
         yield strategy(x.layout)
