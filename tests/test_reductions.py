@@ -580,12 +580,6 @@ def test_var_over_split_dim_reduces_only_the_mean():
     torch.testing.assert_close(v.full(), torch.var(t, 0), **TOL)
 
 
-@pytest.mark.xfail(
-    raises=sl.LayoutError,
-    strict=False,
-    reason="F.rms_norm decomposes to mean + in-place add_(eps): add_ of a scalar to the "
-    "partial-sum mean has no in-place pointwise rule yet",
-)
 def test_rms_norm_over_split_hidden():
     mesh = sl.Mesh.simulated({"x": 4})
     t = _randn((6, 16), 0)

@@ -26,7 +26,16 @@ from ._rules import ArgSpec, RuleInput, Strategy, register_rule, register_tag_ru
 
 aten = torch.ops.aten
 
-_ADD = {aten.add.Tensor, aten.add_.Tensor, aten.sub.Tensor, aten.sub_.Tensor}
+_ADD = {
+    aten.add.Tensor,
+    aten.add_.Tensor,
+    aten.sub.Tensor,
+    aten.sub_.Tensor,
+    aten.add.Scalar,
+    aten.add_.Scalar,
+    aten.sub.Scalar,
+    aten.sub_.Scalar,
+}
 _MUL = {aten.mul.Tensor, aten.mul_.Tensor, aten.mul.Scalar, aten.mul_.Scalar}
 _DIV = {aten.div.Tensor, aten.div_.Tensor, aten.div.Scalar, aten.div_.Scalar}
 _UNARY = {
@@ -131,7 +140,15 @@ def pointwise_rule(ri: RuleInput):
     out = ri.outputs[0]
     specs = ri.tensors
     options = _partial_options(ri)
+    shifted = _partial_plus_number(ri)
     for dims in candidate_dims(specs, out):
+        if shifted is not None and not {a for axes in dims for a in axes} & set(
+            specs[0].layout.partial
+        ):
+            lay = Layout(
+                _in_dims(dims, specs[0], out), specs[0].layout.partial, specs[0].layout.reduce_op
+            )
+            yield Strategy((lay,), (Layout(dims, lay.partial, lay.reduce_op),), local=shifted)
         used = {a for axes in dims for a in axes}
         for axes, op, carries in options:
             if used & set(axes):
@@ -147,6 +164,33 @@ def pointwise_rule(ri: RuleInput):
             tuple(Layout(_in_dims(dims, s, out)) for s in specs),
             (Layout(dims),) * len(ri.outputs),
         )
+
+
+def _partial_plus_number(ri: RuleInput):
+    """`x + c` / `x - c` on a partial x, exact without reducing: a local op adding c/k (sum) or c.
+
+    For a partial sum over k devices each summand gets c/k (floating dtypes only); for
+    avg, max and min every summand gets c. Returns the local function, or None.
+    """
+    if ri.op not in _ADD or len(ri.tensors) != 1 or not ri.tensors[0].layout.partial:
+        return None
+    x = ri.tensors[0]
+    numbers = [
+        i for i, a in enumerate(ri.args) if isinstance(a, int | float) and not isinstance(a, bool)
+    ]
+    if numbers != [1]:
+        return None
+    if x.layout.reduce_op != "sum":
+        return ri.op
+    if not x.dtype.is_floating_point:
+        return None
+    k = ri.mesh.group_size(x.layout.partial)
+    op = ri.op
+
+    def local(t, c, *rest, **kwargs):
+        return op(t, c / k, *rest, **kwargs)
+
+    return local
 
 
 @register_rule(*_LIKE)
