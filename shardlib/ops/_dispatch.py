@@ -312,6 +312,8 @@ def _decide(func: Any, args: tuple, kwargs: dict) -> _Decision:
 def _output_specs(
     func: Any, args: tuple, kwargs: dict, paths: tuple, tensors: list
 ) -> tuple[ArgSpec, ...]:
+    if torch.Tag.data_dependent_output in func.tags:  # .item(): a Python number, no tensor
+        return (None,)
     m_args, m_kwargs = _substitute(args, kwargs, paths, [_meta(t) for t in tensors])
     try:
         out = func(*m_args, **m_kwargs)

@@ -1,0 +1,558 @@
+"""Rules for neural-network ops: embedding, nll loss, dropout and random ops, attention.
+
+Owns the layouts of the aten ops that `F.embedding`, `F.cross_entropy` /
+`F.nll_loss`, `F.dropout`, the random initializers and
+`F.scaled_dot_product_attention` reach in torch 2.13 (forward and backward,
+traced with a `TorchDispatchMode`), and `.item()`. It does not own
+`log_softmax` (the first half of `F.cross_entropy`: `_reductions.py`), nor the
+views and matmuls of the math attention path (`_views.py`, `_contractions.py`).
+
+The rules, by op (A = mesh axes):
+
+- ``embedding(table, ids)``: table split on the vocabulary dim over A -> each
+  device looks up the ids inside its vocabulary chunk (shifted by the chunk's
+  start; other ids give zero rows) and the output is partial-``sum`` over A:
+  no gather of the table (uneven chunks, empty chunks included). Table split on
+  the hidden dim -> output split on its last dim. ids split -> output split
+  the same way. A partial table stays partial (a lookup is linear).
+- ``embedding_dense_backward(grad, ids, ...)``: each device scatter-adds its
+  own ids' rows: ids split over A -> table gradient partial-``sum`` over A;
+  grad split on the hidden dim -> gradient split on dim 1; a partial-``sum``
+  grad stays partial. The gradient is *not* split on the vocabulary dim: the
+  rule sees only (grad, ids, num_weights), not the table, so it cannot tell
+  which axes split the table; a gradient replicated over them is cut to the
+  table's layout for free (a local slice) by whoever consumes it.
+  ``scale_grad_by_freq`` needs every id: ids unsplit.
+- ``nll_loss_forward`` / ``nll_loss2d_forward`` (`F.cross_entropy` = log_softmax
+  + nll_loss): class dim split over A -> each device picks the target's
+  log-prob only where the target is in its class chunk; output and
+  total_weight partial-``sum`` over A (and over the axes splitting the batch
+  dims, for ``sum``/``mean``). ``mean`` divides by the *global* weight of the
+  non-ignored targets: a decomposition into the ``sum`` loss and an all-reduce
+  of the (scalar) total weight. The class weight is split like the classes.
+  No logits gather.
+- ``nll_loss_backward`` / ``nll_loss2d_backward``: -weight * grad (divided by
+  the total weight for ``mean``) at the target's position in the owning chunk
+  only; the class and batch splits of the input are kept.
+- Random ops (DESIGN §6: the same values as the unsharded op with the same
+  seed, whatever the layout): the op runs once on a plain tensor of the
+  *global* shape under the current RNG state (same RNG consumption as the
+  unsharded op), and each device keeps its block. ``native_dropout`` draws its
+  mask that way (``native_dropout(ones)``) and scales the local input by it, so
+  a partial input stays partial. `F.dropout` on CPU decomposes above dispatch
+  into ``empty_like`` + ``bernoulli_`` + ``div_`` + ``mul``: ``bernoulli_`` is
+  one of the in-place fills handled here (``bernoulli_``, ``uniform_``,
+  ``normal_``, ``exponential_``, ``random_``, ``cauchy_``, ``log_normal_``,
+  ``geometric_``), as are ``rand_like``, ``randn_like``, ``randint_like``,
+  ``bernoulli(x, p)`` and ``bernoulli(p_tensor)`` (its probabilities are
+  gathered first). On the distributed backend every rank draws the global
+  tensor, so **every rank must seed identically** (as with DTensor) and holds
+  the global tensor transiently.
+- ``_scaled_dot_product_flash_attention_for_cpu`` and its backward (what
+  `F.scaled_dot_product_attention` reaches on CPU): batch and head dims split
+  -> local; the query's sequence dim split -> local against keys and values
+  replicated over those axes (gathered if they were split: "sequence sharded:
+  correct, by gathering K/V for now"), and the gradients of key and value come
+  out partial-``sum`` over them. The head dim is unsplit. A causal mask is
+  rebuilt per query chunk from global positions. Outputs (and logsumexp)
+  follow the query. Dropout inside the fused op is refused (the math path,
+  taken with dropout, reaches ``bernoulli_`` above). ``_safe_softmax`` (math
+  path) is local over an unsplit dim.
+- ``_local_scalar_dense`` (``.item()``): the value made replicated, then the
+  Python number of the local replica.
+
+Invariant: every strategy is exact for uneven shapes (empty chunks included)
+and for every partial input it keeps; anything else is reduced first.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from .._errors import NoRuleError
+from ..layouts._layout import Layout
+from ..layouts._shard import local_bounds
+from . import _pointwise  # noqa: F401  (registers first: the `_like` rules below replace its own)
+from ._api import _local_blocks
+from ._dispatch import _move
+from ._rules import ArgSpec, RuleInput, Strategy, register_rule
+from ._tensor import ShardedTensor
+
+aten = torch.ops.aten
+
+Dims = tuple[tuple[str, ...], ...]
+
+
+# == helpers ===================================================================
+def _bind(op: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """Arguments of an aten call by schema name (defaults filled in)."""
+    out = {}
+    for i, a in enumerate(op._schema.arguments):
+        if i < len(args):
+            out[a.name] = args[i]
+        elif a.name in kwargs:
+            out[a.name] = kwargs[a.name]
+        else:
+            out[a.name] = a.default_value if a.has_default_value() else None
+    return out
+
+
+def _in_order(ri: RuleInput, want: dict[str, Layout]) -> tuple[Layout, ...]:
+    """`want` (by argument name) as `Strategy.inputs`: tensor arguments in flat order."""
+    names = [a.name for a in ri.op._schema.arguments]
+    order = [names[i] for i, a in enumerate(ri.args) if isinstance(a, ArgSpec)]
+    order += [k for k, v in ri.kwargs.items() if isinstance(v, ArgSpec)]
+    return tuple(want[n] for n in order)
+
+
+def _axes(dims: Dims) -> set[str]:
+    return {a for axes in dims for a in axes}
+
+
+def _drop(dims: Dims, used: set[str]) -> Dims:
+    """`dims` without the axes in `used` (a dim keeps its major axes up to the first dropped)."""
+    out = []
+    for axes in dims:
+        kept: tuple[str, ...] = ()
+        for a in axes:
+            if a in used:
+                break
+            kept += (a,)
+        out.append(kept)
+    return tuple(out)
+
+
+def _kept_partial(layout: Layout, used: set[str], ops: tuple[str, ...] = ("sum",)) -> Layout:
+    """The partial part of `layout` kept by a linear op (empty when `used` or its op forbid)."""
+    if layout.partial and layout.reduce_op in ops and not used & set(layout.partial):
+        return Layout((), layout.partial, layout.reduce_op)
+    return Layout(())
+
+
+def _unique(items: list) -> list:
+    found = []
+    for item in items:
+        if item not in found:
+            found.append(item)
+    return found
+
+
+def _global(a: Any) -> Any:
+    """The global value of a replicated ShardedTensor (its local replica), or `a` itself."""
+    return a._shards[0] if isinstance(a, ShardedTensor) else a
+
+
+# == embedding =================================================================
+def _vocab_lookup(shape: tuple[int, ...], table_layout: Layout, mesh: Any) -> Callable:
+    """Local lookup in a vocabulary chunk: ids outside it give zero rows."""
+
+    def local(device: int, weight: torch.Tensor, ids: torch.Tensor, *args: Any, **kwargs: Any):
+        lo, hi = local_bounds(shape, table_layout, mesh, device)[0]
+        if hi == lo:
+            return weight.new_zeros((*ids.shape, weight.shape[1]))
+        inside = (ids >= lo) & (ids < hi)
+        out = aten.embedding.default(weight, torch.where(inside, ids - lo, 0))
+        return out.masked_fill_(~inside.unsqueeze(-1), 0)
+
+    return local
+
+
+@register_rule(aten.embedding.default)
+def embedding_rule(ri: RuleInput) -> Iterator[Strategy]:
+    """Vocab split -> partial-sum output (no gather); hidden split -> last dim; ids split -> same."""
+    table, ids = ri.tensors[:2]
+    t_dims, i_dims = table.layout.dims, ids.layout.dims
+    choices = [
+        (t_dims, _drop(i_dims, _axes(t_dims) | set(table.layout.partial))),  # table-driven
+        (_drop(t_dims, _axes(i_dims)), i_dims),  # ids-driven
+        (((),) * 2, ((),) * ids.ndim),
+    ]
+    for td, idd in _unique(choices):
+        vocab, hidden = td
+        used = _axes(td) | _axes(idd)
+        ops = ("sum",) if vocab else ("sum", "avg", "max", "min")  # a lookup commutes with each
+        kept = _kept_partial(table.layout, used, ops)
+        out = Layout((*idd, hidden), tuple(vocab) + kept.partial, kept.reduce_op)
+        local = _vocab_lookup(table.shape, Layout(td), ri.mesh) if vocab else None
+        yield Strategy(
+            (Layout(td, kept.partial, kept.reduce_op), Layout(idd)),
+            (out,),
+            local=local,
+            local_device=bool(vocab),
+        )
+
+
+@register_rule(aten.embedding_dense_backward.default)
+def embedding_backward_rule(ri: RuleInput) -> Iterator[Strategy]:
+    """Each device scatter-adds its own ids: ids split -> partial-sum gradient; hidden split kept."""
+    grad, ids = ri.tensors[:2]
+    b = _bind(ri.op, ri.args, ri.kwargs)
+    by_freq = bool(b["scale_grad_by_freq"])
+    g_dims = grad.layout.dims
+    choices = [
+        g_dims,  # grad-driven
+        (*ids.layout.dims, *_drop(g_dims[-1:], _axes(ids.layout.dims))),  # ids-driven
+        ((),) * grad.ndim,
+    ]
+    for dims in _unique(choices):
+        idd, hidden = dims[:-1], dims[-1]
+        if by_freq and _axes(idd):  # frequencies count every id
+            idd = ((),) * len(idd)
+            dims = (*idd, hidden)
+        batch = tuple(a for axes in idd for a in axes)
+        ops = ("sum",) if batch else ("sum", "avg")
+        kept = _kept_partial(grad.layout, _axes(dims), ops)
+        out = Layout(((), hidden), batch + kept.partial, kept.reduce_op)
+        yield Strategy((Layout(dims, kept.partial, kept.reduce_op), Layout(idd)), (out,))
+
+
+# == nll loss ==================================================================
+_NLL_FORWARD = {aten.nll_loss_forward.default, aten.nll_loss2d_forward.default}
+_NLL_BACKWARD = {aten.nll_loss_backward.default, aten.nll_loss2d_backward.default}
+_NONE, _MEAN, _SUM = 0, 1, 2
+
+
+def _class_dim(ndim: int) -> int:
+    return 1 if ndim >= 2 else 0
+
+
+def _nll_choices(x: ArgSpec, target: ArgSpec, extra: list[Dims]) -> list[Dims]:
+    """Candidate dims for the input (N, C, *rest): its own, the target's, the extras', none."""
+    c = _class_dim(x.ndim)
+    t_dims = list(target.layout.dims)
+    classes = _drop((x.layout.dims[c],), _axes(tuple(t_dims)))[0]
+    from_target = (*t_dims[:c], classes, *t_dims[c:])
+    return _unique([x.layout.dims, from_target, *extra, ((),) * x.ndim])
+
+
+def _target_dims(dims: Dims) -> Dims:
+    c = _class_dim(len(dims))
+    return tuple(axes for d, axes in enumerate(dims) if d != c)
+
+
+def _in_chunk(func: Any, shape: tuple[int, ...], layout: Layout, mesh: Any) -> Callable:
+    """The op on a class chunk: targets outside it (or ignored) become ignore_index -1."""
+    c = _class_dim(len(shape))
+    names = [a.name for a in func._schema.arguments]
+
+    def local(device: int, *args: Any, **kwargs: Any):
+        b = _bind(func, args, kwargs)
+        x, target = b["self"], b["target"]
+        if target.device.type == "cpu":  # as the unsharded op: no silent zero for a bad target
+            bad = (target != b["ignore_index"]) & ((target < 0) | (target >= shape[c]))
+            if bool(bad.any()):  # (not on accelerators: it would cost a host sync)
+                raise IndexError(f"Target {int(target[bad][0])} is out of bounds.")
+        lo, hi = local_bounds(shape, layout, mesh, device)[c]
+        if hi == lo:  # an empty class chunk: nothing to pick
+            if func in _NLL_BACKWARD:
+                return torch.zeros_like(x)
+            zero = x.new_zeros(())
+            return (x.new_zeros(target.shape) if b["reduction"] == _NONE else zero), zero
+        ok = (target != b["ignore_index"]) & (target >= lo) & (target < hi)
+        b["target"] = torch.where(ok, target - lo, -1)  # local class ids never equal -1
+        b["ignore_index"] = -1
+        return func(*(b[n] for n in names))  # `weight` is already the chunk's block
+
+    return local
+
+
+def _nll_mean_decomposition(func: Any) -> Callable:
+    """mean = (sum loss, partial) / (total weight, all-reduced: one scalar)."""
+
+    def decompose(*args: Any, **kwargs: Any) -> tuple[ShardedTensor, ShardedTensor]:
+        b = _bind(func, args, kwargs)
+        loss, total = func(b["self"], b["target"], b["weight"], _SUM, b["ignore_index"])
+        total = _move(func, total, Layout(()))
+        return aten.div.Tensor(loss, total), total
+
+    return decompose
+
+
+@register_rule(*_NLL_FORWARD)
+def nll_loss_forward_rule(ri: RuleInput) -> Iterator[Strategy]:
+    """Class dim split -> pick in the owning chunk, partial-sum output; mean -> all-reduce a scalar."""
+    b = _bind(ri.op, ri.args, ri.kwargs)
+    x, target, reduction = b["self"], b["target"], b["reduction"]
+    c = _class_dim(x.ndim)
+    for dims in _nll_choices(x, target, []):
+        classes = dims[c]
+        batch = tuple(a for d, axes in enumerate(dims) if d != c for a in axes)
+        kept = _kept_partial(
+            x.layout, _axes(dims), ("sum",) if batch or classes else ("sum", "avg")
+        )
+        want = {
+            "self": Layout(dims, kept.partial, kept.reduce_op),
+            "target": Layout(_target_dims(dims)),
+            "weight": Layout((classes,)),
+        }
+        inputs = _in_order(ri, want)
+        if reduction == _MEAN and (batch or classes):
+            yield Strategy(inputs, decompose=_nll_mean_decomposition(ri.op))
+            continue
+        summed = classes if reduction == _NONE else batch + classes
+        out_dims = _target_dims(dims) if reduction == _NONE else ()
+        outs = (
+            Layout(out_dims, summed + kept.partial, kept.reduce_op),
+            Layout((), () if reduction == _NONE else batch + classes),
+        )
+        local = _in_chunk(ri.op, x.shape, Layout(dims), ri.mesh) if classes else None
+        yield Strategy(inputs, outs, local=local, local_device=bool(classes))
+
+
+@register_rule(*_NLL_BACKWARD)
+def nll_loss_backward_rule(ri: RuleInput) -> Iterator[Strategy]:
+    """-weight * grad at the target, written only in the chunk that owns the target's class."""
+    b = _bind(ri.op, ri.args, ri.kwargs)
+    grad, x, target = b["grad_output"], b["self"], b["target"]
+    total, reduction = b["total_weight"], b["reduction"]
+    c = _class_dim(x.ndim)
+    extra = [tuple((*g[:c], (), *g[c:])) for g in [grad.layout.dims] if reduction == _NONE]
+    for dims in _nll_choices(x, target, extra):
+        used = _axes(dims)
+        kept = _kept_partial(grad.layout, used, ("sum", "avg"))
+        g_dims = _target_dims(dims) if reduction == _NONE else ()
+        x_keep = _kept_partial(x.layout, used, ("sum", "avg", "max", "min"))  # values unused
+        want = {
+            "grad_output": Layout(g_dims, kept.partial, kept.reduce_op),
+            "self": Layout(dims, x_keep.partial, x_keep.reduce_op),
+            "target": Layout(_target_dims(dims)),
+            "weight": Layout((dims[c],)),
+            # the global total weight divides a mean; other reductions ignore it
+            "total_weight": Layout(()) if reduction == _MEAN else total.layout,
+        }
+        local = _in_chunk(ri.op, x.shape, Layout(dims), ri.mesh) if dims[c] else None
+        yield Strategy(
+            _in_order(ri, want),
+            (Layout(dims, kept.partial, kept.reduce_op),),
+            local=local,
+            local_device=bool(dims[c]),
+        )
+
+
+# == random ops ================================================================
+# In-place fills whose values depend on the shape only, and `_like` ops whose values
+# depend on the input's shape only. `bernoulli_.Tensor` and `bernoulli.default` read
+# probabilities from a tensor: that tensor is made replicated first.
+_FILLS = [
+    aten.bernoulli_.float,
+    aten.bernoulli_.Tensor,
+    aten.uniform_.default,
+    aten.normal_.default,
+    aten.exponential_.default,
+    aten.random_.default,
+    getattr(aten.random_, "from"),
+    aten.random_.to,
+    aten.cauchy_.default,
+    aten.log_normal_.default,
+    aten.geometric_.default,
+]
+_LIKES = [
+    aten.rand_like.default,
+    aten.rand_like.generator,
+    aten.randn_like.default,
+    aten.randn_like.generator,
+    aten.randint_like.default,
+    aten.randint_like.low_dtype,
+    aten.randint_like.generator,
+    aten.randint_like.low_generator_dtype,
+    aten.bernoulli.p,
+]
+
+
+def _draw(func: Any, x: ShardedTensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    """`func` run once on a plain tensor of `x`'s global shape (the unsharded op's RNG use)."""
+    blank = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return func(blank, *map(_global, args), **{k: _global(v) for k, v in kwargs.items()})
+
+
+def _fill_decomposition(func: Any) -> Callable:
+    def decompose(x: ShardedTensor, *args: Any, **kwargs: Any) -> ShardedTensor:
+        value = _draw(func, x, args, kwargs)
+        for shard, block in zip(x._shards, _local_blocks(value, x._mesh, x._layout)._shards):
+            shard.copy_(block)
+        return x
+
+    return decompose
+
+
+def _like_decomposition(func: Any, layout: Layout) -> Callable:
+    def decompose(x: ShardedTensor, *args: Any, **kwargs: Any) -> ShardedTensor:
+        return _local_blocks(_draw(func, x, args, kwargs), x._mesh, layout)
+
+    return decompose
+
+
+@register_rule(*_FILLS)
+def fill_rule(ri: RuleInput) -> Iterator[Strategy]:
+    """In place, layout kept: every device keeps its block of the globally drawn tensor."""
+    x = ri.tensors[0]
+    others = tuple(Layout(((),) * s.ndim) for s in ri.tensors[1:])  # probabilities: replicated
+    yield Strategy((x.layout, *others), decompose=_fill_decomposition(ri.op))
+
+
+@register_rule(*_LIKES)
+def random_like_rule(ri: RuleInput) -> Iterator[Strategy]:
+    """A fresh random tensor with the input's split dims, drawn globally and cut."""
+    x = ri.tensors[0]
+    layout = Layout(x.layout.dims)
+    yield Strategy((x.layout,), decompose=_like_decomposition(ri.op, layout))
+
+
+@register_rule(aten.bernoulli.default)
+def bernoulli_rule(ri: RuleInput) -> Iterator[Strategy]:
+    """Probabilities made replicated, drawn globally, cut back to their split dims."""
+    p = ri.tensors[0]
+    layout = Layout(p.layout.dims)
+
+    def decompose(probs: ShardedTensor, **kwargs: Any) -> ShardedTensor:
+        value = aten.bernoulli.default(_global(probs), **kwargs)
+        return _local_blocks(value, probs._mesh, layout)
+
+    yield Strategy((Layout(((),) * p.ndim),), decompose=decompose)
+
+
+def _dropout_decomposition(x: ShardedTensor, p: float, train: bool | None):
+    # The mask of the unsharded op on this shape: same RNG use, same values.
+    ones = torch.ones(x.shape, dtype=x.dtype, device=x.device)
+    mask = aten.native_dropout.default(ones, p, train)[1]
+    scale = 0.0 if p == 1 else 1.0 / (1.0 - p)  # as torch: input.mul(mask).mul_(scale)
+    masks = _local_blocks(mask, x._mesh, Layout(x._layout.dims))
+    outs = [s.mul(m).mul_(scale) for s, m in zip(x._shards, masks._shards)]
+    return ShardedTensor(outs, x._mesh, x._layout, tuple(x.shape)), masks
+
+
+@register_rule(aten.native_dropout.default)
+def native_dropout_rule(ri: RuleInput) -> Iterator[Strategy]:
+    """The global mask, cut; input * mask * scale is linear, so a partial input stays partial."""
+    x = ri.tensors[0]
+    b = _bind(ri.op, ri.args, ri.kwargs)
+    mask = Layout(x.layout.dims)
+    if b["train"] is False or math.prod(x.shape) == 0:  # no random numbers drawn
+        yield Strategy((x.layout,), (x.layout, mask))
+    else:
+        yield Strategy((x.layout,), decompose=_dropout_decomposition)
+
+
+@register_rule(aten.native_dropout_backward.default)
+def native_dropout_backward_rule(ri: RuleInput) -> Iterator[Strategy]:
+    """grad * mask * scale: linear in the gradient (partial kept), mask cut like it."""
+    grad, mask = ri.tensors[:2]
+    for dims in _unique([grad.layout.dims, mask.layout.dims, ((),) * grad.ndim]):
+        kept = _kept_partial(grad.layout, _axes(dims), ("sum", "avg", "max", "min"))
+        g = Layout(dims, kept.partial, kept.reduce_op)
+        yield Strategy((g, Layout(dims)), (g,))
+
+
+# == attention =================================================================
+_SDPA = aten._scaled_dot_product_flash_attention_for_cpu.default
+_SDPA_BACKWARD = aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+
+
+def _mask_layout(mask: ArgSpec, bhl: Dims, full: tuple[int, ...]) -> Layout:
+    """An attention mask broadcast to (B, H, L, S): cut like the query's B, H, L splits."""
+    off = 4 - mask.ndim
+    dims = []
+    for d, n in enumerate(mask.shape):
+        j = d + off
+        dims.append(bhl[j] if j < 3 and n == full[j] and n != 1 else ())
+    return Layout(tuple(dims))
+
+
+def _sdpa_choices(q: ArgSpec, k: ArgSpec) -> list[Dims]:
+    """Candidate (B, H, L) splits: the query's, the keys', none."""
+    same_b, same_h = q.shape[0] == k.shape[0], q.shape[1] == k.shape[1]
+    found = []
+    for src in (q.layout.dims, k.layout.dims[:2] + ((),)):
+        b = src[0] if same_b else ()
+        h = src[1] if same_h else ()
+        found.append((b, h, src[2]))
+    return _unique([*found, ((), (), ())])
+
+
+def _query_chunk(func: Any, shape: tuple[int, ...], s_len: int, layout: Layout, mesh: Any):
+    """`func` on a query chunk: a causal mask is rebuilt from the chunk's global rows
+    (top-left aligned, as torch's `is_causal`), and an empty chunk skips the kernel
+    (the CPU kernel dies of SIGFPE on zero query rows or heads)."""
+    names = [a.name for a in func._schema.arguments if not a.kwarg_only]
+
+    def local(device: int, *args: Any, **kwargs: Any):
+        b = _bind(func, args, kwargs)
+        q = b["query"]
+        if q.numel() == 0:
+            if func is _SDPA_BACKWARD:  # no query: no gradient anywhere
+                return tuple(torch.zeros_like(b[n]) for n in ("query", "key", "value"))
+            metas = {n: b[n].to("meta") for n in ("query", "key", "value")}
+            outs = func(metas["query"], metas["key"], metas["value"], scale=b["scale"])
+            return tuple(torch.empty(o.shape, dtype=o.dtype, device=q.device) for o in outs)
+        if b["is_causal"]:
+            lo, hi = local_bounds(shape, layout, mesh, device)[2]
+            rows = torch.arange(lo, hi, device=q.device).unsqueeze(1)
+            allowed = torch.arange(s_len, device=q.device).unsqueeze(0) <= rows
+            mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
+            b["is_causal"], b["attn_mask"] = False, mask.masked_fill_(~allowed, -math.inf)
+        return func(*(b[n] for n in names), attn_mask=b["attn_mask"], scale=b["scale"])
+
+    return local
+
+
+@register_rule(_SDPA, _SDPA_BACKWARD)
+def sdpa_rule(ri: RuleInput) -> Iterator[Strategy]:
+    """Batch/head splits local; query sequence split against replicated K/V; head dim unsplit."""
+    backward = ri.op is _SDPA_BACKWARD
+    b = _bind(ri.op, ri.args, ri.kwargs)
+    q, k = b["query"], b["key"]
+    if b["dropout_p"]:
+        raise NoRuleError(
+            f"{ri.op}: dropout inside the fused attention kernel cannot draw layout-independent "
+            "random numbers. Call F.scaled_dot_product_attention with dropout_p=0 and apply "
+            "F.dropout to the attention weights yourself (the math path), or use sl.shard_map."
+        )
+    mask = b["attn_mask"]
+    if q.ndim != 4 or k.ndim != 4:  # (B, H, L, E) is what the CPU kernel takes; else replicate
+        yield Strategy(
+            tuple(Layout(((),) * s.ndim) for s in ri.tensors),
+            tuple(Layout(((),) * o.ndim) for o in ri.outputs),
+        )
+        return
+    for bhl in _sdpa_choices(q, k):
+        seq = bhl[2]
+        q_layout = Layout((*bhl, ()))
+        kv_layout = Layout((*bhl[:2], (), ()))
+        want = {"query": q_layout, "key": kv_layout, "value": kv_layout}
+        grads: tuple[Layout, ...] = ()
+        if backward:
+            used = _axes(bhl)
+            kept = _kept_partial(b["grad_out"].layout, used)
+            want["grad_out"] = Layout(q_layout.dims, kept.partial)
+            want["out"] = q_layout
+            want["logsumexp"] = Layout(bhl)
+            kv_grad = Layout(kv_layout.dims, seq + kept.partial)
+            grads = (Layout(q_layout.dims, kept.partial), kv_grad, kv_grad)
+        if isinstance(mask, ArgSpec):
+            full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+            want["attn_mask"] = _mask_layout(mask, bhl, full)
+        outs = grads or (q_layout, Layout(bhl))
+        local = _query_chunk(ri.op, q.shape, k.shape[2], q_layout, ri.mesh)
+        yield Strategy(_in_order(ri, want), outs, local=local, local_device=True)
+
+
+@register_rule(aten._safe_softmax.default)
+def safe_softmax_rule(ri: RuleInput) -> Iterator[Strategy]:
+    """Local over an unsplit dim (the math attention path's softmax over keys)."""
+    x = ri.tensors[0]
+    dim = _bind(ri.op, ri.args, ri.kwargs)["dim"] % x.ndim
+    dims = list(x.layout.dims)
+    dims[dim] = ()
+    yield Strategy((Layout(tuple(dims)),), (Layout(tuple(dims)),))
+
+
+# == scalars ===================================================================
+@register_rule(aten._local_scalar_dense.default)
+def item_rule(ri: RuleInput) -> Iterator[Strategy]:
+    """`.item()`: the value made replicated, then the local replica's number."""
+    x = ri.tensors[0]
+    yield Strategy((Layout(((),) * x.ndim),), decompose=lambda t: t._shards[0].item())
