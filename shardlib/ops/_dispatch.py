@@ -318,6 +318,13 @@ def _output_specs(
     try:
         out = func(*m_args, **m_kwargs)
     except NotImplementedError as e:  # an op without a meta kernel (others: torch's own error)
+        if torch.Tag.dynamic_output_shape in func.tags or "data-independent" in str(e):
+            raise NoRuleError(
+                f"{func}: its output shape depends on the values (like nonzero, unique or a "
+                "boolean mask), which are spread over devices, so no layout rule can say what "
+                "each device holds. Compute it on the global value (x.full()), or per device "
+                "in sl.shard_map and assemble the result with sl.from_local."
+            ) from None
         raise NoRuleError(
             f"{func}: shardlib infers output shapes on the meta device and this op has no meta "
             f"kernel ({type(e).__name__}: {e}). Compute it on x.full() or in sl.shard_map."

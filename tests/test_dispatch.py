@@ -1,0 +1,111 @@
+"""Dispatch behaviour: strict mode, missing rules, the replicate fallback, bad input, torch.func.
+
+Errors are checked for their type and for naming the op, the layouts and a fix
+(STYLE "Errors"). Values are compared with unsharded float64 torch (rtol 1e-12).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import grad
+
+import shardlib as sl
+
+P = sl.P
+
+
+def _v(*shape, seed=0):
+    return torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+def test_strict_names_op_layouts_and_fix():
+    mesh = sl.Mesh.simulated({"x": 4})
+    a, b = sl.shard(_v(8, 8), mesh, P("x", None)), sl.shard(_v(8, 8, seed=1), mesh, P(None, None))
+    with sl.strict(), pytest.raises(sl.LayoutError) as info:
+        a @ a
+    msg = str(info.value)
+    assert "mm" in msg and "P('x', None)" in msg and "sl.reshard(x, P(" in msg
+    with sl.strict():  # no communication needed: fine
+        c = a + a
+        d = a @ b  # row split times replicated
+    assert c.layout == P("x", None) and d.layout == P("x", None)
+    torch.testing.assert_close(d.full(), _v(8, 8) @ _v(8, 8, seed=1), rtol=1e-12, atol=1e-12)
+
+
+def test_missing_rule_error_says_how_to_add_one():
+    mesh = sl.Mesh.simulated({"x": 2})
+    x = sl.shard(_v(6), mesh, P("x"))
+    with pytest.raises(sl.NoRuleError) as info:
+        torch.cumsum(x, 0)
+    msg = str(info.value)
+    assert "aten.cumsum" in msg and "P('x')" in msg and "register_rule" in msg
+    assert "allow_replicate_fallback" in msg
+
+
+def test_replicate_fallback_gathers_in_the_ledger():
+    mesh = sl.Mesh.simulated({"x": 2})
+    x = sl.shard(_v(6), mesh, P("x"))
+    with sl.allow_replicate_fallback(), sl.comm_ledger() as led:
+        y = torch.cumsum(x, 0)
+    assert y.layout == P(None) and [r.kind for r in led.records] == ["all_gather"]
+    assert led.records[0].cause == "cumsum.default"
+    torch.testing.assert_close(y.full(), torch.cumsum(_v(6), 0), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "fn", [torch.nonzero, torch.unique, lambda t: t[t > 0]], ids=["nonzero", "unique", "mask"]
+)
+def test_data_dependent_shapes_raise_clearly(fn):
+    mesh = sl.Mesh.simulated({"x": 2})
+    x = sl.shard(_v(6), mesh, P("x"))
+    with pytest.raises(sl.NoRuleError, match="depends on the values.*x.full"):
+        fn(x)
+
+
+def test_unequal_meshes_raise():
+    a = sl.shard(_v(4), sl.Mesh.simulated({"x": 2}), P("x"))
+    b = sl.shard(_v(4), sl.Mesh.simulated({"y": 2}), P("y"))
+    with pytest.raises(sl.MeshMismatchError, match=r"unequal meshes.*'x'.*'y'"):
+        a + b
+
+
+def test_in_place_op_that_would_change_layout_raises():
+    mesh = sl.Mesh.simulated({"x": 2})
+    a = sl.from_local([_v(4), _v(4, seed=1)], mesh, P(None, partial={"x": "max"}), (4,))
+    with pytest.raises(sl.LayoutError, match="in-place op would change the layout"):
+        a.mul_(2.0 + a)
+
+
+def test_torch_func_grad_over_sharded_leaves():
+    mesh = sl.Mesh.simulated({"x": 2, "y": 2})
+    w_val, x_val = _v(6, 4), _v(5, 6, seed=1)
+    w = sl.shard(w_val, mesh, P(None, "y"))
+    x = sl.shard(x_val, mesh, P("x", None))
+    g = grad(lambda w: torch.tanh(x @ w).sum())(w)
+    wr = w_val.clone().requires_grad_()
+    torch.tanh(x_val @ wr).sum().backward()
+    assert isinstance(g, sl.ShardedTensor)
+    torch.testing.assert_close(g.full(), wr.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_einsum_out_layout_and_with_layout():
+    mesh = sl.Mesh.simulated({"x": 2})
+    a, b = sl.shard(_v(4, 6), mesh, P(None, "x")), sl.shard(_v(6, 3, seed=1), mesh, P("x", None))
+    with sl.comm_ledger() as led:
+        y = sl.einsum("ij,jk->ik", a, b, out_layout=P("x", None))
+    assert y.layout == P("x", None) and [r.kind for r in led.records] == ["reduce_scatter"]
+    torch.testing.assert_close(y.full(), _v(4, 6) @ _v(6, 3, seed=1), rtol=1e-12, atol=1e-12)
+    with sl.comm_ledger() as led:
+        z = sl.with_layout(y, P(None, None))
+    assert z.layout == P(None, None) and led.records[0].cause == "with_layout"
+
+
+def test_explain_lists_ops_and_collectives():
+    mesh = sl.Mesh.simulated({"x": 2})
+    a = sl.shard(_v(4, 6), mesh, P(None, "x"))
+    e = sl.explain(lambda: torch.relu(a @ a.t()).sum(), show=False)
+    names = [o.op for o in e.ops]
+    assert names[:2] == ["t.default", "mm.default"] and "relu.default" in names
+    text = str(e)
+    assert "partial(sum: x)" in text and "all_reduce" in text  # relu needs the sum
