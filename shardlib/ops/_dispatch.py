@@ -180,18 +180,27 @@ def dispatch(func: Any, args: tuple, kwargs: dict) -> Any:
     """Run `func` on sharded arguments: the entry point of `ShardedTensor.__torch_dispatch__`."""
     if _explainers:
         return _explainers[-1].record(func, args, kwargs, _dispatch)
+    return _dispatch(func, args, kwargs)
+
+
+def _dispatch(func: Any, args: tuple, kwargs: dict) -> Any:
     if kwargs:
-        return _dispatch(func, args, kwargs)
-    decision = _DECISIONS.get(
-        (
+        key = _key(func, args, kwargs)
+    else:  # the same key as `_key`, built inline: this is the hot path
+        key = (
             func,
             *[
                 a._sig if type(a) is ShardedTensor and a._sig is not None else _signature(a)
                 for a in args
             ],
         )
-    )
-    fast = decision.fast if decision is not None else None
+    decision = _DECISIONS.get(key)
+    if decision is None:
+        decision = _decide(func, args, kwargs)
+        if len(_DECISIONS) >= _DECISION_LIMIT:
+            _DECISIONS.clear()
+        _DECISIONS[key] = decision
+    fast = decision.fast
     if fast is not None:
         for i, want in fast:
             if args[i]._layout is not want:
@@ -204,10 +213,15 @@ def dispatch(func: Any, args: tuple, kwargs: dict) -> Any:
                 a = list(args)
                 for i, _ in fast:
                     a[i] = args[i]._shards[j]
-                per_device.append(func(*a))
+                per_device.append(func(*a, **kwargs))
             if decision.inplace:
                 return first
-            out = _make(per_device[0], decision.out_specs[0].shape)
+            out = torch.Tensor._make_wrapper_subclass(
+                ShardedTensor,
+                decision.out_specs[0].shape,
+                dtype=per_device[0].dtype,
+                device=per_device[0].device,
+            )
             out._shards, out._mesh, out._layout = (
                 per_device,
                 first._mesh,
@@ -215,23 +229,6 @@ def dispatch(func: Any, args: tuple, kwargs: dict) -> Any:
             )
             out._sig = decision.out_sig
             return out
-    return _dispatch(func, args, kwargs)
-
-
-def _make(ref: torch.Tensor, shape: tuple[int, ...]) -> ShardedTensor:
-    return torch.Tensor._make_wrapper_subclass(
-        ShardedTensor, shape, dtype=ref.dtype, device=ref.device
-    )
-
-
-def _dispatch(func: Any, args: tuple, kwargs: dict) -> Any:
-    key = _key(func, args, kwargs)
-    decision = _DECISIONS.get(key)
-    if decision is None:
-        decision = _decide(func, args, kwargs)
-        if len(_DECISIONS) >= _DECISION_LIMIT:
-            _DECISIONS.clear()
-        _DECISIONS[key] = decision
     return _run(func, decision, args, kwargs)
 
 
@@ -437,27 +434,6 @@ def _cause(func: Any) -> str:
 
 def _run(func: Any, decision: _Decision, args: tuple, kwargs: dict) -> Any:
     strategy, paths = decision.strategy, decision.paths
-    fast = decision.fast
-    if fast is not None:
-        for i, want in fast:
-            if args[i]._layout is not want:
-                break
-        else:
-            # Hot path: sharded positional inputs already in place, one tensor output.
-            first = args[fast[0][0]]
-            per_device = []
-            for j in range(len(first._shards)):
-                a = list(args)
-                for i, _ in fast:
-                    a[i] = args[i]._shards[j]
-                per_device.append(func(*a, **kwargs))
-            if decision.inplace:
-                return first
-            out = ShardedTensor(
-                per_device, first._mesh, strategy.outputs[0], decision.out_specs[0].shape
-            )
-            out._sig = decision.out_sig
-            return out
     inputs = []
     mesh = None
     for path, want in zip(paths, strategy.inputs):

@@ -118,7 +118,10 @@ class ShardedTensor(torch.Tensor):
     # -- dispatch --------------------------------------------------------------
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        return _dispatch(func, args, kwargs or {})
+        return _dispatch(func, args, kwargs or _NO_KWARGS)
+
+
+_NO_KWARGS: dict = {}  # shared and never written: ops receive it read-only
 
 
 def _dispatch(func, args, kwargs):
