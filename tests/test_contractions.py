@@ -125,3 +125,28 @@ def test_two_partial_operands_reduce_one_first():
         c = a @ b
     assert led.count("all_reduce") == 1 and c.layout.partial == ("x",)
     torch.testing.assert_close(c.full(), a_val @ b_val, rtol=1e-10, atol=1e-10)
+
+
+@settings(derandomize=True, deadline=None, max_examples=CASES)
+@given(
+    st.sampled_from(["mm", "bmm", "addmm", "mv"]).flatmap(
+        lambda op: _case(op).map(lambda c: (op, c))
+    )
+)
+def test_contraction_gradients_match_unsharded(op_case):
+    """Gradients through `.full()` of every operand (partial operands included), float64."""
+    op, (mesh, shapes, layouts) = op_case
+    fn = {
+        "mm": torch.mm,
+        "bmm": torch.bmm,
+        "mv": torch.mv,
+        "addmm": lambda c, a, b: torch.addmm(c, a, b, beta=0.5, alpha=2.0),
+    }[op]
+    values = [_value(s, i) for i, s in enumerate(shapes)]
+    xs = [_make(mesh, v, lay).requires_grad_() for v, lay in zip(values, layouts)]
+    refs = [v.clone().requires_grad_() for v in values]
+    w = _value(fn(*values).shape, 99)
+    grads = torch.autograd.grad((fn(*xs).full() * w).sum(), xs)
+    ref_grads = torch.autograd.grad((fn(*refs) * w).sum(), refs)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.full(), want, rtol=1e-10, atol=1e-10, msg=f"{op} {layouts}")

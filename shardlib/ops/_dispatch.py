@@ -142,21 +142,16 @@ def _substitute(args: tuple, kwargs: dict, paths: tuple, values: list) -> tuple[
     """Copies of args/kwargs with `values` placed at `paths` (lists copied where touched)."""
     new_args, new_kwargs = list(args), dict(kwargs) if kwargs else kwargs
     for path, v in zip(paths, values):
-        if path[0] == "kw":
-            if len(path) == 3:
-                seq = new_kwargs[path[1]]
-                if seq is kwargs[path[1]]:
-                    seq = new_kwargs[path[1]] = list(seq)
-                seq[path[2]] = v
-            else:
-                new_kwargs[path[1]] = v
-        elif len(path) == 2:
-            seq = new_args[path[0]]
-            if seq is args[path[0]]:
-                seq = new_args[path[0]] = list(seq)
-            seq[path[1]] = v
+        holder, original, place = (
+            (new_kwargs, kwargs, path[1:]) if path[0] == "kw" else (new_args, args, path)
+        )
+        if len(place) == 1:
+            holder[place[0]] = v
         else:
-            new_args[path[0]] = v
+            seq = holder[place[0]]
+            if seq is original[place[0]]:
+                seq = holder[place[0]] = list(seq)
+            seq[place[1]] = v
     return new_args, new_kwargs
 
 

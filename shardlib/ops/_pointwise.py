@@ -38,6 +38,12 @@ _ADD = {
 }
 _MUL = {aten.mul.Tensor, aten.mul_.Tensor, aten.mul.Scalar, aten.mul_.Scalar}
 _DIV = {aten.div.Tensor, aten.div_.Tensor, aten.div.Scalar, aten.div_.Scalar}
+_MASKED_FILL = {
+    aten.masked_fill.Scalar,
+    aten.masked_fill_.Scalar,
+    aten.masked_fill.Tensor,
+    aten.masked_fill_.Tensor,
+}
 _UNARY = {
     aten.neg.default,
     aten.neg_.default,
@@ -120,6 +126,10 @@ def _partial_options(ri: RuleInput) -> list[tuple[tuple[str, ...], str, tuple[bo
         if numbers:  # add(x, 2): the 2 would be added once per summand
             return []
         return [(first.partial, first.reduce_op, tuple(True for _ in specs))]
+    if op in _MASKED_FILL:  # filling summands with 0 fills the sum with 0
+        if len(partial) != 1 or not specs[0].layout.partial or len(ri.args) < 3 or ri.args[2] != 0:
+            return []
+        return [(first.partial, first.reduce_op, (True,) + (False,) * (len(specs) - 1))]
     if op in _MUL or op in _DIV:
         if len(partial) != 1 or (op in _DIV and not specs[0].layout.partial):
             return []
@@ -135,7 +145,7 @@ def _partial_options(ri: RuleInput) -> list[tuple[tuple[str, ...], str, tuple[bo
 
 
 @register_tag_rule(torch.Tag.pointwise)
-@register_rule(*_ADD, *_UNARY, aten._to_copy.default)
+@register_rule(*_ADD, *_UNARY, *_MASKED_FILL, aten._to_copy.default)
 def pointwise_rule(ri: RuleInput):
     out = ri.outputs[0]
     specs = ri.tensors
