@@ -391,7 +391,10 @@ def test_spec_longer_than_rank():
     assert "P('x', None, None)" in msg and "3 entries for a 2-d tensor" in msg
     assert "one entry per tensor dim" in msg
     with pytest.raises(sl.LayoutError, match=r"P\(None, None\)"):  # did you mean
-        sl.reshard(sl.shard(torch.ones(4, 4), mesh, P("x", None)), P())
+        sl.reshard(sl.shard(torch.ones(4, 4), mesh, P("x", None)), P(None, None, None))
+    # Shorter is fine (JAX): trailing dims are unsplit, P() is replicated at any rank.
+    y = sl.reshard(sl.shard(torch.ones(4, 4), mesh, P("x")), P())
+    assert y.layout == P(None, None) and torch.equal(y.full(), torch.ones(4, 4))
     with pytest.raises(sl.LayoutError, match=r"0-d tensor takes P\(\)"):
         sl.shard(torch.tensor(1.0), mesh, P(None))
     with pytest.raises(sl.LayoutError, match=r"unknown mesh axis 'y'.*\{'x': 4\}"):

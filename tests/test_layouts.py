@@ -204,6 +204,10 @@ def test_spec_longer_than_rank():
     )
     raises_layout_error(lambda: P(None).check(MESH.abstract, 0), "a 0-d tensor takes P()")
     assert P("a", "b").check(MESH.abstract, 2) == P("a", "b")
+    # Shorter specs leave trailing dims unsplit (JAX): P() is replicated at any rank.
+    assert P("a").check(MESH.abstract, 2) == P("a", None)
+    assert P().check(MESH.abstract, 3) == P(None, None, None)
+    assert P(partial="b").check(MESH.abstract, 2) == P(None, None, partial="b")
     assert P(partial="a").check(MESH.abstract, 0) == P(partial="a")
 
 

@@ -160,7 +160,12 @@ class Layout:
 
     # -- validation ------------------------------------------------------------
     def check(self, mesh: AbstractMesh, ndim: int, where: str = "layout") -> Layout:
-        """Raise a `LayoutError` unless this layout fits `mesh` and a rank-`ndim` tensor."""
+        """This layout for `mesh` and a rank-`ndim` tensor, or a `LayoutError`.
+
+        As in JAX, a spec shorter than the rank leaves the trailing dims unsplit
+        (``P()`` is replicated for any rank, ``P("x")`` on a matrix is
+        ``P("x", None)``): the padded layout is returned. A longer spec raises.
+        """
         problems = []
         unknown = sorted(a for a in self.used_axes if a not in mesh.axis_names)
         if unknown:
@@ -168,17 +173,19 @@ class Layout:
                 f"unknown mesh axis {', '.join(map(repr, unknown))} (the mesh has "
                 f"{dict(zip(mesh.axis_names, mesh.shape))!r})"
             )
-        if self.ndim != ndim:
+        if self.ndim > ndim:
             fix = (
                 f"did you mean P({', '.join(['None'] * ndim)})?"
                 if ndim and not any(self.dims)
-                else "give one entry per tensor dim"
+                else "give at most one entry per tensor dim"
             )
             if ndim == 0:
                 fix = "a 0-d tensor takes P() (optionally with partial=)"
             problems.append(f"it has {self.ndim} entries for a {ndim}-d tensor ({fix})")
         if problems:
             raise LayoutError(f"{where}: {self!r} does not fit: " + "; ".join(problems) + ".")
+        if self.ndim < ndim:
+            return Layout(self.dims + ((),) * (ndim - self.ndim), self.partial, self.reduce_op)
         return self
 
     # -- printing --------------------------------------------------------------

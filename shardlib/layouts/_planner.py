@@ -495,7 +495,8 @@ def plan(
             raise LayoutError(
                 f"sl.plan: {name} must be a layout built with sl.P(...), got {lay!r}."
             )
-        lay.check(abstract, len(shape), f"sl.plan({name}=...)")
+    src_layout = src_layout.check(abstract, len(shape), "sl.plan(src_layout=...)")
+    dst_layout = dst_layout.check(abstract, len(shape), "sl.plan(dst_layout=...)")
     dtype_name, itemsize = _dtype_info(dtype)
     path = _Search(dst_layout, shape, abstract, itemsize).run(src_layout)
     steps, cur = [], src_layout

@@ -47,7 +47,7 @@ def _check_layout(layout: Any, mesh: Mesh, ndim: int, dtype: torch.dtype, where:
                 else "."
             )
         )
-    layout.check(mesh.abstract, ndim, where)
+    layout = layout.check(mesh.abstract, ndim, where)
     if (
         layout.reduce_op == "avg"
         and layout.partial
@@ -133,7 +133,7 @@ def reshard(x: ShardedTensor, layout: Layout) -> ShardedTensor:
         [1.0, 5.0, 9.0, 13.0]
     """
     _check_sharded(x, "sl.reshard(x=...)")
-    _check_layout(layout, x._mesh, x.ndim, x.dtype, "sl.reshard(layout=...)")
+    layout = _check_layout(layout, x._mesh, x.ndim, x.dtype, "sl.reshard(layout=...)")
     if layout == x._layout:
         return x
     return _Reshard.apply(x, layout, "reshard", "forward")
@@ -153,7 +153,7 @@ def with_layout(x: ShardedTensor, layout: Layout) -> ShardedTensor:
         P('x', None)
     """
     _check_sharded(x, "sl.with_layout(x=...)")
-    _check_layout(layout, x._mesh, x.ndim, x.dtype, "sl.with_layout(layout=...)")
+    layout = _check_layout(layout, x._mesh, x.ndim, x.dtype, "sl.with_layout(layout=...)")
     if layout == x._layout:
         return x
     return _Reshard.apply(x, layout, "with_layout", "forward")
@@ -238,7 +238,7 @@ def shard(
         )
     if isinstance(tensor, ShardedTensor):
         raise LayoutError("sl.shard(tensor=...): already sharded; use sl.reshard(x, layout).")
-    _check_layout(layout, mesh, tensor.ndim, tensor.dtype, "sl.shard(layout=...)")
+    layout = _check_layout(layout, mesh, tensor.ndim, tensor.dtype, "sl.shard(layout=...)")
     return _Shard.apply(tensor, mesh, layout)
 
 
@@ -254,7 +254,7 @@ def _shard_from(tensor: torch.Tensor | None, mesh: Mesh, layout: Any, src: int) 
         )
     meta = be.broadcast_object(am, (tuple(tensor.shape), tensor.dtype) if owns_src else None, src)
     shape, dtype = meta
-    _check_layout(layout, mesh, len(shape), dtype, "sl.shard(layout=...)")
+    layout = _check_layout(layout, mesh, len(shape), dtype, "sl.shard(layout=...)")
     itemsize = dtype.itemsize
     if not any(layout.dims):
         nbytes = max_local_numel(shape, layout, am) * itemsize
@@ -336,7 +336,7 @@ def from_local(
             f"{len(devices)} devices of {mesh!r}; pass one block per device in flat order."
         )
     dtype = shards[0].dtype
-    _check_layout(layout, mesh, len(shape), dtype, "sl.from_local(layout=...)")
+    layout = _check_layout(layout, mesh, len(shape), dtype, "sl.from_local(layout=...)")
     wrong = []
     for dev, s in zip(devices, shards):
         want = local_shape(shape, layout, mesh.abstract, dev)

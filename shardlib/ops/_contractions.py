@@ -142,6 +142,10 @@ def einsum(eq: str, *xs: torch.Tensor, out_layout: Layout | None = None) -> torc
     from ._tensor import ShardedTensor
 
     eq = _explicit(eq, [x.ndim for x in xs])
+    if out_layout is not None and xs and isinstance(xs[0], ShardedTensor):
+        out_layout = out_layout.check(
+            xs[0].mesh.abstract, len(eq.split("->")[1]), "sl.einsum(out_layout=...)"
+        )
     if (
         out_layout is not None
         and len(xs) in (1, 2)
