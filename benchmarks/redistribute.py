@@ -1,7 +1,8 @@
 """Redistribution on 4 local gloo ranks: shardlib vs DTensor, side by side.
 
 For each case, both libraries move the same 4096x4096 float32 tensor between
-the same layouts, interleaved repetition by repetition. Time is the slowest
+the same layouts, interleaved repetition by repetition (after one warm-up, in
+alternating order). Time is the slowest
 rank's wall time between barriers (median over repetitions); bytes are per
 device, busiest device, ring model: shardlib's from its ledger, DTensor's from
 the c10d functional collectives it issues (intercepted with a dispatch mode
@@ -133,13 +134,19 @@ def worker(mesh_unused, n: int, reps: int):
             dx = distribute_tensor(value, dmesh, _placements(dsrc))
         t_sl, t_dt = [], []
         sl_bytes = dt_bytes = 0
-        for _ in range(reps):
-            with sl.comm_ledger() as led:
-                y = _time(lambda x=x, dst=dst: sl.reshard(x, dst), t_sl)
-            sl_bytes = led.total_bytes
-            with _DTensorBytes() as mode:
-                dy = _time(lambda dx=dx, m=dmesh, d=ddst: dx.redistribute(m, _placements(d)), t_dt)
-            dt_bytes, dt_kinds = mode.bytes, mode.kinds
+        for rep in range(reps + 1):  # rep 0 warms up; the order alternates so neither goes first
+            for lib in ("sl", "dt") if rep % 2 else ("dt", "sl"):
+                if lib == "sl":
+                    with sl.comm_ledger() as led:
+                        y = _time(lambda x=x, dst=dst: sl.reshard(x, dst), t_sl)
+                    sl_bytes = led.total_bytes
+                else:
+                    with _DTensorBytes() as mode:
+                        dy = _time(
+                            lambda dx=dx, m=dmesh, d=ddst: dx.redistribute(m, _placements(d)), t_dt
+                        )
+                    dt_bytes, dt_kinds = mode.bytes, mode.kinds
+        t_sl, t_dt = t_sl[1:], t_dt[1:]
         torch.testing.assert_close(y.local_shards()[0], dy.to_local(), rtol=1e-5, atol=1e-5)
         rows.append(
             (
