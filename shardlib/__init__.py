@@ -39,17 +39,17 @@ from .ops._contractions import einsum as einsum
 from .ops._dispatch import allow_replicate_fallback as allow_replicate_fallback
 from .ops._dispatch import strict as strict
 from .ops._explain import explain as explain
+from .ops._named import ShardMapError as ShardMapError
+from .ops._named import all_gather as all_gather
+from .ops._named import all_to_all as all_to_all
+from .ops._named import axis_index as axis_index
+from .ops._named import pmax as pmax
+from .ops._named import pmean as pmean
+from .ops._named import pmin as pmin
+from .ops._named import ppermute as ppermute
+from .ops._named import psum as psum
+from .ops._named import psum_scatter as psum_scatter
 from .ops._rules import register_rule as register_rule
-from .ops._shard_map import ShardMapError as ShardMapError
-from .ops._shard_map import all_gather as all_gather
-from .ops._shard_map import all_to_all as all_to_all
-from .ops._shard_map import axis_index as axis_index
-from .ops._shard_map import pmax as pmax
-from .ops._shard_map import pmean as pmean
-from .ops._shard_map import pmin as pmin
-from .ops._shard_map import ppermute as ppermute
-from .ops._shard_map import psum as psum
-from .ops._shard_map import psum_scatter as psum_scatter
 from .ops._shard_map import shard_map as shard_map
 from .ops._tensor import ShardedTensor as ShardedTensor
 
