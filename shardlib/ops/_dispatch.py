@@ -108,6 +108,13 @@ def _signature(a: Any) -> Any:
     return ("object", id(a))  # unhashable or unknown: never shared between calls
 
 
+def _has_unknown(sig: Any) -> bool:
+    """Whether a signature holds an ("object", id) entry, which must not key a cache."""
+    if isinstance(sig, tuple):
+        return sig[:1] == ("object",) or any(_has_unknown(s) for s in sig)
+    return False
+
+
 def _key(func: Any, args: tuple, kwargs: dict) -> tuple:
     """The decision-cache key (`dispatch` builds the same key inline when there are no kwargs)."""
     if kwargs:
@@ -194,7 +201,8 @@ def _dispatch(func: Any, args: tuple, kwargs: dict) -> Any:
         decision = _decide(func, args, kwargs)
         if len(_DECISIONS) >= _DECISION_LIMIT:
             _DECISIONS.clear()
-        _DECISIONS[key] = decision
+        if not _has_unknown(key):  # an id() may be reused by another object later
+            _DECISIONS[key] = decision
     fast = decision.fast
     if fast is not None:
         for i, want in fast:
