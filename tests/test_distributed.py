@@ -12,27 +12,21 @@ Workers are started once per session (see conftest.py).
 
 from __future__ import annotations
 
-import itertools
 import random
 
 import pytest
 import torch
 
 import shardlib as sl
+from tests._reference import enumerate_layouts
 
 pytestmark = pytest.mark.dist
 
 
 # == programs run on both backends ============================================
 def _layouts(names: tuple[str, ...], ndim: int) -> list[sl.Layout]:
-    """Every layout of `names` over a rank-`ndim` tensor (axes on dims, partial, or unused)."""
-    out = []
-    for roles in itertools.product(range(ndim + 2), repeat=len(names)):
-        dims = [[a for a, r in zip(names, roles) if r == d] for d in range(ndim)]
-        partial = tuple(a for a, r in zip(names, roles) if r == ndim)
-        for perm in itertools.product(*(itertools.permutations(d) for d in dims)):
-            out.append(sl.Layout(tuple(perm), partial))
-    return out
+    """Every layout of `names` over a rank-`ndim` tensor, partial ones with op sum."""
+    return list(enumerate_layouts(dict.fromkeys(names), ndim, ("sum",)))
 
 
 def _value(shape, dtype, seed=0):
