@@ -168,9 +168,7 @@ class _Full(torch.autograd.Function):
         # gets it cut to its own layout so `.grad` matches the parameter.
         ctx.mesh = x._mesh
         ctx.layout = x._layout if x.is_leaf else Layout(((),) * x.ndim)
-        replicated = Layout(((),) * x.ndim)
-        y = x if x._layout == replicated else _reshard_impl(x, replicated, "full", "forward")
-        return y._shards[0].clone() if y is x else y._shards[0]
+        return _global_value(x, "full", "forward")
 
     @staticmethod
     def backward(ctx, g):
@@ -197,13 +195,15 @@ class _Shard(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         g = _as_sharded(g, ctx.mesh, tuple(g.shape))
-        return _full_backward(g), None, None
+        return _global_value(g, "shard", "backward"), None, None
 
 
-def _full_backward(g: ShardedTensor) -> torch.Tensor:
-    replicated = Layout(((),) * g.ndim)
-    y = g if g._layout == replicated else _reshard_impl(g, replicated, "shard", "backward")
-    return y._shards[0]
+def _global_value(x: ShardedTensor, cause: str, direction: str) -> torch.Tensor:
+    """The global value of `x` as a fresh plain tensor (a reshard to replicated, if needed)."""
+    replicated = Layout(((),) * x.ndim)
+    if x._layout == replicated:
+        return x._shards[0].clone()
+    return _reshard_impl(x, replicated, cause, direction)._shards[0]
 
 
 def shard(
