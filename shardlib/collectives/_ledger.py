@@ -107,6 +107,13 @@ class CommLedger:
         return self.summary()
 
 
+def current_direction() -> str:
+    """``"backward"`` while autograd runs a backward pass, else ``"forward"``."""
+    import torch
+
+    return "backward" if torch._C._current_graph_task_id() != -1 else "forward"
+
+
 _lock = threading.Lock()
 _open: list[CommLedger] = []
 

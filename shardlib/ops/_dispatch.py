@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from .._errors import LayoutError, MeshMismatchError, NoRuleError
+from ..collectives._ledger import current_direction
 from ..collectives._redistribute import execute
 from ..layouts._layout import Layout
 from ..layouts._mesh import Mesh
@@ -402,10 +403,6 @@ def _no_rule_message(func: Any, specs: tuple[ArgSpec, ...]) -> str:
 
 
 # == running ===================================================================
-def _direction() -> str:
-    return "backward" if torch._C._current_graph_task_id() != -1 else "forward"
-
-
 def _move(func: Any, a: ShardedTensor, want: Layout) -> ShardedTensor:
     """`a` redistributed to `want` for an op: implicit, in the ledger, checked by strict mode.
 
@@ -425,7 +422,7 @@ def _move(func: Any, a: ShardedTensor, want: Layout) -> ShardedTensor:
     hit = moved.get(want)
     if hit is not None and hit[0] == a._version:
         return hit[1]
-    shards = execute(p, a._mesh, a._shards, direction=_direction(), cause=_cause(func))
+    shards = execute(p, a._mesh, a._shards, direction=current_direction(), cause=_cause(func))
     out = ShardedTensor(shards, a._mesh, want, tuple(a.shape))
     moved[want] = (a._version, out)
     return out

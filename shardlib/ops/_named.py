@@ -21,7 +21,7 @@ from torch.autograd.function import once_differentiable
 
 from .._errors import LayoutError, ShardlibError
 from .._format import dtype_name
-from ..collectives._ledger import record
+from ..collectives._ledger import current_direction, record
 from ..layouts._mesh import AbstractMesh, Mesh
 from ._tensor import ShardedTensor
 
@@ -184,10 +184,6 @@ class _Call:
         return _Call("ppermute", self.axes, (tuple((d, s) for s, d in self.params[0]),), self.cause)
 
 
-def _direction() -> str:
-    return "backward" if torch._C._current_graph_task_id() != -1 else "forward"
-
-
 @functools.lru_cache(maxsize=1024)
 def _ppermute_sources(
     mesh: AbstractMesh, axes: tuple[str, ...], pairs: tuple[tuple[int, int], ...]
@@ -253,7 +249,7 @@ def _run(call: _Call, mesh: Mesh, bufs: list[torch.Tensor]) -> list[torch.Tensor
         if all(s == d for s, d in call.params[0]):
             return outs  # nothing moved: no communication to record
         kind, nbytes = "ppermute", numel * itemsize
-    record(kind, axes, k, nbytes, dtype_name(bufs[0].dtype), _direction(), call.cause)
+    record(kind, axes, k, nbytes, dtype_name(bufs[0].dtype), current_direction(), call.cause)
     return outs
 
 

@@ -79,6 +79,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .._errors import LayoutError, MeshMismatchError
+from ..collectives._ledger import current_direction
 from ..layouts._layout import Layout
 from ..layouts._mesh import AbstractMesh, Mesh
 from ..layouts._planner import plan
@@ -88,7 +89,6 @@ from ._named import (
     ShardMapError,
     _Aborted,
     _Device,
-    _direction,
     _Lockstep,
     _tls,
 )
@@ -430,7 +430,7 @@ def _reshard_in(a: ShardedTensor, layout: Layout, i: int) -> ShardedTensor:
             f"{a._layout!r} but in_layouts[{i}] is {layout!r}, which needs communication "
             f"({steps}). Fix: `x = sl.reshard(x, {layout!r})` before the call, or leave strict mode."
         )
-    return _Reshard.apply(a, layout, "shard_map", _direction())
+    return _Reshard.apply(a, layout, "shard_map", current_direction())
 
 
 def _compact(spec: Any) -> str:
