@@ -30,7 +30,7 @@ from ..layouts._planner import (
 from ..layouts._shard import local_bounds, max_chunk
 from ._ledger import record
 
-__all__ = ["execute", "pad_to", "ppermute_sources"]
+__all__ = ["execute", "pad_to", "pad_to_shape", "ppermute_sources"]
 
 
 def pad_to(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
@@ -39,8 +39,13 @@ def pad_to(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
         return t
     shape = list(t.shape)
     shape[dim] = size
+    return pad_to_shape(t, tuple(shape))
+
+
+def pad_to_shape(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """A fresh zero tensor of `shape` with `t` in its leading corner."""
     out = t.new_zeros(shape)
-    out.narrow(dim, 0, t.shape[dim]).copy_(t)
+    out[tuple(slice(0, n) for n in t.shape)] = t
     return out
 
 

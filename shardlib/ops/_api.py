@@ -17,7 +17,7 @@ import torch
 from .._errors import LayoutError, MeshMismatchError
 from .._format import dtype_name
 from ..collectives._ledger import record
-from ..collectives._redistribute import execute
+from ..collectives._redistribute import execute, pad_to_shape
 from ..layouts._layout import Layout
 from ..layouts._mesh import Mesh
 from ..layouts._planner import plan
@@ -265,7 +265,7 @@ def _shard_from(tensor: torch.Tensor | None, mesh: Mesh, layout: Any, src: int) 
     pieces = None
     if owns_src:
         full_blocks = _local_blocks(tensor.detach(), Mesh.simulated(mesh.axes), layout)
-        pieces = [_pad_all(b, pad) for b in full_blocks._shards]
+        pieces = [pad_to_shape(b, pad) for b in full_blocks._shards]
     got = be.scatter(am, pieces, src, pad, dtype)
     nbytes = (am.size - 1) * max_local_numel(shape, layout, am) * itemsize
     record("scatter", am.axis_names, am.size, nbytes, dtype_name(dtype), "forward", "shard")
@@ -275,12 +275,6 @@ def _shard_from(tensor: torch.Tensor | None, mesh: Mesh, layout: Any, src: int) 
             t = t.narrow(d, 0, n)
         shards.append(t.contiguous())
     return ShardedTensor(shards, mesh, layout, shape)
-
-
-def _pad_all(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    out = t.new_zeros(shape)
-    out[tuple(slice(0, n) for n in t.shape)] = t
-    return out
 
 
 class _FromLocal(torch.autograd.Function):
