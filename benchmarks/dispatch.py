@@ -144,7 +144,7 @@ def mlp_worker(mesh, reps: int, tokens: int, h: int, f: int):
         xr, a, b = (t.detach().requires_grad_() for t in (sx, s1, s2))
         y = sl.reshard(F.gelu(xr @ a) @ b, P(None, None))  # the forward all-reduce
         y.sum().backward()
-        sl.reshard(xr.grad, xr.layout)  # the input gradient's all-reduce
+        sl.reshard(xr.grad, xr.spec)  # the input gradient's all-reduce
         return y
 
     dmesh = init_device_mesh("cpu", (k,))

@@ -232,7 +232,7 @@ def check_reshard(mesh: sl.Mesh, shape: Sequence[int], src: sl.Layout, dst: sl.L
     y = sl.reshard(x, dst)
     where = f"{src!r} -> {dst!r}, shape {shape} on {mesh!r}"
     assert isinstance(y, sl.ShardedTensor), where
-    assert y.layout == dst and tuple(y.shape) == shape and y.dtype == torch.float64, where
+    assert y.spec == dst and tuple(y.shape) == shape and y.dtype == torch.float64, where
     shards = y.local_shards()
     assert len(shards) == mesh.size, where
     for dev, s in enumerate(shards):

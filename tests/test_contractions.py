@@ -102,7 +102,7 @@ def test_issue_layouts_need_no_collective(la, lb, out):
     a, b = _make(mesh, a_val, la), _make(mesh, b_val, lb)
     with sl.comm_ledger() as led:
         c = a @ b
-    assert c.layout == out and led.records == []
+    assert c.spec == out and led.records == []
     torch.testing.assert_close(c.full(), a_val @ b_val, rtol=1e-10, atol=1e-10)
 
 
@@ -123,7 +123,7 @@ def test_two_partial_operands_reduce_one_first():
     b = _partial_source(mesh, b_val, P(None, None, partial="x"))
     with sl.comm_ledger() as led:
         c = a @ b
-    assert led.count("all_reduce") == 1 and c.layout.partial == ("x",)
+    assert led.count("all_reduce") == 1 and c.spec.partial == ("x",)
     torch.testing.assert_close(c.full(), a_val @ b_val, rtol=1e-10, atol=1e-10)
 
 

@@ -29,7 +29,7 @@ def test_strict_names_op_layouts_and_fix():
     with sl.strict():  # no communication needed: fine
         c = a + a
         d = a @ b  # row split times replicated
-    assert c.layout == P("x", None) and d.layout == P("x", None)
+    assert c.spec == P("x", None) and d.spec == P("x", None)
     torch.testing.assert_close(d.full(), _v(8, 8) @ _v(8, 8, seed=1), rtol=1e-12, atol=1e-12)
 
 
@@ -48,7 +48,7 @@ def test_replicate_fallback_gathers_in_the_ledger():
     x = sl.shard(_v(6), mesh, P("x"))
     with sl.allow_replicate_fallback(), sl.comm_ledger() as led:
         y = torch.cumsum(x, 0)
-    assert y.layout == P(None) and [r.kind for r in led.records] == ["all_gather"]
+    assert y.spec == P(None) and [r.kind for r in led.records] == ["all_gather"]
     assert led.records[0].cause == "cumsum.default"
     torch.testing.assert_close(y.full(), torch.cumsum(_v(6), 0), rtol=1e-12, atol=1e-12)
 
@@ -94,11 +94,11 @@ def test_einsum_out_layout_and_with_layout():
     a, b = sl.shard(_v(4, 6), mesh, P(None, "x")), sl.shard(_v(6, 3, seed=1), mesh, P("x", None))
     with sl.comm_ledger() as led:
         y = sl.einsum("ij,jk->ik", a, b, out_layout=P("x", None))
-    assert y.layout == P("x", None) and [r.kind for r in led.records] == ["reduce_scatter"]
+    assert y.spec == P("x", None) and [r.kind for r in led.records] == ["reduce_scatter"]
     torch.testing.assert_close(y.full(), _v(4, 6) @ _v(6, 3, seed=1), rtol=1e-12, atol=1e-12)
     with sl.comm_ledger() as led:
         z = sl.with_layout(y, P(None, None))
-    assert z.layout == P(None, None) and led.records[0].cause == "with_layout"
+    assert z.spec == P(None, None) and led.records[0].cause == "with_layout"
 
 
 def test_explain_lists_ops_and_collectives():

@@ -88,7 +88,7 @@ def run_grad(mesh, shape, cases):
             (gx,) = torch.autograd.grad(y, x, grad_outputs=g)
         out.append(
             (
-                gx.layout,
+                gx.spec,
                 [s.clone() for s in gx.local_shards()],
                 gx.full(),
                 [vars_of(r) for r in led.records],

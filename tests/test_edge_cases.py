@@ -48,7 +48,7 @@ def test_zero_dim_shard_full(op):
     mesh = sl.Mesh.simulated({"x": 4})
     t = torch.tensor(3.5, dtype=torch.float64)
     x = sl.shard(t, mesh, P(partial={"x": op}))
-    assert x.shape == () and x.layout == P(partial={"x": op})
+    assert x.shape == () and x.spec == P(partial={"x": op})
     want = [3.5, 0.0, 0.0, 0.0] if op == "sum" else [3.5] * 4
     assert [s.item() for s in x.local_shards()] == want
     assert all(s.shape == () for s in x.local_shards())
@@ -57,8 +57,8 @@ def test_zero_dim_shard_full(op):
     assert [s.item() for s in y.local_shards()] == [3.5] * 4
     # Differentiable: the gradient of a 0-d value.
     leaf = sl.shard(t, mesh, P()).requires_grad_()
-    (g,) = torch.autograd.grad(sl.reshard(leaf, x.layout).full() * 2, leaf)
-    assert g.layout == P() and torch.equal(g.full(), torch.tensor(2.0, dtype=torch.float64))
+    (g,) = torch.autograd.grad(sl.reshard(leaf, x.spec).full() * 2, leaf)
+    assert g.spec == P() and torch.equal(g.full(), torch.tensor(2.0, dtype=torch.float64))
 
 
 # == zero-size dims and empty shards ===========================================
@@ -190,7 +190,7 @@ def test_partial_casts():
     for dtype, reductions in ((torch.int64, ["all_reduce"]), (torch.bool, [])):
         with sl.comm_ledger() as led:
             y = x.to(dtype)
-        assert y.layout == P(None)
+        assert y.spec == P(None)
         assert torch.equal(y.full(), torch.tensor([1.0, 3.0]).to(dtype))
         assert [r.kind for r in led.records] == reductions
     with sl.strict(), pytest.raises(sl.LayoutError, match=r"sl\.reshard\(x, P\(None\)\)"):
@@ -227,7 +227,7 @@ def test_shard_from_src(layout, kind):
         (kind, ("a", "b"), 4, "forward", "shard")
     ]
     assert led.records[0].bytes > 0 and led.records[0].dtype == "float32"
-    assert x.layout == layout and torch.equal(x.full(), v)
+    assert x.spec == layout and torch.equal(x.full(), v)
     ref = sl.shard(v, mesh, layout)
     for a, b in zip(x.local_shards(), ref.local_shards()):
         assert torch.equal(a, b)
@@ -394,7 +394,7 @@ def test_spec_longer_than_rank():
         sl.reshard(sl.shard(torch.ones(4, 4), mesh, P("x", None)), P(None, None, None))
     # Shorter is fine (JAX): trailing dims are unsplit, P() is replicated at any rank.
     y = sl.reshard(sl.shard(torch.ones(4, 4), mesh, P("x")), P())
-    assert y.layout == P(None, None) and torch.equal(y.full(), torch.ones(4, 4))
+    assert y.spec == P(None, None) and torch.equal(y.full(), torch.ones(4, 4))
     with pytest.raises(sl.LayoutError, match=r"0-d tensor takes P\(\)"):
         sl.shard(torch.tensor(1.0), mesh, P(None))
     with pytest.raises(sl.LayoutError, match=r"unknown mesh axis 'y'.*\{'x': 4\}"):
@@ -428,7 +428,7 @@ def test_ledger_records_fields_summary():
     for kind in set(kinds):
         assert kind in text
     assert "total" in text and "reshard" in text and "full" in text
-    assert z.layout == P("a", None)
+    assert z.spec == P("a", None)
     with sl.comm_ledger() as empty:
         pass
     assert empty.records == [] and empty.total_bytes == 0 and "total" in empty.summary()
@@ -464,7 +464,7 @@ def test_design_figures_4096(axes, src, dst, kinds, nbytes):
     x = sl.shard(torch.empty(4096, 4096), mesh, src)
     with sl.comm_ledger() as led:
         y = sl.reshard(x, dst)
-    assert y.layout == dst
+    assert y.spec == dst
     if kinds is not None:
         assert [(r.kind, r.axes, r.group_size) for r in led.records] == kinds, led.summary()
     if isinstance(nbytes, tuple):

@@ -133,13 +133,13 @@ def test_embedding_vocab_split_is_partial_with_no_forward_collective(vocab):
     with sl.comm_ledger() as led:
         y = F.embedding(i, t)
     assert led.records == []
-    assert y.layout == P("dp", None, None, partial="tp")
+    assert y.spec == P("dp", None, None, partial="tp")
     torch.testing.assert_close(y.full(), F.embedding(ids, weight))
     (g,) = torch.autograd.grad(y.full().sum(), weight)
     (want,) = torch.autograd.grad(F.embedding(ids, weight).sum(), weight)
     torch.testing.assert_close(g, want)
     plain = F.embedding(ids, t)  # a plain id tensor is a replicated constant
-    assert plain.layout == P(None, None, None, partial="tp")
+    assert plain.spec == P(None, None, None, partial="tp")
     torch.testing.assert_close(plain.full(), F.embedding(ids, weight))
 
 
@@ -152,7 +152,7 @@ def test_embedding_vocab_split_over_two_axes_uneven():
         y = F.embedding(
             sl.shard(ids, mesh, P(None, None)), _sharded(mesh, weight, P(("x", "y"), None))
         )
-    assert led.records == [] and y.layout == P(None, None, None, partial=("x", "y"))
+    assert led.records == [] and y.spec == P(None, None, None, partial=("x", "y"))
     torch.testing.assert_close(y.full(), F.embedding(ids, weight))
 
 
@@ -162,10 +162,10 @@ def test_embedding_hidden_split_and_batch_split():
     t, i = _sharded(mesh, weight, P(None, "tp")), sl.shard(ids, mesh, P("dp", None))
     with sl.comm_ledger() as led:
         y = F.embedding(i, t)
-    assert led.records == [] and y.layout == P("dp", None, "tp")
+    assert led.records == [] and y.spec == P("dp", None, "tp")
     with sl.comm_ledger() as led:
-        (g,) = torch.autograd.grad(y, t, _sharded(mesh, _randn(y.shape, 3, False), y.layout))
-    assert g.layout == P(None, "tp", partial="dp") and _kinds(led) == []
+        (g,) = torch.autograd.grad(y, t, _sharded(mesh, _randn(y.shape, 3, False), y.spec))
+    assert g.spec == P(None, "tp", partial="dp") and _kinds(led) == []
 
 
 # == nll loss / cross-entropy ==================================================
@@ -223,17 +223,17 @@ def test_nll_loss_split_classes_never_gathers(reduction, x_layout):
     if reduction == "mean":  # the global count of non-ignored targets: scalars only
         assert set(kinds) == {"all_reduce"} and all(r.bytes <= 16 for r in led.records)
     else:
-        assert kinds == [] and y.layout.partial
+        assert kinds == [] and y.spec.partial
     want = F.nll_loss(logp, target, reduction=reduction)
     torch.testing.assert_close(y.full(), want, **TOL)
     with sl.comm_ledger() as led:
         (g,) = torch.autograd.grad(
             y,
             x,
-            _sharded(mesh, torch.ones(want.shape, dtype=torch.float64), y.layout.without_partial()),
+            _sharded(mesh, torch.ones(want.shape, dtype=torch.float64), y.spec.without_partial()),
         )
     assert "all_gather" not in _kinds(led)
-    assert g.layout.dims == x_layout.dims
+    assert g.spec.dims == x_layout.dims
 
 
 def _log_softmax_over_split_dim_works() -> bool:
@@ -290,7 +290,7 @@ def test_dropout_is_bitwise_the_unsharded_op(layout):
     y = F.dropout(sl.shard(value, mesh, layout), 0.3)
     torch.manual_seed(0)
     want = F.dropout(value, 0.3)
-    assert y.layout == layout and torch.equal(y.full(), want)
+    assert y.spec == layout and torch.equal(y.full(), want)
     (a,) = torch.autograd.grad(y.full().sum(), value)
     (b,) = torch.autograd.grad(want.sum(), value)
     assert torch.equal(a, b)
@@ -299,7 +299,7 @@ def test_dropout_is_bitwise_the_unsharded_op(layout):
     torch.manual_seed(0)
     w_out, w_mask = torch.native_dropout(value.detach(), 0.3, True)
     assert torch.equal(out.full(), w_out) and torch.equal(mask.full(), w_mask)
-    assert mask.layout == layout and mask.dtype == torch.bool
+    assert mask.spec == layout and mask.dtype == torch.bool
 
 
 def test_dropout_keeps_partial_and_consumes_the_same_random_numbers():
@@ -316,10 +316,10 @@ def test_dropout_keeps_partial_and_consumes_the_same_random_numbers():
         want = F.dropout(value, 0.5)
         w_out, _ = torch.native_dropout(value, 0.5, True)
         assert torch.equal(after, torch.rand(4))  # the same RNG state afterwards
-        assert led.records == [] and y.layout == layout and out.layout == layout
+        assert led.records == [] and y.spec == layout and out.spec == layout
         torch.testing.assert_close(y.full(), want, **TOL)
         torch.testing.assert_close(out.full(), w_out, **TOL)
-        assert not mask.layout.partial
+        assert not mask.spec.partial
 
 
 def test_native_dropout_eval_and_backward():
@@ -333,7 +333,7 @@ def test_native_dropout_eval_and_backward():
     _, mask = torch.native_dropout(sl.shard(value, mesh, P("a", "b")), 0.25, True)
     g = _sharded(mesh, value, P(None, "b", partial="a"))
     got = aten.native_dropout_backward.default(g, mask, 4 / 3)
-    assert got.layout.partial == ("a",)
+    assert got.spec.partial == ("a",)
     torch.testing.assert_close(got.full(), value * mask.full() * (4 / 3), **TOL)
 
 
@@ -364,7 +364,7 @@ def test_random_ops_are_layout_independent(name):
             x = sl.reshard(x, layout.without_partial())
         torch.manual_seed(11)
         got = fn(x)
-        assert got.layout.dims == layout.dims, (name, layout)
+        assert got.spec.dims == layout.dims, (name, layout)
         assert torch.equal(got.full(), want), (name, layout)
 
 
@@ -413,8 +413,8 @@ def test_sdpa_head_split_records_no_collective(causal):
         grads = torch.autograd.grad(
             y, (qs, ks, vs), _sharded(mesh, torch.ones(y.shape, dtype=torch.float64), layout)
         )
-    assert led.records == [] and y.layout == layout
-    assert all(g.layout == layout for g in grads)
+    assert led.records == [] and y.spec == layout
+    assert all(g.spec == layout for g in grads)
 
 
 def test_sdpa_sequence_split_gathers_kv_and_gives_partial_kv_grads():
@@ -424,7 +424,7 @@ def test_sdpa_sequence_split_gathers_kv_and_gives_partial_kv_grads():
     qs, ks, vs = (sl.shard(t, mesh, seq) for t in (q, k, v))
     with sl.comm_ledger() as led:
         y = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
-    assert sorted(_kinds(led)) == ["all_gather", "all_gather"] and y.layout == seq
+    assert sorted(_kinds(led)) == ["all_gather", "all_gather"] and y.spec == seq
     g = _sharded(mesh, _randn(y.shape, 5, grad=False), seq)
     dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward.default(
         g,
@@ -435,7 +435,7 @@ def test_sdpa_sequence_split_gathers_kv_and_gives_partial_kv_grads():
         0.0,
         True,
     )
-    assert dq.layout == seq and dk.layout == P("dp", None, None, None, partial="tp")
+    assert dq.spec == seq and dk.spec == P("dp", None, None, None, partial="tp")
     torch.testing.assert_close(
         y.full(), F.scaled_dot_product_attention(q, k, v, is_causal=True), **TOL
     )
@@ -462,7 +462,7 @@ def test_sdpa_math_path_dropout_and_safe_softmax():
         torch.testing.assert_close(a, b, **TOL)
     x = _sharded(mesh, _randn((3, 4, 5), 1, grad=False), P("a", None, "b"))
     got = aten._safe_softmax.default(x, 1)
-    assert got.layout == P("a", None, "b")
+    assert got.spec == P("a", None, "b")
     torch.testing.assert_close(got.full(), torch.softmax(x.full(), 1), **TOL)
 
 
@@ -479,7 +479,7 @@ def test_backward_ops_keep_a_partial_gradient_partial():
             -1,
             False,
         )
-    assert led.records == [] and got.layout == P(None, None, partial=("a", "b"))
+    assert led.records == [] and got.spec == P(None, None, partial=("a", "b"))
     want = aten.embedding_dense_backward.default(g, ids, 9, -1, False)
     torch.testing.assert_close(got.full(), want, **TOL)
 
@@ -496,7 +496,7 @@ def test_backward_ops_keep_a_partial_gradient_partial():
             -100,
             total,
         )
-    assert led.records == [] and got.layout == P(None, "a", partial="b")
+    assert led.records == [] and got.spec == P(None, "a", partial="b")
     want = aten.nll_loss_backward.default(gl, logp, target, None, 0, -100, total)
     torch.testing.assert_close(got.full(), want, **TOL)
 
@@ -517,7 +517,7 @@ def test_backward_ops_keep_a_partial_gradient_partial():
         go, q, k, v, out, lse, 0.0, False
     )
     for a, w in zip(got, want):
-        assert a.layout == P(None, "a", None, None, partial="b")
+        assert a.spec == P(None, "a", None, None, partial="b")
         torch.testing.assert_close(a.full(), w, **TOL)
 
 

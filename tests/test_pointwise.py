@@ -35,7 +35,7 @@ def test_number_plus_partial_stays_partial(op):
         y, z = x + 2.5, x - 1.0
         w = _partial(op, mesh)
         w.add_(0.5)
-    assert led.records == [] and y.layout == x.layout and w.layout == x.layout
+    assert led.records == [] and y.spec == x.spec and w.spec == x.spec
     for got, want in ((y, ref + 2.5), (z, ref - 1.0), (w, ref + 0.5)):
         torch.testing.assert_close(got.full(), want, rtol=1e-12, atol=1e-12)
 
@@ -45,7 +45,7 @@ def test_integer_partial_sum_plus_number_reduces_first():
     x = _partial("sum", mesh, torch.int64)
     with sl.comm_ledger() as led:
         y = x + 3
-    assert [r.kind for r in led.records] == ["all_reduce"] and not y.layout.partial
+    assert [r.kind for r in led.records] == ["all_reduce"] and not y.spec.partial
     assert torch.equal(y.full(), x.full() + 3)
 
 

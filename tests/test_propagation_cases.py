@@ -29,7 +29,7 @@ def test_matmul_row_split_times_column_split():
     mesh = sl.Mesh.simulated(MESH)
     a, b = _val(8, 16), _val(16, 4, seed=1)
     c = _no_comm(lambda: sl.shard(a, mesh, P("x", None)) @ sl.shard(b, mesh, P(None, "y")))
-    assert c.layout == P("x", "y")
+    assert c.spec == P("x", "y")
     torch.testing.assert_close(c.full(), a @ b, rtol=1e-12, atol=1e-12)
 
 
@@ -37,7 +37,7 @@ def test_matmul_over_a_split_contracted_dim_is_partial():
     mesh = sl.Mesh.simulated(MESH)
     a, b = _val(8, 16), _val(16, 4, seed=1)
     c = _no_comm(lambda: sl.shard(a, mesh, P(None, "x")) @ sl.shard(b, mesh, P("x", None)))
-    assert c.layout == P(None, None, partial="x")
+    assert c.spec == P(None, None, partial="x")
     torch.testing.assert_close(c.full(), a @ b, rtol=1e-12, atol=1e-12)
 
 
@@ -45,7 +45,7 @@ def test_add_of_row_and_column_splits():
     mesh = sl.Mesh.simulated(MESH)
     a, b = _val(8, 16), _val(8, 16, seed=1)
     c = _no_comm(lambda: sl.shard(a, mesh, P("x", None)) + sl.shard(b, mesh, P(None, "y")))
-    assert c.layout == P("x", "y")
+    assert c.spec == P("x", "y")
     torch.testing.assert_close(c.full(), a + b, rtol=1e-12, atol=1e-12)
 
 
@@ -54,7 +54,7 @@ def test_sum_over_a_split_dim_is_partial():
     a = _val(8, 16)
     x = sl.shard(a, mesh, P("x", None))
     s = _no_comm(lambda: x.sum(0))
-    assert s.layout == P(None, partial="x")
+    assert s.spec == P(None, partial="x")
     torch.testing.assert_close(s.full(), a.sum(0), rtol=1e-12, atol=1e-12)
 
 
@@ -64,5 +64,5 @@ def test_reshape_keeps_the_major_split():
     x = sl.shard(a, mesh, P("x", None))
     flat = _no_comm(lambda: x.reshape(48))
     split = _no_comm(lambda: x.reshape(4, 2, 6))
-    assert flat.layout == P("x") and split.layout == P("x", None, None)
+    assert flat.spec == P("x") and split.spec == P("x", None, None)
     assert torch.equal(flat.full(), a.reshape(48)) and torch.equal(split.full(), a.reshape(4, 2, 6))

@@ -402,7 +402,7 @@ def test_reduction_over_split_dim_is_partial_with_no_collective(axes, shape, lay
     with sl.comm_ledger() as led:
         y = fn(x)
     assert led.records == []
-    assert y.layout == out
+    assert y.spec == out
     torch.testing.assert_close(y.full(), fn(t), **TOL)
 
 
@@ -429,7 +429,7 @@ def test_nonlinear_reduction_of_partial_sum_reduces_first():
     with sl.comm_ledger() as led:
         y = x.amax(0)
     assert led.records and all(r.axes == ("y",) for r in led.records)
-    assert not y.layout.partial or y.layout.reduce_op == "max"
+    assert not y.spec.partial or y.spec.reduce_op == "max"
     torch.testing.assert_close(y.full(), t.amax(0), **TOL)
 
 
@@ -438,7 +438,7 @@ def test_argmax_over_split_dim_moves_axes_by_all_to_all():
     t = _randn((8, 8), 0)
     with sl.comm_ledger() as led:
         y = sl.shard(t, mesh, P(None, "x")).argmax(1)
-    assert [r.kind for r in led.records] == ["all_to_all"] and y.layout == P("x")
+    assert [r.kind for r in led.records] == ["all_to_all"] and y.spec == P("x")
     assert torch.equal(y.full(), t.argmax(1))
 
 
@@ -449,7 +449,7 @@ def test_norm_orders_over_split_dim(ord):
     t[1, 2, 0] = 0.0  # a zero for ord 0
     x = sl.shard(t, mesh, P("x", "y", None))
     y = torch.linalg.vector_norm(x, ord, (0, 1), keepdim=True)
-    assert y.layout.dims == ((), (), ())
+    assert y.spec.dims == ((), (), ())
     torch.testing.assert_close(y.full(), torch.linalg.vector_norm(t, ord, (0, 1), True), **TOL)
     y = torch.linalg.vector_norm(x.to(torch.float32), ord, 0, dtype=torch.float64)
     want = torch.linalg.vector_norm(t.to(torch.float32), ord, 0, dtype=torch.float64)
@@ -479,7 +479,7 @@ def test_softmax_over_split_dim_never_gathers_logits():
     for fn in (F.softmax, F.log_softmax):
         with sl.comm_ledger() as led:
             y = fn(x, -1)
-        assert y.layout == P("y", "x")
+        assert y.spec == P("y", "x")
         assert {r.kind for r in led.records} == {"all_reduce"}
         assert all(r.axes == ("x",) for r in led.records)
         assert led.total_bytes * 50 < gather_bytes, (led.total_bytes, gather_bytes)
@@ -514,7 +514,7 @@ def test_softmax_backward_keeps_partial_sum_gradient():
     y.register_hook(lambda g: grad_in.setdefault("g", g))
     with sl.comm_ledger() as led:
         (g,) = torch.autograd.grad(y, t, ct_partial)
-    assert grad_in["g"].layout == P("x", None, partial="y")
+    assert grad_in["g"].spec == P("x", None, partial="y")
     assert all(r.cause == "shard" for r in led.records)  # only the final gather into t
     (want,) = torch.autograd.grad(F.softmax(t, -1), t, ct)
     torch.testing.assert_close(g, want, **TOL)
@@ -529,15 +529,15 @@ def test_layer_norm_token_split_has_no_forward_collective():
     w, b = sl.shard(w_t, mesh, P(None)), sl.shard(b_t, mesh, P(None))
     with sl.comm_ledger() as led:
         y = F.layer_norm(x, (16,), w, b)
-    assert led.records == [] and y.layout == P(None, ("x", "y"), None)
+    assert led.records == [] and y.spec == P(None, ("x", "y"), None)
     want = F.layer_norm(t, (16,), w_t, b_t)
     torch.testing.assert_close(y.full(), want, **TOL)
     ct = _randn((2, 10, 16), 3)
     with sl.comm_ledger() as led:
-        gx, gw, gb = torch.autograd.grad(y, [x, w, b], sl.shard(ct, mesh, y.layout))
+        gx, gw, gb = torch.autograd.grad(y, [x, w, b], sl.shard(ct, mesh, y.spec))
     assert led.records == []  # the weight gradients stay partial: reduced lazily
-    assert gx.layout == y.layout
-    assert gw.layout == P(None, partial=("x", "y")) and gb.layout == gw.layout
+    assert gx.spec == y.spec
+    assert gw.spec == P(None, partial=("x", "y")) and gb.spec == gw.spec
     for got, ref in zip((gx, gw, gb), torch.autograd.grad(want, [t, w_t, b_t], ct)):
         torch.testing.assert_close(got.full(), ref, **TOL)
 
@@ -552,7 +552,7 @@ def test_layer_norm_backward_keeps_partial_sum_gradient():
     with sl.comm_ledger() as led:
         gx, gw = torch.autograd.grad(y, [x, w], _sharded(ct, mesh, P("x", None, partial="y")))
     assert led.records == []
-    assert gx.layout == P("x", None, partial="y") and gw.layout == P(None, partial=("x", "y"))
+    assert gx.spec == P("x", None, partial="y") and gw.spec == P(None, partial=("x", "y"))
     ref = torch.autograd.grad(F.layer_norm(t, (16,), w_t), [t, w_t], ct)
     for got, want in zip((gx, gw), ref):
         torch.testing.assert_close(got.full(), want, **TOL)
@@ -565,7 +565,7 @@ def test_layer_norm_over_split_hidden_reduces_only_statistics():
     w = sl.shard(_randn((64,), 1), mesh, P("x"))
     with sl.comm_ledger() as led:
         y = F.layer_norm(x, (64,), w)
-    assert y.layout == P(None, "x")
+    assert y.spec == P(None, "x")
     assert [r.kind for r in led.records] == ["all_reduce", "all_reduce"]
     assert all(r.bytes <= 6 * 8 * 2 for r in led.records)  # (6, 1) statistics only
     torch.testing.assert_close(y.full(), F.layer_norm(t, (64,), w.full()), **TOL)
@@ -576,7 +576,7 @@ def test_var_over_split_dim_reduces_only_the_mean():
     t = _randn((9, 5), 0)
     with sl.comm_ledger() as led:
         v = torch.var(sl.shard(t, mesh, P("x", "y")), 0)
-    assert [r.kind for r in led.records] == ["all_reduce"] and v.layout == P("y", partial="x")
+    assert [r.kind for r in led.records] == ["all_reduce"] and v.spec == P("y", partial="x")
     torch.testing.assert_close(v.full(), torch.var(t, 0), **TOL)
 
 

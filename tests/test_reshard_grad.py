@@ -1,7 +1,7 @@
 """Gradients through `sl.reshard` and the aten ops autograd issues on sharded tensors.
 
 DESIGN §4, last paragraph: the cotangent of ``sl.reshard(x, dst)`` is resharded
-to ``x.layout`` with its partial axes made replicated (the gradient of a
+to ``x.spec`` with its partial axes made replicated (the gradient of a
 summand is the whole gradient). Covered here, on simulated meshes:
 
 - for every (src, dst) pair on {a:2,b:2} (2-d, uneven) and {a:3,b:2} (1-d),
@@ -49,7 +49,7 @@ def _sharded(mesh: sl.Mesh, value: torch.Tensor, layout: sl.Layout) -> sl.Sharde
 
 def _assert_is(g, value: torch.Tensor, layout: sl.Layout, mesh: sl.Mesh, where: str) -> None:
     assert isinstance(g, sl.ShardedTensor), f"{where}: gradient is a {type(g).__name__}"
-    assert g.layout == layout, f"{where}: gradient layout {g.layout!r}, want {layout!r}"
+    assert g.spec == layout, f"{where}: gradient layout {g.spec!r}, want {layout!r}"
     if layout.partial:
         assert torch.equal(g.full(), value), where
         return
@@ -210,13 +210,13 @@ def test_detach_and_alias():
     mesh = sl.Mesh.simulated(MESH22)
     x = _leaf(mesh, SHAPE, P("a", "b", partial=()))
     d = x.detach()
-    assert isinstance(d, sl.ShardedTensor) and d.layout == x.layout and not d.requires_grad
+    assert isinstance(d, sl.ShardedTensor) and d.spec == x.spec and not d.requires_grad
     assert all(torch.equal(a, b) for a, b in zip(d.local_shards(), x.local_shards()))
     a = torch.ops.aten.alias(x)
-    assert isinstance(a, sl.ShardedTensor) and a.layout == x.layout and a.requires_grad
+    assert isinstance(a, sl.ShardedTensor) and a.spec == x.spec and a.requires_grad
     w = _weights(SHAPE)
     (g,) = torch.autograd.grad((sl.reshard(a, P(None, "a")).full() * w).sum(), x)
-    _assert_is(g, w, x.layout, mesh, "alias")
+    _assert_is(g, w, x.spec, mesh, "alias")
 
 
 @pytest.mark.parametrize("fn", [torch.ones_like, torch.zeros_like, torch.empty_like])
@@ -228,7 +228,7 @@ def test_like_ops(fn, layout):
     mesh = sl.Mesh.simulated(MESH22)
     x = _sharded(mesh, arange_value(SHAPE), layout)
     y = fn(x)
-    assert isinstance(y, sl.ShardedTensor) and y.layout == layout.without_partial()
+    assert isinstance(y, sl.ShardedTensor) and y.spec == layout.without_partial()
     for dev, s in enumerate(y.local_shards()):
         assert s.shape == block(arange_value(SHAPE), layout, MESH22, dev).shape
     if fn is not torch.empty_like:
@@ -274,14 +274,14 @@ def test_add_and_add_inplace():
     for layout in [P("a", "b"), P(None, "b", partial="a"), P("b", None, partial={"a": "avg"})]:
         a, b = _sharded(mesh, v, layout), _sharded(mesh, 2 * v, layout)
         c = a + b
-        assert c.layout == layout and torch.equal(c.full(), 3 * v), layout
+        assert c.spec == layout and torch.equal(c.full(), 3 * v), layout
         a.add_(b)
-        assert a.layout == layout and torch.equal(a.full(), 3 * v), layout
+        assert a.spec == layout and torch.equal(a.full(), 3 * v), layout
     # A partial-max sum is not linear: both operands are reduced first, and the result is exact.
     a = _sharded(mesh, v, P("a", None, partial={"b": "max"}))
     with sl.comm_ledger() as led:
         c = a + a
-    assert c.layout == P("a", None) and torch.equal(c.full(), 2 * v)
+    assert c.spec == P("a", None) and torch.equal(c.full(), 2 * v)
     assert [r.kind for r in led.records] == ["all_reduce"]  # one reduction, used twice
     # Unequal layouts: the cheaper operand moves (one permute), the result is exact.
     x, y = _sharded(mesh, v, P("a", "b")), _sharded(mesh, v, P("b", "a"))
@@ -328,7 +328,7 @@ def test_copy_():
     dst = _sharded(mesh, torch.zeros(SHAPE, dtype=torch.float64), P("a", "b"))
     with sl.comm_ledger() as led:
         dst.copy_(_sharded(mesh, v, P("b", "a")))
-    assert dst.layout == P("a", "b") and torch.equal(dst.full(), v)
+    assert dst.spec == P("a", "b") and torch.equal(dst.full(), v)
     assert [r.kind for r in led.records] == ["ppermute"]
 
 

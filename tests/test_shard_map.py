@@ -206,7 +206,7 @@ def test_collective_matches_reference(name, config):
     x = sl.shard(X, mesh, src).requires_grad_()
     y = sl.shard_map(fn, mesh, in_layout, out_layout)(x)
     want = ref_fn(X, k)
-    assert y.layout == out_layout and tuple(y.shape) == tuple(want.shape)
+    assert y.spec == out_layout and tuple(y.shape) == tuple(want.shape)
     torch.testing.assert_close(y.full(), want, rtol=1e-12, atol=1e-12)
 
     W = _value(tuple(want.shape), seed=1)
@@ -226,7 +226,7 @@ def test_replicated_input_gets_partial_gradient():
     y = f(x)
     torch.testing.assert_close(y.full(), X * 1.5)
     (g,) = torch.autograd.grad(y.full().sum(), x)
-    assert g.layout == P(None, "b", partial="a")
+    assert g.spec == P(None, "b", partial="a")
     torch.testing.assert_close(g.full(), torch.full((3, 4), 1.5, dtype=torch.float64))
 
 
@@ -298,7 +298,7 @@ def test_megatron_partial_output_has_no_backward_all_reduce():
         P(None, None, partial="tp"),
     )
     z = f(x, w1, b1, w2)
-    assert z.layout == P(None, None, partial="tp")
+    assert z.spec == P(None, None, partial="tp")
     y = sl.reshard(z, P(None, None))
     g_y = sl.shard(_value((4, 6), seed=9), mesh, P(None, None))
     with sl.comm_ledger() as led:
@@ -334,7 +334,7 @@ def test_uneven_layouts_and_pytree_outputs():
     # One layout for every leaf of a tuple; a plain tensor argument is a replicated constant.
     f2 = sl.shard_map(lambda v: (v + 1, v - 1), mesh, P(None, "x"), P(None, "x"))
     a, b = f2(torch.arange(8.0).reshape(1, 8))
-    assert a.full().tolist() == [[float(i + 1) for i in range(8)]] and b.layout == P(None, "x")
+    assert a.full().tolist() == [[float(i + 1) for i in range(8)]] and b.spec == P(None, "x")
 
 
 def test_zero_argument_fn_and_partial_avg_output():
@@ -533,9 +533,9 @@ def run_programs(mesh, cases):
         x = sl.shard(X, mesh, in_layout).requires_grad_()
         with sl.comm_ledger() as led:
             y = sl.shard_map(fn, mesh, in_layout, out_layout)(x)
-            g = sl.shard(_value(tuple(y.shape), torch.float32, seed=1), mesh, y.layout)
+            g = sl.shard(_value(tuple(y.shape), torch.float32, seed=1), mesh, y.spec)
             (gx,) = torch.autograd.grad(y, x, grad_outputs=g)
-        out.append((y.local_shards(), gx.local_shards(), gx.layout, _records(led)))
+        out.append((y.local_shards(), gx.local_shards(), gx.spec, _records(led)))
     if set(axes) == {"a", "b"}:  # the Megatron MLP on a dp x tp mesh of the same backend
         mlp_axes = {"dp": 2, "tp": 2}
         simulated = mesh.backend.kind == "simulated"
@@ -544,10 +544,10 @@ def run_programs(mesh, cases):
                   for v in _mlp_params(torch.float32)]  # fmt: skip
         with sl.comm_ledger() as led:
             y = sl.shard_map(_mlp_local, m, _mlp_layouts("dp"), P("dp", None))(*params)
-            g = sl.shard(_value((4, 6), torch.float32, seed=9), m, y.layout)
+            g = sl.shard(_value((4, 6), torch.float32, seed=9), m, y.spec)
             grads = torch.autograd.grad(y, params, grad_outputs=g)
         grad_full = [gr.full() for gr in grads]
-        out.append((y.local_shards(), grad_full, [gr.layout for gr in grads], _records(led)))
+        out.append((y.local_shards(), grad_full, [gr.spec for gr in grads], _records(led)))
     return out
 
 

@@ -159,7 +159,7 @@ def test_megatron_mlp_moves_no_more_than_two_all_reduces():
         y = sl.reshard(F.gelu(x @ w1) @ w2, P(None, None))  # activations replicated over tp
         loss = (y * y).sum()
         loss.backward()
-        gx = sl.reshard(x.grad, x.layout)  # finish the input gradient
+        gx = sl.reshard(x.grad, x.spec)  # finish the input gradient
     xr, w1r, w2r = (t.clone().requires_grad_() for t in (x_v, w1_v, w2_v))
     ((F.gelu(xr @ w1r) @ w2r) ** 2).sum().backward()
     torch.testing.assert_close(gx.full(), xr.grad, rtol=1e-10, atol=1e-12)

@@ -138,18 +138,18 @@ def _as_list(y) -> list:
 def _check_output(y, ref: torch.Tensor, mesh: sl.Mesh, where: str) -> None:
     assert isinstance(y, sl.ShardedTensor), f"{where}: got {type(y).__name__}"
     assert tuple(y.shape) == tuple(ref.shape), f"{where}: shape {tuple(y.shape)}"
-    y.layout.check(mesh.abstract, y.ndim, where)
+    y.spec.check(mesh.abstract, y.ndim, where)
     axes = mesh.axes
     shards = y.local_shards()
-    plain = y.layout.without_partial()
+    plain = y.spec.without_partial()
     for dev, s in enumerate(shards):
         want = tuple(block(ref, plain, axes, dev).shape)
         assert tuple(s.shape) == want, f"{where}: device {dev} holds {tuple(s.shape)}, want {want}"
-    groups = partial_groups(y.layout, axes) if y.layout.partial else [[d] for d in range(mesh.size)]
+    groups = partial_groups(y.spec, axes) if y.spec.partial else [[d] for d in range(mesh.size)]
     for group in groups:
-        got = reduce_summands([shards[d] for d in group], y.layout.reduce_op)
+        got = reduce_summands([shards[d] for d in group], y.spec.reduce_op)
         want = block(ref.detach(), plain, axes, group[0])
-        if y.layout.partial and y.layout.reduce_op == "avg":
+        if y.spec.partial and y.spec.reduce_op == "avg":
             ok = torch.allclose(got, want, rtol=1e-12, atol=0)
         else:
             ok = torch.equal(got, want)
@@ -187,7 +187,7 @@ def check_case(case: Case, axes: dict, layouts: list[sl.Layout]) -> None:
 
         ys = _as_list(case.fn(*xs))
         cotangents = [
-            sl.from_local(make_summands(w, y.layout, axes), mesh, y.layout, tuple(w.shape))
+            sl.from_local(make_summands(w, y.spec, axes), mesh, y.spec, tuple(w.shape))
             for y, w in zip(ys, ws)
         ]
         grads = torch.autograd.grad(ys, xs, grad_outputs=cotangents, allow_unused=True)
@@ -196,9 +196,9 @@ def check_case(case: Case, axes: dict, layouts: list[sl.Layout]) -> None:
                 continue
             assert isinstance(g, sl.ShardedTensor), f"{where}: gradient {i} is plain"
             got = g.full()
-            avg = any(c.layout.partial and c.layout.reduce_op == "avg" for c in cotangents)
+            avg = any(c.spec.partial and c.spec.reduce_op == "avg" for c in cotangents)
             ok = torch.allclose(got, want, rtol=1e-12, atol=0) if avg else torch.equal(got, want)
-            assert ok, f"{where}: gradient of input {i} from a cotangent in {ys[0].layout!r}"
+            assert ok, f"{where}: gradient of input {i} from a cotangent in {ys[0].spec!r}"
 
 
 @functools.cache
@@ -420,7 +420,7 @@ def test_index_select_sharded_index(dim):
     with sl.comm_ledger() as led:
         y = x.index_select(dim, idx)
     assert led.records == []
-    assert y.layout == (P("a", "b") if dim == 0 else P("b", "a"))
+    assert y.spec == (P("a", "b") if dim == 0 else P("b", "a"))
 
 
 # == communication =============================================================
@@ -442,9 +442,9 @@ def test_reshape_major_split_needs_no_collective():
         viewed = x.view(-1)
         back = flat.view(8, 6)
     assert led.records == []
-    assert flat.layout == P("x") and viewed.layout == P("x")
-    assert split.layout == P("x", None, None)
-    assert back.layout == P("x", None)
+    assert flat.spec == P("x") and viewed.spec == P("x")
+    assert split.spec == P("x", None, None)
+    assert back.spec == P("x", None)
     assert torch.equal(flat.full(), arange_value((48,)))
     assert torch.equal(split.full(), arange_value((4, 2, 6)))
     # backward with a cotangent in the output layout: a view back, no collective either
@@ -452,7 +452,7 @@ def test_reshape_major_split_needs_no_collective():
     g = sl.shard(arange_value((4, 2, 6)), x.mesh, P("x", None, None))
     with sl.comm_ledger() as led, sl.strict():
         (gx,) = torch.autograd.grad(y, x, grad_outputs=g)
-    assert led.records == [] and gx.layout == P("x", None)
+    assert led.records == [] and gx.spec == P("x", None)
     assert torch.equal(gx.full(), arange_value((8, 6)))
 
 
@@ -463,8 +463,8 @@ def test_reshape_partial_passes_through():
             y = x.reshape(48)
             z = x.t()
         assert led.records == []
-        assert y.layout == P("x", partial={"y": op})
-        assert z.layout == P(None, "x", partial={"y": op})
+        assert y.spec == P("x", partial={"y": op})
+        assert z.spec == P(None, "x", partial={"y": op})
 
 
 def test_reshape_gathers_only_what_it_must():
@@ -472,26 +472,26 @@ def test_reshape_gathers_only_what_it_must():
     x = _x86(P("x", "y"))
     with sl.comm_ledger() as led:
         y = x.reshape(48)
-    assert y.layout == P("x")
+    assert y.spec == P("x")
     assert [(r.kind, r.axes) for r in led.records] == [("all_gather", ("y",))]
     # a two-axis major split carries whole when blocks line up: (8,6) over 8 chunks -> 48
     x = _x86(P(("x", "y"), None))
     with sl.comm_ledger() as led:
         y = x.reshape(48)
-    assert led.records == [] and y.layout == P(("x", "y"))
+    assert led.records == [] and y.spec == P(("x", "y"))
     # uneven: (6,4) rows over 4 are [0,2) [2,4) [4,6) [6,6) -> elements 8c, but 24 over 4
     # chunks 6c: the split must be gathered first
     mesh = sl.Mesh.simulated(MESH_XY)
     x = _leaf(mesh, arange_value((6, 4)), P("x", None))
     with sl.comm_ledger() as led:
         y = x.reshape(24)
-    assert y.layout == P(None)
+    assert y.spec == P(None)
     assert [(r.kind, r.axes) for r in led.records] == [("all_gather", ("x",))]
     # (6,4) -> (4,6) over 2 lines up (elements 12c both ways)
     x = _leaf(mesh, arange_value((6, 4)), P("y", None))
     with sl.comm_ledger() as led:
         y = x.reshape(4, 6)
-    assert led.records == [] and y.layout == P("y", None)
+    assert led.records == [] and y.spec == P("y", None)
     with pytest.raises(sl.LayoutError, match="sl.reshard"), sl.strict():
         _leaf(mesh, arange_value((6, 4)), P("x", None)).reshape(4, 6)
 
@@ -505,10 +505,10 @@ def test_permutes_need_no_collective():
         m = x[:, :, 0].t()
         s = x.swapaxes(-1, -2)
     assert led.records == []
-    assert t.layout == P(None, ("c", "b"), "a")
-    assert p.layout == P(("c", "b"), None, "a")
-    assert m.layout == P(("c", "b"), "a")
-    assert s.layout == P("a", None, ("c", "b"))
+    assert t.spec == P(None, ("c", "b"), "a")
+    assert p.spec == P(("c", "b"), None, "a")
+    assert m.spec == P(("c", "b"), "a")
+    assert s.spec == P("a", None, ("c", "b"))
 
 
 def test_einops_rearrange_heads_needs_no_collective():
@@ -520,9 +520,9 @@ def test_einops_rearrange_heads_needs_no_collective():
         z = einops.rearrange(y, "b h d -> b (h d)")
         w = einops.rearrange(y, "b h d -> h b d")
     assert led.records == []
-    assert y.layout == P(None, "x", None)
-    assert z.layout == P(None, "x")
-    assert w.layout == P("x", None, None)
+    assert y.spec == P(None, "x", None)
+    assert z.spec == P(None, "x")
+    assert w.spec == P("x", None, None)
     assert torch.equal(y.full(), arange_value((3, 40)).reshape(3, 8, 5))
 
 
@@ -537,10 +537,10 @@ def test_views_of_unsplit_dims_need_no_collective():
         e = x.unsqueeze(1).expand(8, 3, 6)
         f = x.index_select(1, torch.tensor([5, 0]))
     assert led.records == []
-    assert a.layout == d.layout == f.layout == P("x", None, partial="y")
-    assert b.layout == P("x", partial="y")
-    assert all(t.layout == x.layout for t in c)
-    assert e.layout == P("x", None, None, partial="y")
+    assert a.spec == d.spec == f.spec == P("x", None, partial="y")
+    assert b.spec == P("x", partial="y")
+    assert all(t.spec == x.spec for t in c)
+    assert e.spec == P("x", None, None, partial="y")
 
 
 # == functionalization: the *_copy variants ====================================
@@ -561,7 +561,7 @@ def test_functionalize_uses_copy_variants():
     with sl.comm_ledger() as led:
         outs = torch.func.functionalize(f, remove="mutations_and_views")(x)
     refs = f(value)
-    assert [o.layout for o in outs] == [
+    assert [o.spec for o in outs] == [
         P("x", None, None),
         P(None, "x", None),
         P(None, "x"),

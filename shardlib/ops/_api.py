@@ -121,7 +121,7 @@ class _Reshard(torch.autograd.Function):
 def reshard(x: ShardedTensor, layout: Layout) -> ShardedTensor:
     """Return `x` with a new layout, moving data by the cheapest plan (see `sl.plan`).
 
-    Differentiable: the gradient flows back to `x.layout` with its partial axes
+    Differentiable: the gradient flows back to `x.spec` with its partial axes
     made replicated (a summand's gradient is the whole gradient).
 
     Examples:
@@ -149,7 +149,7 @@ def with_layout(x: ShardedTensor, layout: Layout) -> ShardedTensor:
         >>> import shardlib as sl, torch
         >>> mesh = sl.Mesh.simulated({"x": 2})
         >>> y = sl.with_layout(sl.shard(torch.ones(4, 4), mesh, sl.P(None, None)), sl.P("x", None))
-        >>> y.layout
+        >>> y.spec
         P('x', None)
     """
     _check_sharded(x, "sl.with_layout(x=...)")

@@ -132,9 +132,9 @@ def einsum(eq: str, *xs: torch.Tensor, out_layout: Layout | None = None) -> torc
         >>> mesh = sl.Mesh.simulated({"x": 2})
         >>> a = sl.shard(torch.ones(4, 6), mesh, sl.P(None, "x"))
         >>> b = sl.shard(torch.ones(6, 2), mesh, sl.P("x", None))
-        >>> sl.einsum("ij,jk->ik", a, b).layout
+        >>> sl.einsum("ij,jk->ik", a, b).spec
         P(None, None, partial='x')
-        >>> sl.einsum("ij,jk->ik", a, b, out_layout=sl.P("x", None)).layout
+        >>> sl.einsum("ij,jk->ik", a, b, out_layout=sl.P("x", None)).spec
         P('x', None)
     """
     from ..layouts._planner import plan
@@ -151,7 +151,7 @@ def einsum(eq: str, *xs: torch.Tensor, out_layout: Layout | None = None) -> torc
         and len(xs) in (1, 2)
         and all(isinstance(x, ShardedTensor) for x in xs)
     ):
-        specs = tuple(ArgSpec(tuple(x.shape), x.dtype, x.layout) for x in xs)
+        specs = tuple(ArgSpec(tuple(x.shape), x.dtype, x.spec) for x in xs)
         mesh = xs[0].mesh
         best, best_cost = None, None
         for inputs, out in einsum_strategies(eq, specs) if len(xs) == 2 else ():

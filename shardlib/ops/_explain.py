@@ -55,7 +55,7 @@ class Explanation:
 
 def _describe(a: Any) -> str:
     if isinstance(a, ShardedTensor):
-        return f"{tuple(a.shape)} {a.layout}"
+        return f"{tuple(a.shape)} {a.spec}"
     if isinstance(a, torch.Tensor):
         return f"{tuple(a.shape)} plain"
     return ""

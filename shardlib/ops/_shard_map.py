@@ -328,7 +328,7 @@ def shard_map(
         ...                  sl.P(None, None))
         >>> x, w = torch.randn(4, 6), torch.randn(6, 5)
         >>> y = f(sl.shard(x, mesh, sl.P(None, None)), sl.shard(w, mesh, sl.P(None, None)))
-        >>> torch.allclose(y.full(), x @ w, atol=1e-6), y.layout
+        >>> torch.allclose(y.full(), x @ w, atol=1e-6), y.spec
         (True, P(None, None))
     """
     _check_mesh(mesh, "sl.shard_map(mesh=...)")

@@ -29,7 +29,7 @@ class ShardedTensor(torch.Tensor):
     """A tensor with a global shape whose data is split over a device mesh.
 
     Create with `sl.shard` (from a global tensor) or `sl.from_local` (from
-    per-device shards). `x.layout` is its `Layout`, `x.mesh` its `Mesh`,
+    per-device shards). `x.spec` is its `Layout`, `x.mesh` its `Mesh`,
     `x.local_shards()` the blocks this process holds, `x.full()` the global
     value as a plain tensor.
 
@@ -38,7 +38,7 @@ class ShardedTensor(torch.Tensor):
         >>> mesh = sl.Mesh.simulated({"x": 2})
         >>> x = sl.shard(torch.arange(6.0).reshape(3, 2), mesh, sl.P("x", None))
         >>> x
-        ShardedTensor(shape=(3, 2), dtype=torch.float32, layout=P('x', None), mesh=Mesh.simulated({'x': 2}))
+        ShardedTensor(shape=(3, 2), dtype=torch.float32, spec=P('x', None), mesh=Mesh.simulated({'x': 2}))
         >>> [s.tolist() for s in x.local_shards()]
         [[[0.0, 1.0], [2.0, 3.0]], [[4.0, 5.0]]]
     """
@@ -70,8 +70,8 @@ class ShardedTensor(torch.Tensor):
 
     # -- metadata --------------------------------------------------------------
     @property
-    def layout(self) -> Layout:  # type: ignore[override]
-        """The `Layout` (shadows `torch.Tensor.layout`, which is always strided here)."""
+    def spec(self) -> Layout:
+        """The `Layout` (`x.layout` stays torch's `torch.strided`, which torch's own code reads)."""
         return self._layout
 
     @property
@@ -112,7 +112,7 @@ class ShardedTensor(torch.Tensor):
             grad = ", requires_grad=True"
         return (
             f"ShardedTensor(shape={tuple(self.shape)}, dtype={self.dtype}, "
-            f"layout={self._layout!r}, mesh={self._mesh!r}{grad})"
+            f"spec={self._layout!r}, mesh={self._mesh!r}{grad})"
         )
 
     # -- dispatch --------------------------------------------------------------
