@@ -13,6 +13,7 @@ Examples:
     (True, 2)
 """
 
+from ._errors import AliasError as AliasError
 from ._errors import LaunchError as LaunchError
 from ._errors import LayoutError as LayoutError
 from ._errors import MeshMismatchError as MeshMismatchError

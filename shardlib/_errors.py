@@ -31,3 +31,11 @@ class LaunchError(ShardlibError, RuntimeError):
 
 class DistributedSetupError(ShardlibError, RuntimeError):
     """`torch.distributed` is not set up the way a distributed mesh needs."""
+
+
+class AliasError(ShardlibError, RuntimeError):
+    """A write or read through a view that torch would alias but shardlib cannot honour.
+
+    The message says which view, why it is not an alias, and what to do
+    (reshard the base first, or ``.clone()`` to say a copy is meant).
+    """

@@ -35,6 +35,9 @@ __all__ = ["allow_replicate_fallback", "dispatch", "strict"]
 
 _state = {"strict": 0, "fallback": 0}
 _explainers: list = []  # open `sl.explain` recorders (see _explain.py)
+# Callables ``observer(func, args, kwargs, out)`` run after every top-level op while
+# registered (`sl.check_replicas`, _replicas.py). Empty on the hot path.
+_observers: list = []
 
 
 @contextlib.contextmanager
@@ -182,8 +185,14 @@ _DECISION_LIMIT = 65536
 def dispatch(func: Any, args: tuple, kwargs: dict) -> Any:
     """Run `func` on sharded arguments: the entry point of `ShardedTensor.__torch_dispatch__`."""
     if _explainers:
-        return _explainers[-1].record(func, args, kwargs, _dispatch)
-    return _dispatch(func, args, kwargs)
+        out = _explainers[-1].record(func, args, kwargs, _dispatch)
+    elif not _observers:
+        return _dispatch(func, args, kwargs)
+    else:
+        out = _dispatch(func, args, kwargs)
+    for observe in _observers:
+        observe(func, args, kwargs, out)
+    return out
 
 
 def _dispatch(func: Any, args: tuple, kwargs: dict) -> Any:
