@@ -39,3 +39,12 @@ class AliasError(ShardlibError, RuntimeError):
     The message says which view, why it is not an alias, and what to do
     (reshard the base first, or ``.clone()`` to say a copy is meant).
     """
+
+
+class ReplicaMismatchError(ShardlibError, RuntimeError):
+    """Devices that hold the same block of a tensor hold different values.
+
+    Raised by `sl.check_replicas` (naming the first op, call or `sl.shard_map`
+    output where replicas diverge) and by `sl.shard_map` for an output its
+    `out_layouts` declare replicated whose devices returned different values.
+    """
