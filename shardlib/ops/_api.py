@@ -186,6 +186,11 @@ def full(x: ShardedTensor) -> torch.Tensor:
 
 
 # == shard / from_local ========================================================
+# `sl.check_replicas` (ops/_replicas.py) registers ``check(call, given, out)`` here while on:
+# it verifies values entering by `shard` (every rank passed the same tensor) and `from_local`.
+_entry_checks: list = []
+
+
 class _Shard(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor, mesh, layout):
@@ -239,7 +244,10 @@ def shard(
     if isinstance(tensor, ShardedTensor):
         raise LayoutError("sl.shard(tensor=...): already sharded; use sl.reshard(x, layout).")
     layout = _check_layout(layout, mesh, tensor.ndim, tensor.dtype, "sl.shard(layout=...)")
-    return _Shard.apply(tensor, mesh, layout)
+    out = _Shard.apply(tensor, mesh, layout)
+    for check in _entry_checks:  # sl.check_replicas (ops/_replicas.py)
+        check("sl.shard", tensor, out)
+    return out
 
 
 def _shard_from(tensor: torch.Tensor | None, mesh: Mesh, layout: Any, src: int) -> ShardedTensor:
@@ -344,7 +352,10 @@ def from_local(
             + (" ..." if len(wrong) > 8 else "")
             + ". Shards are exact torch.chunk-style blocks (see sl.visualize)."
         )
-    return _FromLocal.apply(mesh, layout, shape, *shards)
+    out = _FromLocal.apply(mesh, layout, shape, *shards)
+    for check in _entry_checks:  # sl.check_replicas (ops/_replicas.py)
+        check("sl.from_local", shards, out)
+    return out
 
 
 # == visualize =================================================================
