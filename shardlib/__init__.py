@@ -18,6 +18,7 @@ from ._errors import LaunchError as LaunchError
 from ._errors import LayoutError as LayoutError
 from ._errors import MeshMismatchError as MeshMismatchError
 from ._errors import NoRuleError as NoRuleError
+from ._errors import ReplicaMismatchError as ReplicaMismatchError
 from ._errors import ShardlibError as ShardlibError
 from .collectives._launch import launch as launch
 from .collectives._ledger import CommLedger as CommLedger
@@ -50,6 +51,7 @@ from .ops._named import pmin as pmin
 from .ops._named import ppermute as ppermute
 from .ops._named import psum as psum
 from .ops._named import psum_scatter as psum_scatter
+from .ops._replicas import check_replicas as check_replicas
 from .ops._rules import register_rule as register_rule
 from .ops._shard_map import shard_map as shard_map
 from .ops._tensor import ShardedTensor as ShardedTensor

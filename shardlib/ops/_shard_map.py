@@ -92,6 +92,7 @@ from ._named import (
     _Lockstep,
     _tls,
 )
+from ._replicas import check_shard_map_outputs
 from ._tensor import ShardedTensor
 
 __all__ = ["shard_map"]
@@ -489,5 +490,8 @@ def _wrap_outputs(outputs, mesh: Mesh, flat_out, out_spec, fn) -> Any:
     ]
     if not per_leaf:
         return tree_unflatten([], spec0)
+    # Declared-replicated outputs: compared on a simulated mesh always, under
+    # sl.check_replicas on a distributed one (see _replicas.py).
+    check_shard_map_outputs(mesh, layouts, shapes, per_leaf, name)
     wrapped = _Exit.apply(mesh, tuple(layouts), tuple(shapes), *(t for ts in per_leaf for t in ts))
     return tree_unflatten(list(wrapped), spec0)
