@@ -48,3 +48,7 @@ class ReplicaMismatchError(ShardlibError, RuntimeError):
     output where replicas diverge) and by `sl.shard_map` for an output its
     `out_layouts` declare replicated whose devices returned different values.
     """
+
+
+class ShapeInferenceError(ShardlibError, RuntimeError):
+    """torch rejected an op while shardlib inferred its output on the meta device."""

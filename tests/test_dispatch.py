@@ -70,11 +70,16 @@ def test_unequal_meshes_raise():
         a + b
 
 
-def test_in_place_op_that_would_change_layout_raises():
+def test_in_place_op_on_a_partial_value_that_needs_it_reduces_in_place():
     mesh = sl.Mesh.simulated({"x": 2})
     a = sl.from_local([_v(4), _v(4, seed=1)], mesh, P(None, partial={"x": "max"}), (4,))
-    with pytest.raises(sl.LayoutError, match="in-place op would change the layout"):
+    ref = torch.maximum(_v(4), _v(4, seed=1))
+    with sl.comm_ledger() as led:
         a.mul_(2.0 + a)
+    torch.testing.assert_close(a.full(), ref * (2.0 + ref), rtol=0, atol=0)
+    assert a.spec == P(None)  # same value, reduced in place: the partial axis is gone
+    # one all-reduce of `a` in place, one of the (partial) operand 2 + a
+    assert [r.kind for r in led.records] == ["all_reduce", "all_reduce"]
 
 
 def test_torch_func_grad_over_sharded_leaves():

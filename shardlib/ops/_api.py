@@ -22,6 +22,7 @@ from ..layouts._layout import Layout
 from ..layouts._mesh import Mesh
 from ..layouts._planner import plan
 from ..layouts._shard import local_bounds, local_shape, max_local_numel, max_local_shape
+from ._aliasing import sync
 from ._tensor import ShardedTensor
 
 __all__ = ["from_local", "full", "reshard", "shard", "visualize", "with_layout"]
@@ -98,6 +99,7 @@ def _local_blocks(tensor: torch.Tensor, mesh: Mesh, layout: Layout) -> ShardedTe
 
 # == reshard ===================================================================
 def _reshard_impl(x: ShardedTensor, layout: Layout, cause: str, direction: str) -> ShardedTensor:
+    sync(x)
     p = plan(x._layout, layout, tuple(x.shape), x._mesh, x.dtype)
     shards = execute(p, x._mesh, x._shards, direction=direction, cause=cause)
     return ShardedTensor(shards, x._mesh, layout, tuple(x.shape))
@@ -207,6 +209,7 @@ def _global_value(x: ShardedTensor, cause: str, direction: str) -> torch.Tensor:
     """The global value of `x` as a fresh plain tensor (a reshard to replicated, if needed)."""
     replicated = Layout(((),) * x.ndim)
     if x._layout == replicated:
+        sync(x)
         return x._shards[0].clone()
     return _reshard_impl(x, replicated, cause, direction)._shards[0]
 

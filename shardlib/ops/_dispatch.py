@@ -9,6 +9,22 @@ Hot path: a decision is cached by (op, every argument's abstract signature,
 mesh), so a repeated op costs one dict lookup, the redistributions it needs
 (none, typically) and the local op on each shard.
 
+Implicit redistributions are never cached on a tensor: an input an op needs in
+another layout is moved for that op and the moved copy is dropped with it, so
+no gathered copy outlives the op, the ledger of a repeated computation is the
+same every time, and edits of `x.local_shards()` are always seen. Within one
+op, one input passed twice (``x * x``) is moved once.
+
+In-place ops keep the layout of the tensor they write. Where the rule needs
+that tensor in another layout: a partial value whose op needs the value is
+reduced in place first (its family's layouts drop the partial axes; same
+global value; `_aliasing.reduce_in_place`); otherwise the op runs out of place
+and its result is copied back into the tensor's own layout (``copy_``). Views
+and writes through them follow torch's aliasing (`_aliasing.py`). Ops without
+a rule whose torch kernel is a composite of other ops (matmul, linear, einsum
+reach us whole under `torch.inference_mode`) are decomposed into those ops;
+``out=`` variants run the functional op and copy into ``out``.
+
 Invariant: every collective issued here goes through `collectives.execute`,
 so it is in the ledger with the op's name as cause.
 """
@@ -22,18 +38,19 @@ from typing import Any
 
 import torch
 
-from .._errors import LayoutError, MeshMismatchError, NoRuleError
+from .._errors import LayoutError, MeshMismatchError, NoRuleError, ShapeInferenceError
 from ..collectives._ledger import current_direction
 from ..collectives._redistribute import execute
 from ..layouts._layout import Layout
 from ..layouts._mesh import Mesh
 from ..layouts._planner import plan
+from . import _aliasing
 from ._rules import ArgSpec, RuleInput, Strategy, rule_for
 from ._tensor import ShardedTensor
 
-__all__ = ["allow_replicate_fallback", "dispatch", "strict"]
+__all__ = ["allow_replicate_fallback", "cause_prefix", "dispatch", "move", "strict"]
 
-_state = {"strict": 0, "fallback": 0}
+_state: dict[str, Any] = {"strict": 0, "fallback": 0, "cause": ""}
 _explainers: list = []  # open `sl.explain` recorders (see _explain.py)
 # Callables ``observer(func, args, kwargs, out)`` run after every top-level op while
 # registered (`sl.check_replicas`, _replicas.py). Empty on the hot path.
@@ -65,6 +82,17 @@ def allow_replicate_fallback() -> Iterator[None]:
         yield
     finally:
         _state["fallback"] -= 1
+
+
+@contextlib.contextmanager
+def cause_prefix(prefix: str) -> Iterator[None]:
+    """Prefix the ledger cause of collectives issued inside (``"refresh:"``, ``"write-back:"``)."""
+    old = _state["cause"]
+    _state["cause"] = prefix
+    try:
+        yield
+    finally:
+        _state["cause"] = old
 
 
 # == argument paths and signatures ==============================================
@@ -176,6 +204,7 @@ class _Decision:
     # the op runs as is and returns one tensor: the hot path of `_run`.
     fast: tuple[tuple[int, Layout], ...] | None = None
     out_sig: int | None = None
+    view: bool = False  # a view op: its outputs are aliases or linked copies (_aliasing)
 
 
 _DECISIONS: dict[tuple, _Decision] = {}
@@ -216,10 +245,12 @@ def _dispatch(func: Any, args: tuple, kwargs: dict) -> Any:
     fast = decision.fast
     if fast is not None:
         for i, want in fast:
-            if args[i]._layout is not want:
+            a = args[i]
+            if a._layout is not want or a._root is not None:
                 break
         else:
-            # Hot path: positional sharded inputs already in place, one tensor output.
+            # Hot path: positional sharded inputs already in place and no view family to
+            # keep in step, one tensor output.
             first = args[fast[0][0]]
             per_device = []
             for j in range(len(first._shards)):
@@ -228,6 +259,7 @@ def _dispatch(func: Any, args: tuple, kwargs: dict) -> Any:
                     a[i] = args[i]._shards[j]
                 per_device.append(func(*a, **kwargs))
             if decision.inplace:
+                first._writes += 1
                 return first
             out = torch.Tensor._make_wrapper_subclass(
                 ShardedTensor,
@@ -261,7 +293,7 @@ def _mesh_of(func: Any, tensors: list) -> Mesh:
 
 # == deciding ==================================================================
 def _meta(a: Any) -> Any:
-    return torch.empty(a.shape, dtype=a.dtype, device="meta")
+    return torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device="meta")
 
 
 def _decide(func: Any, args: tuple, kwargs: dict) -> _Decision:
@@ -276,6 +308,8 @@ def _decide(func: Any, args: tuple, kwargs: dict) -> _Decision:
         )
         for a in tensors
     )
+    if _out_arguments(func):
+        return _Decision(Strategy(_current(specs), decompose=_out_variant(func)), paths, (), False)
     out_specs = _output_specs(func, args, kwargs, paths, tensors)
     a_args, a_kwargs = _substitute(args, kwargs, paths, list(specs))
     ri = RuleInput(
@@ -294,6 +328,8 @@ def _decide(func: Any, args: tuple, kwargs: dict) -> _Decision:
         )
     rule = rule_for(func)
     if rule is None:
+        if _is_composite(func):  # e.g. matmul under inference_mode: run its decomposition
+            return _Decision(Strategy(_current(specs), decompose=func.decompose), paths, (), False)
         if not _state["fallback"]:
             raise NoRuleError(_no_rule_message(func, specs))
         candidates = [_replicate_everything(ri)]
@@ -301,18 +337,26 @@ def _decide(func: Any, args: tuple, kwargs: dict) -> _Decision:
         candidates = list(rule(ri))
     if inplace:
         self_layout = specs[0].layout
-        kept = [
-            c
-            for c in candidates
-            if c.inputs[0] == self_layout
-            and (c.decompose is not None or c.outputs[0] == self_layout)
-        ]
-        if not kept:
+        kept = [c for c in candidates if _keeps(c, self_layout)]
+        if not kept and self_layout.partial:
+            unreduced = self_layout.without_partial()
+            if any(_keeps(c, unreduced) for c in candidates):
+                # a partial value whose op needs the value: reduce it in place, then run
+                return _Decision(
+                    Strategy(_current(specs), decompose=_reduce_then(func)), paths, (), True
+                )
+        if not kept and candidates:
+            functional = _functional_of(func)
+            if functional is not None:  # run out of place, copy back into the own layout
+                return _Decision(
+                    Strategy(_current(specs), decompose=_copy_back(functional)), paths, (), True
+                )
+        if not kept and candidates:
             raise LayoutError(
                 f"{func}: this in-place op would change the layout of its first operand "
-                f"{self_layout!r} (shape {specs[0].shape}); in-place ops keep layouts. Use the "
-                f"out-of-place op, or sl.reshard the operands first (layouts: "
-                f"{', '.join(repr(s.layout) for s in specs)})."
+                f"{self_layout!r} (shape {specs[0].shape}), and it has no out-of-place form "
+                "to run instead. sl.reshard the operands first (layouts: "
+                f"{', '.join(repr(s.layout) for s in specs)}), or call the out-of-place op."
             )
         candidates = kept
     if not candidates:
@@ -328,6 +372,7 @@ def _decide(func: Any, args: tuple, kwargs: dict) -> _Decision:
         )
         if best_cost is None or cost < best_cost:
             best, best_cost = c, cost
+    view = _is_view(func) and bool(paths) and isinstance(tensors[0], ShardedTensor)
     fast = None
     simple = (
         all(len(p) == 1 and p[0] != "kw" for p in paths)
@@ -336,6 +381,7 @@ def _decide(func: Any, args: tuple, kwargs: dict) -> _Decision:
         and best.decompose is None
         and len(out_specs) == 1
         and out_specs[0] is not None
+        and not view
     )
     if simple:
         # Required layouts are compared by identity on the hot path: use the inputs' own
@@ -350,7 +396,115 @@ def _decide(func: Any, args: tuple, kwargs: dict) -> _Decision:
         o = out_specs[0]
         full = (best.outputs[0], torch.Size(o.shape), o.dtype, mesh)
         out_sig = _SIG_IDS.setdefault(full, len(_SIG_IDS))
-    return _Decision(best, paths, out_specs, inplace, fast, out_sig)
+    return _Decision(best, paths, out_specs, inplace, fast, out_sig, view)
+
+
+def _current(specs: tuple[ArgSpec, ...]) -> tuple[Layout, ...]:
+    return tuple(s.layout for s in specs)
+
+
+def _keeps(c: Strategy, layout: Layout) -> bool:
+    """Whether candidate `c` takes its first operand in `layout` and writes it back in it."""
+    return c.inputs[0] == layout and (c.decompose is not None or c.outputs[0] == layout)
+
+
+def _reduce_then(func: Any) -> Any:
+    def run(self, *args, **kwargs):
+        _aliasing.reduce_in_place(self, func)
+        return func(self, *args, **kwargs)
+
+    return run
+
+
+def _copy_back(functional: Any) -> Any:
+    def run(self, *args, **kwargs):
+        result = functional(self, *args, **kwargs)
+        return aten.copy_.default(self, result)
+
+    return run
+
+
+aten = torch.ops.aten
+
+
+def _functional_of(func: Any) -> Any:
+    """The out-of-place overload of an in-place op (``relu_.default`` -> ``relu.default``)."""
+    name = func._schema.name.split("::")[-1]
+    if not name.endswith("_") or name.startswith("_foreach"):
+        return None
+    packet = getattr(aten, name[:-1], None)
+    return getattr(packet, func._overloadname, None) if packet is not None else None
+
+
+def _is_view(func: Any) -> bool:
+    schema = getattr(func, "_schema", None)
+    if schema is None or not schema.returns:
+        return False
+    info = schema.returns[0].alias_info
+    return info is not None and not info.is_write
+
+
+def _is_composite(func: Any) -> bool:
+    return hasattr(func, "decompose") and func.has_kernel_for_dispatch_key(
+        torch._C.DispatchKey.CompositeImplicitAutograd
+    )
+
+
+def _out_arguments(func: Any) -> list[str]:
+    """Names of the ``out=`` arguments of an out variant (``add.out``), else []."""
+    schema = getattr(func, "_schema", None)
+    if schema is None:
+        return []
+    return [
+        a.name
+        for a in schema.arguments
+        if a.kwarg_only and a.alias_info is not None and a.alias_info.is_write
+    ]
+
+
+def _out_variant(func: Any) -> Any:
+    """``op.out(..., out=o)``: the functional op, then a copy into ``o`` (its layout kept)."""
+    names = _out_arguments(func)
+    functional = _functional_overload(func, names)
+
+    def run(*args, **kwargs):
+        outs = [kwargs.pop(n) for n in names]
+        if functional is None:
+            raise NoRuleError(
+                f"{func}: shardlib runs out= variants as the functional op and a copy, and "
+                f"found no functional overload of {func._schema.name}. Call the op without out= "
+                "and assign the result."
+            )
+        result = functional(*args, **kwargs)
+        results = result if isinstance(result, tuple | list) else (result,)
+        for o, r in zip(outs, results):
+            if not isinstance(o, ShardedTensor):
+                raise LayoutError(
+                    f"{func}: out= is a plain {type(o).__name__} but the result is sharded. "
+                    "Pass a ShardedTensor as out, or call the op without out=."
+                )
+            if tuple(o.shape) != tuple(r.shape):
+                raise LayoutError(
+                    f"{func}: out= has shape {tuple(o.shape)} but the result has shape "
+                    f"{tuple(r.shape)}; a sharded out= tensor cannot be resized. Pass an out "
+                    "tensor of the result's shape, or call the op without out=."
+                )
+            aten.copy_.default(o, r)
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    return run
+
+
+def _functional_overload(func: Any, out_names: list[str]) -> Any:
+    packet = func.overloadpacket
+    wanted = [a.name for a in func._schema.arguments if a.name not in out_names]
+    for name in packet.overloads():
+        op = getattr(packet, name)
+        if _out_arguments(op):
+            continue
+        if [a.name for a in op._schema.arguments] == wanted:
+            return op
+    return None
 
 
 def _output_specs(
@@ -359,9 +513,11 @@ def _output_specs(
     if torch.Tag.data_dependent_output in func.tags:  # .item(): a Python number, no tensor
         return (None,)
     m_args, m_kwargs = _substitute(args, kwargs, paths, [_meta(t) for t in tensors])
+    if m_kwargs.get("device") is not None:  # e.g. randn_like(x, device="cpu"): stay on meta
+        m_kwargs = {**m_kwargs, "device": torch.device("meta")}
     try:
         out = func(*m_args, **m_kwargs)
-    except NotImplementedError as e:  # an op without a meta kernel (others: torch's own error)
+    except NotImplementedError as e:  # an op without a meta kernel
         if torch.Tag.dynamic_output_shape in func.tags or "data-independent" in str(e):
             raise NoRuleError(
                 f"{func}: its output shape depends on the values (like nonzero, unique or a "
@@ -373,6 +529,14 @@ def _output_specs(
             f"{func}: shardlib infers output shapes on the meta device and this op has no meta "
             f"kernel ({type(e).__name__}: {e}). Compute it on x.full() or in sl.shard_map."
         ) from None
+    except Exception as e:  # torch rejected the arguments (or its meta kernel differs)
+        shapes = ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in tensors)
+        raise ShapeInferenceError(
+            f"{func} on tensors {shapes}: torch rejected the call when shardlib inferred the "
+            f"output on the meta device: {type(e).__name__}: {e}. If plain torch accepts the "
+            "same call, the op's meta kernel is missing or differs: compute it on x.full() or "
+            "per device in sl.shard_map."
+        ) from e
     if isinstance(out, torch.Tensor):
         return (ArgSpec(tuple(out.shape), out.dtype),)
     leaves = out if isinstance(out, list | tuple) else [out]
@@ -412,12 +576,11 @@ def _no_rule_message(func: Any, specs: tuple[ArgSpec, ...]) -> str:
 
 
 # == running ===================================================================
-def _move(func: Any, a: ShardedTensor, want: Layout) -> ShardedTensor:
-    """`a` redistributed to `want` for an op: implicit, in the ledger, checked by strict mode.
+def move(func: Any, a: ShardedTensor, want: Layout) -> ShardedTensor:
+    """`a` redistributed to `want` for op `func`: implicit, in the ledger, checked by strict mode.
 
-    The result is remembered on `a` (keyed by layout and `a`'s version counter), so a
-    tensor that several ops need in the same layout (a partial sum consumed twice, say)
-    is redistributed once. Strict mode judges the op's need, cached or not.
+    The result is a fresh tensor that lives as long as the op needs it (nothing is
+    remembered on `a`).
     """
     p = plan(a._layout, want, tuple(a.shape), a._mesh, a.dtype)
     if _state["strict"] and any(s.step.kind for s in p.steps):
@@ -427,34 +590,39 @@ def _move(func: Any, a: ShardedTensor, want: Layout) -> ShardedTensor:
             f"layout {a._layout!r} must become {want!r} ({steps}). Fix: make it explicit with "
             f"`x = sl.reshard(x, {want!r})` before the op, or leave strict mode."
         )
-    moved = a.__dict__.setdefault("_moved", {})
-    hit = moved.get(want)
-    if hit is not None and hit[0] == a._version:
-        return hit[1]
     shards = execute(p, a._mesh, a._shards, direction=current_direction(), cause=_cause(func))
-    out = ShardedTensor(shards, a._mesh, want, tuple(a.shape))
-    moved[want] = (a._version, out)
-    return out
+    return ShardedTensor(shards, a._mesh, want, tuple(a.shape))
+
+
+_move = move  # the name the rule modules import
 
 
 def _cause(func: Any) -> str:
-    return str(func).removeprefix("aten.")
+    return _state["cause"] + str(func).removeprefix("aten.")
 
 
 def _run(func: Any, decision: _Decision, args: tuple, kwargs: dict) -> Any:
     strategy, paths = decision.strategy, decision.paths
     inputs = []
     mesh = None
+    moved: dict[tuple[int, Layout], ShardedTensor] = {}  # one move per input and layout
     for path, want in zip(paths, strategy.inputs):
         a = _get(args, kwargs, path)
         if isinstance(a, ShardedTensor):
             mesh = a._mesh
+            if a._root is not None:
+                _aliasing.sync(a)
             if a._layout is not want and a._layout != want:
-                a = _move(func, a, want)
+                key = (id(a), want)
+                hit = moved.get(key)
+                a = moved[key] = hit if hit is not None else move(func, a, want)
         inputs.append(a)
     if strategy.decompose is not None:
         d_args, d_kwargs = _substitute(args, kwargs, paths, inputs)
-        return strategy.decompose(*d_args, **d_kwargs)
+        out = strategy.decompose(*d_args, **d_kwargs)
+        if decision.inplace:
+            _aliasing.after_write(_get(args, kwargs, paths[0]))
+        return out
     shard_lists = [
         a._shards if isinstance(a, ShardedTensor) else _constant_blocks(a, mesh, want)
         for a, want in zip(inputs, strategy.inputs)
@@ -468,20 +636,29 @@ def _run(func: Any, decision: _Decision, args: tuple, kwargs: dict) -> Any:
         else:
             results.append(fn(*d_args, **d_kwargs))
     if decision.inplace:
-        return _get(args, kwargs, paths[0])
+        target = _get(args, kwargs, paths[0])
+        _aliasing.after_write(target)
+        return target
     first = results[0]
     if isinstance(first, torch.Tensor):
         o = decision.out_specs[0]
-        return ShardedTensor(results, mesh, strategy.outputs[0], o.shape)
-    outs, k = [], 0
-    for i, leaf in enumerate(first):
-        if isinstance(leaf, torch.Tensor):
-            o = decision.out_specs[k]
-            outs.append(ShardedTensor([r[i] for r in results], mesh, strategy.outputs[k], o.shape))
-            k += 1
-        else:
-            outs.append(leaf)
-    return type(first)(outs) if isinstance(first, tuple | list) else outs
+        out = ShardedTensor(results, mesh, strategy.outputs[0], o.shape)
+    else:
+        outs, k = [], 0
+        for i, leaf in enumerate(first):
+            if isinstance(leaf, torch.Tensor):
+                o = decision.out_specs[k]
+                outs.append(
+                    ShardedTensor([r[i] for r in results], mesh, strategy.outputs[k], o.shape)
+                )
+                k += 1
+            else:
+                outs.append(leaf)
+        out = type(first)(outs) if isinstance(first, tuple | list) else outs
+    if decision.view:
+        base = _get(args, kwargs, paths[0])
+        _aliasing.link_view(func, args, kwargs, base, out, inputs[0] is not base)
+    return out
 
 
 def _constant_blocks(t: torch.Tensor, mesh: Mesh, want: Layout) -> list[torch.Tensor]:

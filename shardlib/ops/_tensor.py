@@ -47,6 +47,11 @@ class ShardedTensor(torch.Tensor):
     _mesh: Mesh
     _layout: Layout
     _sig: int | None = None  # interned (layout, shape, dtype, mesh): see _dispatch._sig_of
+    # Storage families and linked copies (see _aliasing.py): class defaults, set per instance.
+    _root: ShardedTensor | None = None
+    _link: Any = None
+    _views: Any = None
+    _writes: int = 0
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 
@@ -79,7 +84,14 @@ class ShardedTensor(torch.Tensor):
         return self._mesh
 
     def local_shards(self) -> list[torch.Tensor]:
-        """The exact, unpadded blocks of the devices this process owns, in flat device order."""
+        """The exact, unpadded blocks of the devices this process owns, in flat device order.
+
+        They are this tensor's storage: an in-place edit of a block edits the tensor.
+        """
+        if self._root is not None:
+            from ._aliasing import sync
+
+            sync(self)
         return list(self._shards)
 
     def full(self) -> torch.Tensor:

@@ -1,0 +1,210 @@
+"""Torch's aliasing semantics on sharded tensors: views, writes through them, partial families.
+
+Owns what makes ``v = x[2:5]; v.mul_(0)`` and ``v = x.view(-1); x.add_(1)`` behave as they do
+on plain tensors, whatever the layouts:
+
+- **Alias views.** A view op whose per-device results are views of the input's shards (no
+  communication was needed) is a true alias: it joins the input's *storage family*, whose
+  root tensor is ``v._root``. Writes through any member land in the shared storage.
+- **Linked copies.** A view op that needed communication (a slice across a split dim, a
+  reshape that gathered) returns shards of its own. Its family root carries a `_Link` to the
+  base it was taken from: reading a member after the base changed recomputes the view
+  (*refresh*), and writing a member writes the new values back into the base (*write-back*,
+  a local scatter after the copy is brought to the base's partial axes). So no write is lost
+  and no read is stale; both are collectives in the ledger, with causes
+  ``"refresh:<op>"`` and ``"write-back:<op>"``.
+- **Partial families.** An in-place op on a partial value that needs the value (``relu_``,
+  ``clamp_``) reduces the family in place first: the shards are all-reduced into their own
+  storage, and the root and every live alias view drop the partial axes from their layouts.
+  The global value is unchanged; the ledger shows the reduction.
+
+Deliberately not here: which layouts an op needs (the rules) and running ops (`_dispatch`).
+
+Invariants:
+- ``t._root`` is None for a tensor that is its own family root and has no link; an alias
+  view's ``_root`` is its family root; a linked root's ``_root`` is itself. So the hot path
+  only has to test ``a._root is not None``.
+- A family's *stamp* (its write count and its shards' version counters) changes whenever any
+  member's storage is written; a link remembers the base family's stamp it last agreed with.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .._errors import AliasError
+from ..layouts._layout import Layout
+from ..layouts._shard import local_bounds
+from ._tensor import ShardedTensor
+
+__all__ = ["after_write", "link_view", "reduce_in_place", "sync"]
+
+
+def _shares_storage(view: torch.Tensor, base: torch.Tensor) -> bool:
+    if view.numel() == 0:
+        return True
+    return view.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+
+
+def _stamp(root: ShardedTensor) -> tuple:
+    """Changes whenever the family's storage is written (by dispatch, or by torch on the shards)."""
+    try:
+        return (root._writes, *(s._version for s in root._shards))
+    except RuntimeError:  # inference tensors keep no version counter: dispatch writes still count
+        return (root._writes,)
+
+
+def _family_root(t: ShardedTensor) -> ShardedTensor:
+    return t._root if t._root is not None else t
+
+
+@dataclass(eq=False)
+class _Link:
+    """How a linked copy was taken from its base: ``func(base, *args, **kwargs)[index]``."""
+
+    base: ShardedTensor
+    func: Any
+    args: tuple  # the op's arguments with the base at position 0
+    kwargs: dict
+    index: int | None  # which output of a multi-output view (split, unbind)
+    stamp: tuple
+    coords: torch.Tensor | None = field(default=None)  # (base.ndim, numel) base position of each element
+
+    def base_coords(self) -> torch.Tensor:
+        """For each element of the view (flat, row-major), its coordinates in the base."""
+        if self.coords is None:
+            base = self.base
+            flat = torch.arange(base.numel(), dtype=torch.int64).view(tuple(base.shape))
+            out = self.func(flat, *self.args[1:], **self.kwargs)
+            if self.index is not None:
+                out = out[self.index]
+            self.coords = torch.stack(torch.unravel_index(out.reshape(-1), tuple(base.shape)))
+            if self.coords.shape[1] != torch.unique(out).numel():
+                self.coords = _OVERLAPPING
+        return self.coords
+
+
+_OVERLAPPING = torch.empty(0)  # marks a view with several elements at one base position
+
+
+def _op_name(func: Any) -> str:
+    return str(func).removeprefix("aten.")
+
+
+# == creating views ============================================================
+def link_view(func: Any, args: tuple, kwargs: dict, base: ShardedTensor, out: Any, moved: bool):
+    """Make the outputs of view op `func` on `base` aliases of it, or linked copies."""
+    outs = out if isinstance(out, list | tuple) else (out,)
+    root = _family_root(base)
+    for i, o in enumerate(outs):
+        if not isinstance(o, ShardedTensor):
+            continue
+        if not moved and all(map(_shares_storage, o._shards, base._shards)):
+            o._root = root
+            if root._layout.partial:
+                if root._views is None:
+                    root._views = weakref.WeakSet()
+                root._views.add(o)
+        else:
+            o._root = o
+            index = i if isinstance(out, list | tuple) else None
+            o._link = _Link(base, func, tuple(args), dict(kwargs), index, _stamp(_family_root(base)))
+
+
+# == reading: refresh ==========================================================
+def sync(t: ShardedTensor) -> None:
+    """Bring `t`'s family up to date with the base it was copied from (no-op for aliases)."""
+    root = t._root
+    if root is None or root._link is None:
+        return
+    link = root._link
+    base = link.base
+    sync(base)
+    stamp = _stamp(_family_root(base))
+    if stamp == link.stamp:
+        return
+    from ._dispatch import cause_prefix, move
+
+    with torch.no_grad(), cause_prefix("refresh:"):
+        fresh = link.func(base, *link.args[1:], **link.kwargs)
+        if link.index is not None:
+            fresh = fresh[link.index]
+        if fresh._layout != root._layout:
+            fresh = move(link.func, fresh, root._layout)
+        for s, new in zip(root._shards, fresh._shards):
+            s.copy_(new)
+    link.stamp = _stamp(_family_root(base))
+
+
+# == writing: write-back =======================================================
+def after_write(t: ShardedTensor) -> None:
+    """Record a write to `t`'s family and write it back into the base it was copied from."""
+    root = _family_root(t)
+    root._writes += 1
+    if root._link is not None:
+        _write_back(root)
+
+
+def _write_back(root: ShardedTensor) -> None:
+    link = root._link
+    base = link.base
+    coords = link.base_coords()
+    name = _op_name(link.func)
+    if coords is _OVERLAPPING:
+        raise AliasError(
+            f"in-place write to a view made by {name} whose elements share positions of its "
+            f"base (shape {tuple(base.shape)}): torch refuses this too (more than one element "
+            "refers to a single memory location). Write to the base, or .clone() the view first."
+        )
+    from ._dispatch import cause_prefix, move
+
+    # Every device needs the view's values at the positions it holds: all of the view, with
+    # the base's partial axes (each device scatters its summand into its own summand).
+    want = Layout(((),) * root.ndim, base._layout.partial, base._layout.reduce_op)
+    src = root
+    if src._layout != want:
+        with cause_prefix("write-back:"):
+            src = move(link.func, root, want)
+    am = base._mesh.abstract
+    shape = tuple(base.shape)
+    with torch.no_grad():
+        for dev, b, s in zip(base._mesh.local_devices, base._shards, src._shards):
+            bounds = local_bounds(shape, base._layout, am, dev)
+            lo = torch.tensor([lo for lo, _ in bounds], dtype=torch.int64).unsqueeze(1)
+            hi = torch.tensor([hi for _, hi in bounds], dtype=torch.int64).unsqueeze(1)
+            inside = ((coords >= lo) & (coords < hi)).all(0) if coords.numel() else None
+            if inside is None or not bool(inside.any()):
+                continue
+            local = coords[:, inside] - lo
+            b.index_put_(tuple(local), s.reshape(-1)[inside].to(b.dtype))
+    base_root = _family_root(base)
+    base_root._writes += 1
+    link.stamp = _stamp(base_root)
+    if base_root._link is not None:
+        _write_back(base_root)
+
+
+# == partial families ==========================================================
+def reduce_in_place(t: ShardedTensor, func: Any) -> None:
+    """Reduce `t`'s partial family in place: same global value, partial axes dropped.
+
+    The all-reduce is in the ledger with `func` as cause; strict mode refuses it.
+    """
+    from ._dispatch import move
+
+    root = _family_root(t)
+    sync(root)
+    target = root._layout.without_partial()
+    reduced = move(func, root, target)
+    with torch.no_grad():
+        for s, new in zip(root._shards, reduced._shards):
+            s.copy_(new)
+    members = [root, *(root._views or ())]
+    root._views = None
+    for m in members:
+        if m._layout.partial:
+            m._layout, m._sig = m._layout.without_partial(), None
