@@ -1,45 +1,69 @@
 """`sl.launch` and `Workers`: results per rank, and failures that surface fast and clearly.
 
-Covers: per-rank return values and args; a worker that raises (error tagged with
-its rank and traceback), dies (exit code), or hangs (reported within the
-timeout); an unpicklable function; a mesh whose size differs from the number
-of processes; processes cleaned up after a failure; the pool restarting itself
-after a failure.
+Covers: per-rank return values and args; failure reports that name the root
+cause first and knock-on errors after it -- a rank that raises while its peer
+waits in a collective for it, a rank that dies (os._exit) while its peer is in
+a collective with it, a rank stuck in a collective its peer never issued
+(named by kind, axes and the call that issued it: `sl.reshard`, or the aten op
+of an implicit move), a rank stuck outside any collective (named by its Python
+stack) -- and "did not finish within N s" only when N seconds passed; the
+report builder on synthetic failures (a knock-on error that arrives before the
+root cause is still listed after it); an unpicklable function; a mesh whose
+size differs from the number of processes; processes and the launcher's temp
+folder cleaned up after a failure; the pool restarting itself after a failure.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import threading
 import time
 
 import pytest
+import torch
 
 import shardlib as sl
 from shardlib.collectives import Workers
+from shardlib.collectives._launch import _Failure, _main_thread_stack, _report
 
 pytestmark = pytest.mark.dist
+P = sl.P
 
 
 def rank_and_arg(mesh, arg):
     return (mesh.local_devices[0], mesh.axis_names, mesh.shape, arg)
 
 
+def _gather_rows(mesh):
+    """An all-gather over 'x' issued by sl.reshard (every rank must take part)."""
+    x = sl.shard(torch.ones(4, 2), mesh, P("x", None))
+    return sl.reshard(x, P(None, None)).local_shards()[0].shape
+
+
 def raise_on_rank1(mesh):
     if mesh.local_devices[0] == 1:
         raise ValueError("boom on purpose")
-    return "fine"
+    return _gather_rows(mesh)  # waits for rank 1, which never comes
 
 
 def die_on_rank1(mesh):
     if mesh.local_devices[0] == 1:
         os._exit(3)
-    return "fine"
+    return _gather_rows(mesh)  # the peer vanishes under it
+
+
+def skip_collective_on_rank1(mesh):
+    if mesh.local_devices[0] == 1:
+        return "skipped"
+    x = sl.shard(torch.ones(4, 2), mesh, P("x", None)).sum(0)  # partial over x
+    return torch.relu(x).local_shards()[0]  # relu needs the sum: an implicit all-reduce
 
 
 def hang_on_rank0(mesh):
     if mesh.local_devices[0] == 0:
         time.sleep(3600)
-    return "fine"
+    return _gather_rows(mesh)
 
 
 @pytest.fixture(scope="module")
@@ -49,32 +73,104 @@ def small_pool():
     workers.close()
 
 
+def _fails(pool, fn, timeout=None):
+    start = time.monotonic()
+    with pytest.raises(sl.LaunchError) as info:
+        pool.run(fn, {"x": 2}, timeout=timeout)
+    return str(info.value), time.monotonic() - start
+
+
+def _before(msg: str, first: str, second: str) -> bool:
+    return first in msg and second in msg and msg.index(first) < msg.index(second)
+
+
 def test_launch_returns_per_rank_results():
     out = sl.launch(rank_and_arg, {"dp": 2}, args=("hello",))
     assert out == [(0, ("dp",), (2,), "hello"), (1, ("dp",), (2,), "hello")]
 
 
-def test_worker_exception_names_rank_and_traceback(small_pool):
-    with pytest.raises(sl.LaunchError) as info:
-        small_pool.run(raise_on_rank1, {"x": 2})
-    msg = str(info.value)
-    assert "rank 1" in msg and "ValueError: boom on purpose" in msg and "raise_on_rank1" in msg
+def test_raising_rank_is_the_root_cause_and_its_waiting_peer_a_knock_on(small_pool):
+    msg, took = _fails(small_pool, raise_on_rank1)
+    lines = msg.splitlines()
+    assert lines[0].endswith("root cause: rank 1 raised ValueError: boom on purpose"), msg
+    assert "Traceback (most recent call last)" in msg and "raise_on_rank1" in msg
+    assert _before(msg, "ValueError: boom on purpose\n", "knock-on: rank 0")
+    knock = next(line for line in lines if line.startswith("knock-on: rank 0"))
+    assert "all_gather over ('x',)" in knock and "for reshard at test_launch.py" in knock
+    assert "_gather_rows" in knock
+    assert "did not finish" not in msg and took < 8.0  # no timeout happened, none claimed
     # The pool restarts itself for the next call.
     assert small_pool.run(rank_and_arg, {"x": 2}, ("again",))[1][3] == "again"
 
 
-def test_worker_death_is_reported(small_pool):
-    with pytest.raises(sl.LaunchError, match=r"rank 1 ---\nworker process died \(exit code 3\)"):
-        small_pool.run(die_on_rank1, {"x": 2})
+def test_dead_rank_is_the_root_cause_even_if_its_peer_reports_first(small_pool):
+    folder = small_pool._folder
+    msg, took = _fails(small_pool, die_on_rank1)
+    assert msg.splitlines()[0].endswith("root cause: rank 1 died (exit code 3)"), msg
+    assert _before(
+        msg, "rank 1 died (exit code 3), not in a shardlib collective", "knock-on: rank 0"
+    )
+    assert "did not finish" not in msg and took < 8.0
+    assert not os.path.exists(folder)  # the launcher's temp folder is removed
 
 
-def test_worker_hang_is_reported_within_timeout(small_pool):
-    start = time.monotonic()
-    with pytest.raises(sl.LaunchError, match=r"did not finish within 3 s"):
-        small_pool.run(hang_on_rank0, {"x": 2}, timeout=3.0)
-    assert time.monotonic() - start < 20
-    procs_after = small_pool._procs
-    assert procs_after == []  # killed, not left running
+def test_rank_stuck_in_a_collective_names_the_op_and_the_collective(small_pool):
+    small_pool.run(_gather_rows, {"x": 2})  # warm: the process groups exist before the clock runs
+    msg, took = _fails(small_pool, skip_collective_on_rank1, timeout=3.0)
+    assert took >= 3.0
+    head = msg.splitlines()[0]
+    assert "did not finish within 3 s" in head and "on rank 0 of 2" in head, msg
+    assert "in all_reduce over ('x',) (2 ranks, sum, float32 (2,)) for relu.default" in msg
+    assert "skip_collective_on_rank1" in msg
+    assert "rank 1 returned." in msg and "same collectives in the same order" in msg
+    assert small_pool._procs == []  # killed, not left running
+
+
+def test_rank_stuck_outside_collectives_is_named_by_its_stack(small_pool):
+    small_pool.run(_gather_rows, {"x": 2})
+    msg, took = _fails(small_pool, hang_on_rank0, timeout=3.0)
+    assert took >= 3.0 and took < 20
+    assert "did not finish within 3 s" in msg.splitlines()[0] and "on rank 0 of 2" in msg
+    assert _before(msg, "rank 0 did not finish, not in a shardlib collective", "knock-on: rank 1")
+    assert "in hang_on_rank0" in msg  # its Python stack
+    assert "all_gather over ('x',)" in msg.split("knock-on: rank 1")[1]
+
+
+def test_report_puts_root_cause_before_an_earlier_knock_on():
+    peer = _Failure(
+        0,
+        "raised",
+        1.0,
+        "DistBackendError",
+        "[pair.cc:534] Connection closed by peer [127.0.0.1]:5000",
+        "tb0",
+    )
+    dead = _Failure(1, "died", 1.3, exitcode=-11)
+    msg = _report("f", 3, [peer, dead], [2], 0.0, 60.0, 1.5, timed_out=False)
+    assert msg.splitlines()[0] == (
+        "sl.launch: f failed on 3 ranks; root cause: rank 1 died (killed by SIGSEGV)"
+    )
+    assert _before(msg, "rank 1 died", "knock-on: rank 0 raised DistBackendError: [pair.cc:534]")
+    assert "tb0" not in msg and "did not finish" not in msg
+    # Two independent errors are both root causes, earliest first, each with its traceback.
+    a = _Failure(2, "raised", 2.0, "KeyError", "'w'", "tb2")
+    b = _Failure(0, "raised", 1.0, "ValueError", "bad", "tb0")
+    msg = _report("f", 3, [a, b], [1], 0.0, 60.0, 2.5, timed_out=False)
+    assert _before(msg, "tb0", "tb2") and "knock-on" not in msg
+    # Only a timeout is reported as one, with the time that passed.
+    stuck = _Failure(0, "unfinished", 3.0)
+    msg = _report("f", 2, [stuck], [1], 0.0, 3.0, 3.02, timed_out=True)
+    assert "did not finish within 3 s (3.0 s passed) on rank 0 of 2" in msg
+
+
+def test_main_thread_stack_is_read_from_a_faulthandler_dump(tmp_path):
+    path = tmp_path / "dump"
+    with open(path, "w") as f:
+        f.write(f"{threading.main_thread().ident}\n")
+        f.flush()
+        faulthandler.dump_traceback(f, all_threads=True)
+    stack = _main_thread_stack(path.read_text())
+    assert stack.startswith("Python stack") and "test_main_thread_stack_is_read" in stack
 
 
 def test_unpicklable_function_is_rejected_before_start():

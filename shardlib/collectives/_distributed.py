@@ -23,6 +23,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from .._errors import DistributedSetupError
 from ..layouts._mesh import AbstractMesh
+from ._inflight import track_inflight  # sl.launch hang reports (see the end of the class)
 
 __all__ = ["DistributedBackend", "distributed_backend"]
 
@@ -175,6 +176,11 @@ class DistributedBackend:
         out = torch.empty(shape, dtype=dtype, device=device)
         dist.scatter(out, [p.contiguous() for p in pieces] if self.rank == src else None, src=src)
         return [out]
+
+
+# --- sl.launch hang reports: each collective above notes itself while it blocks (_inflight.py)
+track_inflight(DistributedBackend)
+# ---
 
 
 @lru_cache(maxsize=4096)

@@ -16,17 +16,28 @@ import contextlib
 import os
 import pickle
 import queue
+import re
+import shutil
+import signal
 import socket
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from .._errors import LaunchError
 from ..layouts._mesh import Mesh, _parse_axes
+from . import _inflight
 
 __all__ = ["Workers", "launch"]
+
+# After the first rank fails, how long the others get to report their own errors before the
+# launcher stops them (a peer's knock-on error arrives within milliseconds; one waiting in a
+# collective for the failed rank would wait until the process-group timeout).
+_GRACE_S = 1.0
 
 
 def _free_port() -> int:
@@ -41,9 +52,25 @@ def _under_torchrun() -> bool:
     )
 
 
-def _worker_main(rank, world, port, backend, threads, pg_timeout, tasks, results) -> None:
+def _worker_main(
+    rank, world, port, backend, threads, pg_timeout, tasks, results, slot, folder
+) -> None:
+    import faulthandler
+    import signal
+    import threading
+
     import torch
     import torch.distributed as dist
+
+    from . import _inflight
+
+    _inflight.install(slot)
+    # On SIGUSR1 (sent by the launcher to a rank it gives up on), dump every thread's Python
+    # stack to this rank's file; the first line names the main thread.
+    stack_file = open(os.path.join(folder, f"rank{rank}.stack"), "w")  # noqa: SIM115 (kept open)
+    stack_file.write(f"{threading.main_thread().ident}\n")
+    stack_file.flush()
+    faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
 
     torch.set_num_threads(threads)
     with contextlib.suppress(RuntimeError):
@@ -58,8 +85,8 @@ def _worker_main(rank, world, port, backend, threads, pg_timeout, tasks, results
             world_size=world,
             timeout=timedelta(seconds=pg_timeout),
         )
-    except BaseException:
-        results.put((rank, -1, False, traceback.format_exc()))
+    except BaseException as e:
+        results.put((rank, -1, False, _error_payload(e)))
         return
     results.put((rank, -1, True, None))
     while True:
@@ -72,10 +99,161 @@ def _worker_main(rank, world, port, backend, threads, pg_timeout, tasks, results
             mesh = Mesh.distributed(axes)
             out = pickle.dumps(fn(mesh, *args))
             results.put((rank, call_id, True, out))
-        except BaseException:
-            results.put((rank, call_id, False, traceback.format_exc()))
+        except BaseException as e:
+            results.put((rank, call_id, False, _error_payload(e)))
+        _inflight.clear()
     with contextlib.suppress(Exception):
         dist.destroy_process_group()
+
+
+def _error_payload(e: BaseException) -> tuple[str, str, str]:
+    return (type(e).__name__, str(e), traceback.format_exc())
+
+
+# -- failure reports ------------------------------------------------------------------------
+# A rank's error is a *knock-on* when it only says that a peer went away or did not answer
+# (gloo/NCCL transport errors, process-group timeouts): it follows from another rank's failure.
+_PEER_LOSS = re.compile(
+    r"Connection closed by peer|Connection reset by peer|Broken pipe|Connection refused|"
+    r"Socket Timeout|[Tt]imed out|[Tt]imeout|ECONNRESET|EPIPE|communicator was aborted|"
+    r"NCCL communicator|Read error|Connection reset"
+)
+
+
+@dataclass
+class _Failure:
+    """What happened to one rank that did not return a result."""
+
+    rank: int
+    how: str  # "raised", "died" or "unfinished"
+    at: float  # time.monotonic() when the launcher saw it
+    exc_type: str = ""
+    message: str = ""
+    traceback: str = ""
+    exitcode: int | None = None
+    note: dict | None = None  # the collective it was in (see _inflight.py)
+    stack: str = ""  # an unfinished rank's Python stack, when it is not in a collective
+
+    @property
+    def knock_on(self) -> bool:
+        return self.how == "raised" and bool(_PEER_LOSS.search(self.message))
+
+    def headline(self) -> str:
+        if self.how == "raised":
+            first = self.message.strip().splitlines()[0] if self.message.strip() else ""
+            if len(first) > 240:
+                first = first[:240] + " ..."
+            return f"rank {self.rank} raised {self.exc_type}: {first}".rstrip(": ")
+        if self.how == "died":
+            code = self.exitcode
+            if code is not None and code < 0:
+                with contextlib.suppress(ValueError):
+                    return f"rank {self.rank} died (killed by {signal.Signals(-code).name})"
+            return f"rank {self.rank} died (exit code {code})"
+        return f"rank {self.rank} did not finish"
+
+
+def _where(f: _Failure, now: float) -> str:
+    if f.note is not None:
+        return f"in {_inflight.describe(f.note, now)}"
+    return "not in a shardlib collective"
+
+
+def _report(
+    what: str,
+    nprocs: int,
+    failures: list[_Failure],
+    finished: list[int],
+    started: float,
+    timeout: float,
+    now: float,
+    timed_out: bool,
+) -> str:
+    """The `LaunchError` message: root cause first (rank, type, message, traceback), then
+    one ``knock-on:`` line per rank whose failure follows from it."""
+    independent = [f for f in failures if f.how == "died" or (f.how == "raised" and not f.knock_on)]
+    unfinished = [f for f in failures if f.how == "unfinished"]
+    elapsed = now - started
+    if independent:
+        roots = sorted(independent, key=lambda f: (f.at, f.rank))
+    elif timed_out and unfinished:
+        # Nothing raised: the ranks stuck outside a collective hold the others up; if all are
+        # in collectives, each waits for a collective its peers never issued.
+        elsewhere = [f for f in unfinished if f.note is None]
+        roots = elsewhere or unfinished
+    else:
+        roots = sorted(failures, key=lambda f: (f.at, f.rank))[:1]
+    root_ranks = {f.rank for f in roots}
+    first = roots[0]
+    lines = []
+    if first.how == "unfinished":
+        ranks = ", ".join(str(f.rank) for f in roots)
+        lines.append(
+            f"sl.launch: {what} did not finish within {timeout:g} s ({elapsed:.1f} s passed) on "
+            f"{'rank' if len(roots) == 1 else 'ranks'} {ranks} of {nprocs}."
+        )
+    else:
+        lines.append(f"sl.launch: {what} failed on {nprocs} ranks; root cause: {first.headline()}")
+    for f in roots:
+        if f.how == "raised":
+            lines.append(f"--- {f.headline()} ---")
+            lines.append(f.traceback.rstrip())
+        elif f.how == "died":
+            lines.append(f"--- {f.headline()}, {_where(f, f.at)} ---")
+            lines.append(
+                "(no Python traceback: the process exited without raising, e.g. os._exit, a "
+                "crash in native code or the out-of-memory killer; its stderr may say more)"
+            )
+        else:
+            lines.append(f"--- rank {f.rank} did not finish, {_where(f, now)} ---")
+            if f.stack:
+                lines.append(f.stack.rstrip())
+    if finished and first.how == "unfinished":
+        lines.append(
+            f"rank{'s' if len(finished) > 1 else ''} {', '.join(map(str, finished))} returned."
+        )
+    for f in sorted(failures, key=lambda f: f.rank):
+        if f.rank in root_ranks:
+            continue
+        if f.how == "unfinished":
+            state = f"was still running, {_where(f, now)} (stopped by the launcher)"
+        elif f.how == "died":
+            state = f"{f.headline().split(' ', 2)[2]}, {_where(f, f.at)}"
+        else:
+            state = f.headline().split(" ", 2)[2]
+        lines.append(f"knock-on: rank {f.rank} {state}")
+    if first.how == "unfinished":
+        lines.append(
+            "fix: every rank must issue the same collectives in the same order; look for "
+            "rank-dependent control flow around the call named above, or raise timeout= if "
+            "the work is just slow."
+        )
+    elif len(failures) > len(roots):
+        lines.append(
+            f"fix: start from rank {first.rank}'s failure above; the knock-on errors follow "
+            "from it (peers waiting for, or losing, that rank)."
+        )
+    return "\n".join(lines)
+
+
+def _main_thread_stack(text: str) -> str:
+    """The main thread's frames from a faulthandler dump (first line: its ident)."""
+    head, _, dump = text.partition("\n")
+    try:
+        main = int(head)
+    except ValueError:
+        return ""
+    sections = re.split(r"\n?(?=(?:Current thread|Thread) 0x[0-9a-f]+)", dump)
+    for sec in sections:
+        m = re.match(r"(?:Current thread|Thread) (0x[0-9a-f]+)", sec)
+        if m and int(m.group(1), 16) == main:
+            frames = []
+            for line in sec.splitlines()[1:]:
+                if " in _worker_main" in line or not line.strip():
+                    break
+                frames.append(line)
+            return "Python stack (most recent call first):\n" + "\n".join(frames)
+    return ""
 
 
 class Workers:
@@ -111,8 +289,10 @@ class Workers:
 
         ctx = mp.get_context("spawn")
         port = _free_port()
+        self._folder = tempfile.mkdtemp(prefix="shardlib-launch-")
         self._results = ctx.Queue()
         self._tasks = [ctx.SimpleQueue() for _ in range(self.nprocs)]
+        self._slots = [_inflight.StatusSlot(ctx) for _ in range(self.nprocs)]
         pg_timeout = max(int(self.timeout), 10)
         self._procs = [
             ctx.Process(
@@ -126,6 +306,8 @@ class Workers:
                     pg_timeout,
                     self._tasks[r],
                     self._results,
+                    self._slots[r],
+                    self._folder,
                 ),
                 daemon=True,
             )
@@ -180,54 +362,84 @@ class Workers:
 
     def _collect(self, call_id: int, timeout: float, what: str) -> list[Any]:
         got: dict[int, Any] = {}
-        errors: dict[int, str] = {}
-        deadline = time.monotonic() + timeout
-        first_error_at = None
+        failures: dict[int, _Failure] = {}
+        started = time.monotonic()
+        deadline = started + timeout
+        first_failure_at = None
+        timed_out = False
         try:
-            while len(got) + len(errors) < self.nprocs:
+            while len(got) + len(failures) < self.nprocs:
                 now = time.monotonic()
-                if first_error_at is not None and now > first_error_at + 5:
-                    break
-                if now > deadline:
+                if first_failure_at is not None and now > first_failure_at + _GRACE_S:
+                    break  # the others are (most likely) waiting for the failed rank
+                if now >= deadline:
+                    timed_out = True
                     break
                 try:
-                    rank, cid, ok, value = self._results.get(timeout=0.2)
+                    wait = min(0.2, max(deadline - now, 0.01))
+                    rank, cid, ok, value = self._results.get(timeout=wait)
                 except queue.Empty:
-                    dead = [
-                        r
-                        for r, p in enumerate(self._procs)
-                        if not p.is_alive() and r not in got and r not in errors
-                    ]
-                    for r in dead:
-                        errors[r] = f"worker process died (exit code {self._procs[r].exitcode})"
-                        first_error_at = first_error_at or time.monotonic()
-                    continue
-                if cid != call_id:
-                    continue
-                if ok:
-                    got[rank] = value
+                    pass
                 else:
-                    errors[rank] = value
-                    first_error_at = first_error_at or time.monotonic()
+                    if cid != call_id:
+                        continue
+                    if ok:
+                        got[rank] = value
+                    else:
+                        exc_type, message, tb = value
+                        failures[rank] = _Failure(
+                            rank, "raised", time.monotonic(), exc_type, message, tb
+                        )
+                        first_failure_at = first_failure_at or time.monotonic()
+                for r, p in enumerate(self._procs):
+                    if r not in got and r not in failures and not p.is_alive():
+                        note = _inflight.read(self._slots[r])
+                        failures[r] = _Failure(
+                            r, "died", time.monotonic(), exitcode=p.exitcode, note=note
+                        )
+                        first_failure_at = first_failure_at or time.monotonic()
         except KeyboardInterrupt:
             self.close(force=True)
             raise
-        if errors or len(got) < self.nprocs:
-            missing = [r for r in range(self.nprocs) if r not in got and r not in errors]
+        if failures or len(got) < self.nprocs:
+            now = time.monotonic()
+            unfinished = [r for r in range(self.nprocs) if r not in got and r not in failures]
+            for r in unfinished:
+                failures[r] = _Failure(r, "unfinished", now, note=_inflight.read(self._slots[r]))
+            self._dump_stacks([failures[r] for r in unfinished if failures[r].note is None])
             self.close(force=True)
-            parts = [f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items())]
-            if missing:
-                parts.append(
-                    f"--- rank(s) {', '.join(map(str, missing))} ---\n"
-                    f"did not finish within {timeout:.0f} s (hung, or waiting in a collective "
-                    "for a rank that failed)"
-                )
             raise LaunchError(
-                f"sl.launch: {what} failed on {self.nprocs} ranks "
-                f"(failed: {sorted(errors) or 'none'}, unfinished: {missing or 'none'}):\n"
-                + "\n".join(parts)
+                _report(
+                    what,
+                    self.nprocs,
+                    list(failures.values()),
+                    sorted(got),
+                    started,
+                    timeout,
+                    now,
+                    timed_out,
+                )
             )
         return [got[r] for r in range(self.nprocs)]
+
+    def _dump_stacks(self, stuck: list[_Failure]) -> None:
+        """Fill in the Python stack of each stuck rank (faulthandler, on SIGUSR1)."""
+        sent = []
+        for f in stuck:
+            p = self._procs[f.rank]
+            if p.is_alive() and p.pid is not None:
+                with contextlib.suppress(OSError):
+                    os.kill(p.pid, signal.SIGUSR1)
+                    sent.append(f)
+        deadline = time.monotonic() + 2.0
+        for f in sent:
+            path = os.path.join(self._folder, f"rank{f.rank}.stack")
+            while True:
+                with contextlib.suppress(OSError), open(path) as fh:
+                    f.stack = _main_thread_stack(fh.read())
+                if f.stack or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
 
     def close(self, force: bool = False) -> None:
         """Stop the workers (politely, then by force)."""
@@ -246,6 +458,9 @@ class Workers:
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5)
+        folder, self._folder = getattr(self, "_folder", None), None
+        if folder:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def __enter__(self) -> Workers:
         return self
