@@ -837,7 +837,10 @@ def _draw_inplace(ch: Chooser, runner: Runner, x: str) -> tuple[str, tuple[str, 
             return f"{x}.clamp_(min={lo})", ()
         return f"{x}.clamp_({lo}, {lo + ch.int(0, 6)})", ()
     if op == "out=":
-        a = _operand(ch, runner, shape, allow_scalar=False)
+        # `a` has out's shape: a smaller result would make torch resize `out`
+        same = [n for n, u in runner.tensors().items() if tuple(u.shape) == shape]
+        a = ch.pick(same) if ch.coin(0.6) else f"mk(A({_fmt_shape(shape)}), " \
+            f"{draw_layout(ch, runner.program.axes, nd)!r})"
         b = _operand(ch, runner, shape)
         fn = ch.pick(("add", "mul", "sub"))
         return f"torch.{fn}({a}, {b}, out={x})", ()
