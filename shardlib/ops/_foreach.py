@@ -53,8 +53,18 @@ from .._errors import LayoutError, NoRuleError, ShardlibError
 from ..layouts._layout import Layout
 from ..layouts._mesh import Mesh
 from ..layouts._shard import local_bounds, local_shape
-from ._dispatch import _decide, _move
-from ._rules import RuleInput, Strategy, register_rule
+from ._dispatch import (
+    _DECISIONS,
+    _decide,
+    _get,
+    _has_unknown,
+    _key,
+    _move,
+    _output_specs,
+    _substitute,
+    _tensor_paths,
+)
+from ._rules import ArgSpec, RuleInput, Strategy, register_rule, rule_for
 from ._tensor import ShardedTensor
 
 aten = torch.ops.aten
@@ -245,44 +255,185 @@ def _partial_groups(tensors: list[Any]) -> list[list[ShardedTensor]]:
     return list(groups.values())
 
 
+def _aliasing() -> Any:
+    """The dispatcher's aliasing module (view families), or None where it is absent."""
+    try:
+        from . import _aliasing as aliasing
+    except ImportError:  # pragma: no cover - older trees without view families
+        return None
+    return aliasing
+
+
+def _in_family(t: ShardedTensor) -> bool:
+    """Whether `t` is a view, a linked copy, or the root of live partial views."""
+    return getattr(t, "_root", None) is not None or bool(getattr(t, "_views", None))
+
+
+def synced(tensors: list[Any]) -> None:
+    """Bring linked copies among `tensors` up to date before their shards are read directly."""
+    aliasing = _aliasing()
+    if aliasing is None:
+        return
+    for t in tensors:
+        if isinstance(t, ShardedTensor) and getattr(t, "_root", None) is not None:
+            aliasing.sync(t)
+
+
+def _flat_pieces(group: list[ShardedTensor], reduced: ShardedTensor, offsets: list) -> list:
+    """Per member of `group`, per local device, its block of the reduced flat bucket."""
+    return [
+        [reduced._shards[j][o : o + t._shards[j].numel()].view(t._shards[j].shape)
+         for j, o in enumerate(offs_of)]
+        for t, offs_of in zip(group, zip(*offsets))
+    ]
+
+
 def reduce_in_place(func: Any, tensors: list[Any]) -> None:
     """Reduce the partial axes of every partial tensor in `tensors`, in place, grouped.
 
     One all-reduce per (mesh, partial axes, reduce op, dtype) group, of a flat buffer
-    of all the group's shards (cause: `func`). Afterwards each tensor's `.spec` is its
+    of all the group's storage (cause: `func`). Afterwards each tensor's `.spec` is its
     layout without partial axes; its global value is unchanged and its shards are the
-    same tensor objects (views of them stay views).
+    same tensor objects. A view reduces its whole family: the family root's shards
+    are reduced and every live view drops its partial axes, as the dispatcher's
+    one-tensor `_aliasing.reduce_in_place` does.
     """
+    roots = []
+    for t in tensors:
+        if isinstance(t, ShardedTensor) and t._layout.partial:
+            root = getattr(t, "_root", None)
+            root = t if root is None else root
+            synced([root])
+            roots.append(root)
+    for group in _partial_groups(roots):
+        bucket, offsets = _flat_bucket(func, group)
+        reduced = _move(func, bucket, Layout(((),)))
+        with torch.no_grad():
+            for t, blocks in zip(group, _flat_pieces(group, reduced, offsets)):
+                for s, b in zip(t._shards, blocks):
+                    s.copy_(b)
+        for root in group:
+            members = [root, *(getattr(root, "_views", None) or ())]
+            if getattr(root, "_views", None) is not None:
+                root._views = None
+            for m in members:
+                if m._layout.partial:
+                    m._layout, m._sig = m._layout.without_partial(), None
+
+
+def reduced_copies(func: Any, tensors: list[ShardedTensor]) -> dict[int, ShardedTensor]:
+    """Reduced copies of partial `tensors` (by id), one all-reduce per group; inputs untouched."""
+    synced(tensors)
+    out = {}
     for group in _partial_groups(tensors):
         bucket, offsets = _flat_bucket(func, group)
         reduced = _move(func, bucket, Layout(((),)))
-        for j, offs in enumerate(offsets):
-            flat = reduced._shards[j]
-            for t, o in zip(group, offs):
-                s = t._shards[j]
-                s.copy_(flat[o : o + s.numel()].view(s.shape))
-        for t in group:
-            t._layout = t._layout.without_partial()
-            t._sig = None
+        for t, blocks in zip(group, _flat_pieces(group, reduced, offsets)):
+            out[id(t)] = ShardedTensor(
+                [b.clone() for b in blocks], t._mesh, t._layout.without_partial(), tuple(t.shape)
+            )
+    return out
 
 
 # == the generic foreach rule ====================================================
+_NEEDS_REDUCTION: dict[tuple, bool] = {}
+
+
 def _needs_reduced_self(op: Any, args: list, kwargs: dict) -> bool:
     """Whether the in-place element `op(*args, **kwargs)` needs its partial first operand reduced.
 
-    Asked of the element's own rule through the dispatcher: it refuses (today) or
-    plans to reduce the first operand (once in-place reduction is in the dispatcher).
+    The dispatcher's criterion, asked of the element's own rule: no candidate keeps the
+    partial layout of the first operand, and one keeps that layout without the partial
+    axes. Cached by the element's dispatch key.
     """
     self = args[0]
     if isinstance(op, _InPlaceViaCopy):  # copy_ keeps a partial destination partial
         return False
     if not isinstance(self, ShardedTensor) or not self._layout.partial:
         return False
-    try:
-        decision = _decide(op, tuple(args), kwargs)
-    except LayoutError:
-        return True
-    return decision.strategy.inputs[0] != self._layout
+    key = _key(op, tuple(args), kwargs)
+    hit = _NEEDS_REDUCTION.get(key)
+    if hit is not None:
+        return hit
+    rule = rule_for(op)
+    if rule is None:
+        return False  # the dispatcher raises its own "no rule" error
+    paths = _tensor_paths(tuple(args), kwargs)
+    tensors = [_get(tuple(args), kwargs, p) for p in paths]
+    specs = tuple(
+        ArgSpec(
+            tuple(t.shape),
+            t.dtype,
+            t._layout if isinstance(t, ShardedTensor) else Layout(((),) * t.ndim),
+        )
+        for t in tensors
+    )
+    outs = _output_specs(op, tuple(args), kwargs, paths, tensors)
+    a_args, a_kwargs = _substitute(tuple(args), kwargs, paths, list(specs))
+    ri = RuleInput(
+        op, self._mesh.abstract, tuple(a_args), dict(a_kwargs), specs, tuple(o for o in outs if o)
+    )
+    candidates = list(rule(ri))
+    layout = self._layout
+
+    def keeps(c: Strategy, want: Layout) -> bool:
+        return c.inputs[0] == want and (c.decompose is not None or c.outputs[0] == want)
+
+    needs = not any(keeps(c, layout) for c in candidates) and any(
+        keeps(c, layout.without_partial()) for c in candidates
+    )
+    if not _has_unknown(key):
+        _NEEDS_REDUCTION[key] = needs
+    return needs
+
+
+def _reduce_read_operands(func: Any, op: Any, calls: list, inplace: bool) -> list:
+    """`calls` with every partial operand its element's rule all-reduces replaced by a
+    reduced copy, the copies made together: one all-reduce per group, not per tensor.
+
+    Only operands the element reads (not an in-place element's first operand) whose
+    chosen strategy wants them exactly without their partial axes; everything else
+    is left to the element's own dispatch.
+    """
+    wanted: list[ShardedTensor] = []
+    plans = []
+    for a, k in calls:
+        tensors = [x for x in (*a, *k.values()) for x in (x if isinstance(x, list | tuple) else [x])]
+        if isinstance(op, _InPlaceViaCopy) or not any(
+            isinstance(x, ShardedTensor) and x._layout.partial for x in tensors
+        ):
+            plans.append(None)
+            continue
+        try:
+            key = _key(op, tuple(a), k)
+            decision = _DECISIONS.get(key)
+            decision = _decide(op, tuple(a), k) if decision is None else decision
+        except ShardlibError:
+            plans.append(None)  # the element's own call raises the error
+            continue
+        picks = []
+        for q, (path, want) in enumerate(zip(decision.paths, decision.strategy.inputs)):
+            x = _get(tuple(a), k, path)
+            if (inplace and q == 0) or not isinstance(x, ShardedTensor) or not x._layout.partial:
+                continue
+            if want == x._layout.without_partial():
+                picks.append((path, x))
+                wanted.append(x)
+        plans.append((decision.paths, picks) if picks else None)
+    if not wanted:
+        return calls
+    copies = reduced_copies(func, wanted)
+    out = []
+    for (a, k), plan_ in zip(calls, plans):
+        if plan_ is None:
+            out.append((a, k))
+            continue
+        paths, picks = plan_
+        chosen = dict((p, copies[id(x)]) for p, x in picks)
+        values = [chosen.get(p, _get(tuple(a), k, p)) for p in paths]
+        new_a, new_k = _substitute(tuple(a), k, paths, values)
+        out.append((list(new_a), new_k))
+    return out
 
 
 def _foreach_decomposition(func: Any) -> Callable:
@@ -293,6 +444,7 @@ def _foreach_decomposition(func: Any) -> Callable:
         calls = _element_calls(func, op, args, kwargs)
         if inplace:
             reduce_in_place(func, [a[0] for a, k in calls if _needs_reduced_self(op, a, k)])
+        calls = _reduce_read_operands(func, op, calls, inplace)
         results = []
         for i, (a, k) in enumerate(calls):
             try:
@@ -351,6 +503,7 @@ def _norm_decomposition(func: Any, root: bool) -> Callable:
 def _mesh_norms(func: Any, mesh: Mesh, xs: list[ShardedTensor], ord: float, root: bool) -> list:
     """Norms (or power sums) of sharded tensors on one mesh: <= 1 reduce-scatter per group + 1 all-reduce."""
     am, devs = mesh.abstract, mesh.local_devices
+    synced(xs)
     # pieces[i][j]: device j's values of tensor i; axes[i]: the axes its contributions vary on
     pieces: list[list[torch.Tensor]] = [list(x._shards) for x in xs]
     axes = [set(a for d in x._layout.dims for a in d) for x in xs]
@@ -429,7 +582,7 @@ def _fused_decomposition(func: Any) -> Callable:
         params = bound["self"]
         columns = {n: list(bound[n]) for n in lists}
         sharded = [i for i, p in enumerate(params) if isinstance(p, ShardedTensor)]
-        plain = [i for i in range(len(params)) if i not in set(sharded)]
+        plain = [i for i in range(len(params)) if not isinstance(params[i], ShardedTensor)]
         for i in plain:
             if any(isinstance(columns[n][i], ShardedTensor) for n in lists if columns[n]):
                 raise LayoutError(
@@ -442,31 +595,39 @@ def _fused_decomposition(func: Any) -> Callable:
             func(*[sub[n] for n in lists], **_kw(bound, lists))
         if not sharded:
             return None
+        synced([columns[n][i] for n in lists if columns[n] for i in sharded])
+        touched = [columns[n][i] for n in mutable if columns[n] for i in sharded]
+        # the kernel needs values: partial parameters, gradients and states are reduced in place
         reduce_in_place(func, [columns[n][i] for n in mutable if columns[n] for i in sharded])
+        written_back = []  # (tensor, the copy in its parameter's layout the kernel updates)
         for i in sharded:
             p = params[i]
+            if p._layout.partial:  # a family member the dispatcher could not reduce
+                raise LayoutError(
+                    f"{func}: parameter {i} (shape {tuple(p.shape)}) is still partial "
+                    f"{p._layout!r}; a fused step needs its value. sl.reshard it to "
+                    f"{p._layout.without_partial()!r} first."
+                )
             for n in mutable[1:]:
                 if not columns[n]:
                     continue
                 t = columns[n][i]
                 if not isinstance(t, ShardedTensor) or t._mesh != p._mesh:
+                    where = "a plain tensor" if not isinstance(t, ShardedTensor) else f"on {t._mesh!r}"
                     raise LayoutError(
-                        f"{func}: {n}[{i}] is {'a plain tensor' if not isinstance(t, ShardedTensor) else f'on {t._mesh!r}'} "
-                        f"but its parameter is sharded on {p._mesh!r} with {p._layout!r}. Create "
-                        "optimizer state with torch.zeros_like(param) (sharded like it), and "
-                        "gradients by backward through sharded ops."
+                        f"{func}: {n}[{i}] is {where} but its parameter is sharded on "
+                        f"{p._mesh!r} with {p._layout!r}. Create optimizer state with "
+                        "torch.zeros_like(param) (sharded like it), and gradients by backward "
+                        "through sharded ops."
                     )
-                if t._layout == p._layout:
-                    continue
-                if n == "grads" and bound.get("grad_scale") is None:
-                    columns[n][i] = _move(func, t, p._layout)  # read-only use: a moved copy
-                    continue
-                raise LayoutError(
-                    f"{func}: {n}[{i}] has layout {t._layout!r} but its parameter (shape "
-                    f"{tuple(p.shape)}) has {p._layout!r}; a fused step updates them in place "
-                    f"together, so they must match. Fix: sl.reshard the {n} entry to "
-                    f"{p._layout!r} (or create optimizer state with torch.zeros_like(param))."
-                )
+                if t._layout != p._layout:
+                    # per element in the parameter's layout; what the kernel writes is copied
+                    # back into the tensor's own layout (gradients are only read, unless a
+                    # grad_scale unscales them)
+                    moved = _move(func, t, p._layout)
+                    columns[n][i] = moved
+                    if n != "grads" or bound.get("grad_scale") is not None:
+                        written_back.append((t, moved))
         mesh = params[sharded[0]]._mesh
         kw = _kw(bound, lists)
         for j in range(len(mesh.local_devices)):
@@ -478,6 +639,13 @@ def _fused_decomposition(func: Any) -> Callable:
                 else:
                     local_lists.append([t._shards[j] for t in col])
             func(*local_lists, **{k: _local(func, k, v, j) for k, v in kw.items()})
+        for t, moved in written_back:
+            aten.copy_.default(t, moved)
+        aliasing = _aliasing()
+        if aliasing is not None:
+            for t in {id(t): t for t in touched if isinstance(t, ShardedTensor)}.values():
+                if getattr(t, "_root", None) is not None:
+                    aliasing.after_write(t)
         return None
 
     return decompose
