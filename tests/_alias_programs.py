@@ -756,34 +756,48 @@ def draw_view(ch: Chooser, runner: Runner, x: str) -> tuple[str, tuple[str, ...]
 
 
 def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return (
-        a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
-    )
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+
+
+def _offsets(t: torch.Tensor) -> set[int]:
+    """The storage offsets of every element of `t` (small tensors only)."""
+    off = torch.tensor(t.storage_offset(), dtype=torch.int64)
+    for size, stride in zip(t.shape, t.stride()):
+        off = off.unsqueeze(-1) + torch.arange(size, dtype=torch.int64) * stride
+    return set(off.flatten().tolist())
 
 
 def _overlap_hazard(runner: Runner, line: str, target: str) -> str:
     """`line` with order-dependent live operands replaced by ``name.clone()``.
 
-    An in-place op whose operand shares memory with the written tensor (and is
-    not the very same view) is either refused by torch ("some elements of the
-    input tensor and the written-to tensor refer to a single memory location")
-    — kept: shardlib must refuse it too — or computed in torch's memory order,
-    a result no sharded implementation can be asked to reproduce (e.g.
-    ``x.add_(x.t())``). A trial run on a deep copy of the torch namespace
-    (which keeps the views' shared storage) tells the two apart.
+    An in-place op whose operand overlaps the memory it writes (and is not
+    that very view) is either refused by torch ("some elements of the input
+    tensor and the written-to tensor refer to a single memory location") —
+    kept: shardlib must refuse it too — or computed in torch's memory order, a
+    result no sharded implementation can be asked to reproduce (e.g.
+    ``x.add_(x.diagonal())``, ``x.mul_(x[:, :1])``). A trial run on a deep copy of the torch namespace
+    (which keeps the views' shared storage) tells the two apart. Operands in
+    the same storage but disjoint from the written elements are kept.
     """
-    tgt = runner.tns[target]
-    lhs, sep, rhs = line.partition(" = ") if "[" in line.partition(" = ")[0] else ("", "", line)
-    used = [n for n in dict.fromkeys(_NAME.findall(rhs)) if n != target or lhs]
-    risky = [
-        n
-        for n in used
-        if isinstance(runner.tns.get(n), torch.Tensor)
-        and runner.tns[n].numel()
-        and tgt.numel()
-        and runner.tns[n].untyped_storage().data_ptr() == tgt.untyped_storage().data_ptr()
-        and not (_same_view(runner.tns[n], tgt) and not lhs)
-    ]
+    lhs, sep, rhs = line.partition(" = ")
+    if sep and "[" in lhs:  # setitem: the written elements are lhs's
+        written = eval(lhs, dict(runner.tns))  # noqa: S307  (basic indexing: a view)
+        used = list(dict.fromkeys(_NAME.findall(rhs)))
+    else:
+        lhs, sep, rhs = "", "", line
+        written = runner.tns[target]
+        used = [n for n in dict.fromkeys(_NAME.findall(line)) if n != target]
+    if not isinstance(written, torch.Tensor) or not written.numel():
+        return line
+    risky = []
+    for n in used:
+        u = runner.tns.get(n)
+        if not isinstance(u, torch.Tensor) or not u.numel() or _same_view(u, written):
+            continue
+        if u.untyped_storage().data_ptr() != written.untyped_storage().data_ptr():
+            continue
+        if _offsets(u) & _offsets(written):
+            risky.append(n)
     if not risky:
         return line
     tensors = {k: v for k, v in runner.tns.items() if isinstance(v, torch.Tensor)}
