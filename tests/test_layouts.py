@@ -1,9 +1,11 @@
 """Layouts, meshes and shard arithmetic as pure data (tier 1, no process group).
 
 Covers:
-- `sl.P` / `sl.Layout`: construction, equality of equal placements, paste-back
-  `repr`, compact `str`, hashing, the partial forms (name, tuple, dict with
-  sum/avg/max/min) and every error a user can cause, each checked for type
+- `sl.P` / `sl.Layout`: construction, equality of equal placements, one
+  printed notation (`str` == `repr` == the `P(...)` call, pasting back through
+  `eval` for sampled layouts, also inside error messages), hashing, the partial
+  forms (name, tuple, dict with sum/avg/max/min) and every error a user can
+  cause, each checked for type
   (`sl.LayoutError`, a `ValueError`) and for a message that names the
   offending values and a fix;
 - `sl.Mesh` / `sl.AbstractMesh`: names, shape, size, row-major flat indices
@@ -11,18 +13,30 @@ Covers:
   references, equality, and the errors of `sl.Mesh.simulated`;
 - shard arithmetic: `chunk_bounds` against its definition and against
   `torch.chunk` (which may return fewer than k chunks), and flat chunk indices
-  of dims split over several axes (``i_a * |b| + i_b``).
+  of dims split over several axes (``i_a * |b| + i_b``);
+- the README's ``# prints: ...`` comments: each is what its line really prints
+  (doctest matching, ``...`` for elided text), and no other layout notation
+  appears there.
 
 Tolerances: none; everything here is exact integer arithmetic.
 """
 
 from __future__ import annotations
 
+import builtins
+import doctest
+import io
 import itertools
 import math
+import os
+import pathlib
+import re
+import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import shardlib as sl
 from shardlib.layouts import chunk_bounds, local_bounds, local_shape, max_local_shape
@@ -119,10 +133,48 @@ def test_repr_and_str_forms():
     assert repr(P(None, partial=("tp", "dp"))) == "P(None, partial=('dp', 'tp'))"
     assert repr(P(None, partial={"tp": "max"})) == "P(None, partial={'tp': 'max'})"
     assert repr(P()) == "P()"
-    assert str(P("dp", None)) == "[S(dp), R]"
-    assert str(P(("dp", "tp"), None, partial={"sp": "max"})) == "[S(dp,tp), R] partial(max: sp)"
-    assert str(P(None, partial=("a", "b"))) == "[R] partial(sum: a,b)"
-    assert str(P()) == "[]"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=repr)
+def test_str_is_repr(layout):
+    assert str(layout) == repr(layout) == f"{layout}" == f"{layout!r}"
+
+
+CASES = int(os.environ.get("SHARDLIB_HYPOTHESIS_CASES", 100))
+_AXES = ("dp", "tp", "a", "b", "x")
+
+
+@st.composite
+def layouts(draw) -> sl.Layout:
+    """Any valid layout over the axes in `_AXES`: each axis on one dim, partial, or unused."""
+    ndim = draw(st.integers(0, 4))
+    where = draw(st.permutations(_AXES))
+    dims: list[list[str]] = [[] for _ in range(ndim)]
+    partial = []
+    for axis in where:
+        slot = draw(st.integers(-2, ndim - 1))  # -2: unused, -1: partial
+        if slot >= 0:
+            dims[slot].append(axis)
+        elif slot == -1:
+            partial.append(axis)
+    op = draw(st.sampled_from(sl.layouts.REDUCE_OPS))
+    spec = [
+        None if not d else d[0] if len(d) == 1 and draw(st.booleans()) else tuple(d) for d in dims
+    ]
+    return P(*spec, partial={a: op for a in partial} or None)
+
+
+@settings(derandomize=True, deadline=None, max_examples=CASES, database=None)
+@given(layouts())
+def test_printed_layout_pastes_back(layout):
+    for text in (str(layout), repr(layout), f"{layout}"):
+        assert eval(text, {"P": P}) == layout, text
+    assert eval(str(layout), {"P": P}).reduce_op == layout.reduce_op
+
+
+def test_error_messages_print_layouts_as_p_calls():
+    msg = raises_layout_error(lambda: P("x", None).check(MESH, 2, "f(layout=...)"), "P('x', None)")
+    assert "S(" not in msg and "[R" not in msg
 
 
 def test_layouts_are_hashable_cache_keys():
@@ -398,3 +450,69 @@ def test_uneven_two_axis_split_is_not_nested_halves():
     halves = [local_bounds((10,), P("a"), mesh.abstract, d)[0] for d in range(4)]
     assert halves == [(0, 5), (0, 5), (5, 10), (5, 10)]
     assert not (halves[1][0] <= flat[1][0] and flat[1][1] <= halves[1][1])  # [3,6) ⊄ [0,5)
+
+
+# == README: the printed output its comments claim ================================
+_README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+_PRINTS = re.compile(r"#\s*prints:(.*)$")
+
+
+def _readme_claims() -> list[tuple[int, str, dict[int, str]]]:
+    """(block index, code, {line number: expected output}) for README blocks with claims.
+
+    ``print(...)  # prints: TEXT`` claims TEXT; an empty TEXT continues on the
+    comment lines right below (one output line each)."""
+    blocks = re.findall(r"```python\n(.*?)```", _README.read_text(), flags=re.S)
+    out = []
+    for i, code in enumerate(blocks):
+        lines = code.splitlines()
+        claims = {}
+        for n, line in enumerate(lines, 1):
+            m = _PRINTS.search(line)
+            if not m:
+                continue
+            first = m.group(1).strip()
+            want = [first] if first else []
+            if not first:
+                for below in lines[n:]:
+                    if not below.lstrip().startswith("#"):
+                        break
+                    want.append(below.lstrip()[1:])
+            claims[n] = "\n".join(want)
+        if claims:
+            out.append((i, code, claims))
+    return out
+
+
+def test_readme_has_print_claims():
+    claims = [c for _, _, cs in _readme_claims() for c in cs.values()]
+    assert len(claims) >= 5 and all(claims)
+
+
+@pytest.mark.parametrize("index, code, claims", _readme_claims(), ids=lambda v: str(v)[:12])
+def test_readme_comments_show_what_prints(index, code, claims):
+    name = f"README.md block {index}"
+    printed: dict[int, list[str]] = {}
+
+    def recording_print(*args, sep=" ", end="\n", file=None, flush=False):
+        frame = sys._getframe(1)
+        if file is not None or frame.f_code.co_filename != name:
+            return builtins.print(*args, sep=sep, end=end, file=file, flush=flush)
+        buf = io.StringIO()
+        builtins.print(*args, sep=sep, end=end, file=buf)
+        printed.setdefault(frame.f_lineno, []).append(buf.getvalue())
+
+    exec(compile(code, name, "exec"), {"__name__": "readme_block", "print": recording_print})
+    checker = doctest.OutputChecker()
+    flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+    for line, want in claims.items():
+        got = "".join(printed.get(line, []))
+        assert got, f"{name} line {line} claims output but printed nothing"
+        assert checker.check_output(want + "\n", got, flags), (
+            f"{name} line {line}: the comment says\n{want}\nbut it printed\n{got}"
+        )
+
+
+def test_readme_uses_one_layout_notation():
+    text = _README.read_text()
+    assert not re.search(r"\bS\([a-z]|\[R[,\]]|partial\((sum|avg|max|min):", text)

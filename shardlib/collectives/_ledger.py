@@ -77,8 +77,26 @@ class CommLedger:
         )
 
     def summary(self) -> str:
-        """A table of the records, then totals per kind."""
-        head = ("#", "kind", "axes", "k", "bytes", "dtype", "dir", "cause")
+        """A table of the records, then totals per kind.
+
+        Columns: ``#``, ``kind``, ``axes``, ``group`` (ranks in the group),
+        ``bytes`` (sent by the busiest device), ``dtype``, ``direction``
+        (``forward`` or ``backward``), ``cause``. The last line counts with
+        the right number: ``in 1 collective``, ``in 2 collectives``.
+
+        Examples:
+            >>> import shardlib as sl, torch
+            >>> mesh = sl.Mesh.simulated({"x": 4})
+            >>> x = sl.shard(torch.ones(8, 8), mesh, sl.P("x", None))
+            >>> with sl.comm_ledger() as led:
+            ...     y = sl.reshard(x, sl.P(None, None))
+            >>> print(led.summary())
+            #  kind        axes  group  bytes  dtype    direction  cause
+            -  ----------  ----  -----  -----  -------  ---------  -------
+            1  all_gather  x     4      192 B  float32  forward    reshard
+            total 192 B in 1 collective (all_gather x1 192 B)
+        """
+        head = ("#", "kind", "axes", "group", "bytes", "dtype", "direction", "cause")
         rows = [
             (
                 str(i),
@@ -87,7 +105,7 @@ class CommLedger:
                 str(r.group_size),
                 format_bytes(r.bytes),
                 r.dtype,
-                r.direction[:3],
+                r.direction,
                 r.cause,
             )
             for i, r in enumerate(self.records, 1)
@@ -98,13 +116,18 @@ class CommLedger:
         kinds = sorted({r.kind for r in self.records})
         totals = ", ".join(f"{k} x{self.count(k)} {format_bytes(self.bytes_by(k))}" for k in kinds)
         out.append(
-            f"total {format_bytes(self.total_bytes)} in {len(self.records)} collectives"
+            f"total {format_bytes(self.total_bytes)} in {_count(len(self.records), 'collective')}"
             + (f" ({totals})" if totals else "")
         )
         return "\n".join(out)
 
     def __str__(self) -> str:
         return self.summary()
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 collective``, ``2 collectives``, ``0 collectives``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def current_direction() -> str:

@@ -10,6 +10,11 @@ Invariants (enforced in `__post_init__`):
 - `partial` is sorted (the set of axes over which the value is a reduction's
   operand), `reduce_op` is one of `sum`, `avg`, `max`, `min`, and is `"sum"`
   when nothing is partial, so equal placements compare equal.
+
+Printing: one notation. `str` and `repr` are both the `P(...)` call that
+builds the layout (``P('dp', None)``, ``P(None, partial={'tp': 'max'})``), so
+what `print`, error messages, `sl.plan`, `sl.explain` and the README show
+pastes back as code: ``eval(str(layout), {"P": sl.P}) == layout``.
 """
 
 from __future__ import annotations
@@ -81,8 +86,8 @@ class Layout:
         P('dp', None, 'tp')
         >>> P("x", None) == P(("x",), None)
         True
-        >>> str(P(("dp", "tp"), None, partial={"sp": "max"}))
-        '[S(dp,tp), R] partial(max: sp)'
+        >>> print(P(("dp", "tp"), None, partial={"sp": "max"}))
+        P(('dp', 'tp'), None, partial={'sp': 'max'})
     """
 
     dims: tuple[tuple[str, ...], ...]
@@ -208,12 +213,7 @@ class Layout:
             parts.append(f"partial={p}")
         return f"P({', '.join(parts)})"
 
-    def __str__(self) -> str:
-        body = ", ".join(f"S({','.join(axes)})" if axes else "R" for axes in self.dims)
-        s = f"[{body}]"
-        if self.partial:
-            s += f" partial({self.reduce_op}: {','.join(self.partial)})"
-        return s
+    __str__ = __repr__  # one notation everywhere (module docstring)
 
 
 def P(*spec: Any, partial: Any = None) -> Layout:

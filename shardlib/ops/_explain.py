@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .._format import format_bytes
-from ..collectives._ledger import CommRecord, comm_ledger
+from ..collectives._ledger import CommRecord, _count, comm_ledger
 from . import _dispatch
 from ._tensor import ShardedTensor
 
@@ -49,7 +49,9 @@ class Explanation:
                     f"       {c.kind}({','.join(c.axes)}) {format_bytes(c.bytes)} {c.dtype} {c.direction}"
                 )
         n = sum(len(o.comms) for o in self.ops)
-        lines.append(f"{len(self.ops)} ops, {n} collectives, {format_bytes(self.total_bytes)}")
+        lines.append(
+            f"{_count(len(self.ops), 'op')}, {_count(n, 'collective')}, {format_bytes(self.total_bytes)}"
+        )
         return "\n".join(lines)
 
 
@@ -100,10 +102,10 @@ def explain(fn: Callable, *args: Any, show: bool = True, **kwargs: Any) -> Expla
         >>> a = sl.shard(torch.ones(4, 6), mesh, sl.P(None, "x"))
         >>> b = sl.shard(torch.ones(6, 2), mesh, sl.P("x", None))
         >>> e = sl.explain(lambda: sl.reshard(a @ b, sl.P(None, None)))
-          1. mm.default((4, 6) [R, S(x)], (6, 2) [S(x), R]) -> (4, 2) [R, R] partial(sum: x)
+          1. mm.default((4, 6) P(None, 'x'), (6, 2) P('x', None)) -> (4, 2) P(None, None, partial='x')
           2. [reshard]() -> -
                all_reduce(x) 32 B float32 forward
-        2 ops, 1 collectives, 32 B
+        2 ops, 1 collective, 32 B
         >>> e.result.full()[0, 0].item()
         6.0
     """
