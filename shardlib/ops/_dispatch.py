@@ -261,9 +261,11 @@ def _dispatch(func: Any, args: tuple, kwargs: dict) -> Any:
             if decision.inplace:
                 first._writes += 1
                 return first
+            o = decision.out_specs[0]
             out = torch.Tensor._make_wrapper_subclass(
                 ShardedTensor,
-                decision.out_specs[0].shape,
+                o.shape,
+                strides=o.stride,
                 dtype=per_device[0].dtype,
                 device=per_device[0].device,
             )
@@ -293,7 +295,15 @@ def _mesh_of(func: Any, tensors: list) -> Mesh:
 
 # == deciding ==================================================================
 def _meta(a: Any) -> Any:
-    return torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device="meta")
+    """A meta tensor with `a`'s global shape, strides and storage offset."""
+    shape, stride, offset = tuple(a.shape), a.stride(), a.storage_offset()
+    if offset == 0 and a.is_contiguous():
+        return torch.empty(shape, dtype=a.dtype, device="meta")
+    extent = offset + 1 + sum((n - 1) * st for n, st in zip(shape, stride) if n > 0)
+    if any(n == 0 for n in shape):
+        extent = offset
+    base = torch.empty(extent, dtype=a.dtype, device="meta")
+    return base.as_strided(shape, stride, offset)
 
 
 def _decide(func: Any, args: tuple, kwargs: dict) -> _Decision:
@@ -538,13 +548,14 @@ def _output_specs(
             "per device in sl.shard_map."
         ) from e
     if isinstance(out, torch.Tensor):
-        return (ArgSpec(tuple(out.shape), out.dtype),)
+        return (_out_spec(out),)
     leaves = out if isinstance(out, list | tuple) else [out]
     # a trailing None marks "not a single tensor" (lists of one tensor, tuples, scalars)
-    return (
-        *(ArgSpec(tuple(t.shape), t.dtype) for t in leaves if isinstance(t, torch.Tensor)),
-        None,
-    )
+    return (*(_out_spec(t) for t in leaves if isinstance(t, torch.Tensor)), None)
+
+
+def _out_spec(t: torch.Tensor) -> ArgSpec:
+    return ArgSpec(tuple(t.shape), t.dtype, None, tuple(t.stride()), t.storage_offset())
 
 
 def _is_inplace(func: Any) -> bool:
@@ -642,14 +653,22 @@ def _run(func: Any, decision: _Decision, args: tuple, kwargs: dict) -> Any:
     first = results[0]
     if isinstance(first, torch.Tensor):
         o = decision.out_specs[0]
-        out = ShardedTensor(results, mesh, strategy.outputs[0], o.shape)
+        out = ShardedTensor(results, mesh, strategy.outputs[0], o.shape, False, o.stride, o.offset)
     else:
         outs, k = [], 0
         for i, leaf in enumerate(first):
             if isinstance(leaf, torch.Tensor):
                 o = decision.out_specs[k]
                 outs.append(
-                    ShardedTensor([r[i] for r in results], mesh, strategy.outputs[k], o.shape)
+                    ShardedTensor(
+                        [r[i] for r in results],
+                        mesh,
+                        strategy.outputs[k],
+                        o.shape,
+                        False,
+                        o.stride,
+                        o.offset,
+                    )
                 )
                 k += 1
             else:

@@ -28,11 +28,17 @@ __all__ = ["ArgSpec", "RuleInput", "Strategy", "register_rule", "register_tag_ru
 
 @dataclass(frozen=True, slots=True)
 class ArgSpec:
-    """A tensor seen by a rule: global shape, dtype and current layout (None for outputs)."""
+    """A tensor seen by a rule: global shape, dtype and current layout (None for outputs).
+
+    Outputs also carry torch's global strides and storage offset for the result (what the
+    op gives on plain tensors), which the sharded result reports.
+    """
 
     shape: tuple[int, ...]
     dtype: torch.dtype
     layout: Layout | None = None
+    stride: tuple[int, ...] | None = field(default=None, compare=False)
+    offset: int = field(default=0, compare=False)
 
     @property
     def ndim(self) -> int:

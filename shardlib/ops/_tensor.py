@@ -63,10 +63,13 @@ class ShardedTensor(torch.Tensor):
         layout: Layout,
         shape: tuple[int, ...],
         requires_grad: bool = False,
+        strides: tuple[int, ...] | None = None,
+        storage_offset: int = 0,
     ) -> ShardedTensor:
         ref = shards[0]
+        geometry = {} if strides is None else {"strides": strides, "storage_offset": storage_offset}
         out = torch.Tensor._make_wrapper_subclass(
-            cls, shape, dtype=ref.dtype, device=ref.device, requires_grad=requires_grad
+            cls, shape, dtype=ref.dtype, device=ref.device, requires_grad=requires_grad, **geometry
         )
         out._shards = shards
         out._mesh = mesh
