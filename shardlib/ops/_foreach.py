@@ -282,8 +282,10 @@ def synced(tensors: list[Any]) -> None:
 def _flat_pieces(group: list[ShardedTensor], reduced: ShardedTensor, offsets: list) -> list:
     """Per member of `group`, per local device, its block of the reduced flat bucket."""
     return [
-        [reduced._shards[j][o : o + t._shards[j].numel()].view(t._shards[j].shape)
-         for j, o in enumerate(offs_of)]
+        [
+            reduced._shards[j][o : o + t._shards[j].numel()].view(t._shards[j].shape)
+            for j, o in enumerate(offs_of)
+        ]
         for t, offs_of in zip(group, zip(*offsets))
     ]
 
@@ -398,7 +400,9 @@ def _reduce_read_operands(func: Any, op: Any, calls: list, inplace: bool) -> lis
     wanted: list[ShardedTensor] = []
     plans = []
     for a, k in calls:
-        tensors = [x for x in (*a, *k.values()) for x in (x if isinstance(x, list | tuple) else [x])]
+        tensors = [
+            x for x in (*a, *k.values()) for x in (x if isinstance(x, list | tuple) else [x])
+        ]
         if isinstance(op, _InPlaceViaCopy) or not any(
             isinstance(x, ShardedTensor) and x._layout.partial for x in tensors
         ):
@@ -613,7 +617,9 @@ def _fused_decomposition(func: Any) -> Callable:
                     continue
                 t = columns[n][i]
                 if not isinstance(t, ShardedTensor) or t._mesh != p._mesh:
-                    where = "a plain tensor" if not isinstance(t, ShardedTensor) else f"on {t._mesh!r}"
+                    where = (
+                        "a plain tensor" if not isinstance(t, ShardedTensor) else f"on {t._mesh!r}"
+                    )
                     raise LayoutError(
                         f"{func}: {n}[{i}] is {where} but its parameter is sharded on "
                         f"{p._mesh!r} with {p._layout!r}. Create optimizer state with "
