@@ -93,6 +93,38 @@ def einsum_strategies(eq: str, specs: tuple[ArgSpec, ...]):
             yield inputs, out
 
 
+def _empty_under_bias(ri: RuleInput, bias: ArgSpec, out: Layout, out_spec: ArgSpec) -> bool:
+    """Whether some device's product block is empty on a dim the bias broadcasts over.
+
+    The CPU kernels broadcast such a bias the wrong way round (addmv of a (1,) bias
+    and a (0, m) block gives (1,), not (0,)), so those strategies expand the bias to
+    the local product's shape first; elsewhere the op runs as is (the hot path).
+    """
+    off = out_spec.ndim - bias.ndim
+    for d, (n, axes) in enumerate(zip(out_spec.shape, out.dims)):
+        broadcast = d < off or bias.shape[d - off] != n
+        if broadcast and axes:
+            k = ri.mesh.group_size(axes)
+            if (k - 1) * -(-n // k) >= n:  # the last chunk (at least) is empty
+                return True
+    return False
+
+
+def _product_shape(op: object, a: torch.Tensor, b: torch.Tensor) -> tuple[int, ...]:
+    if op is aten.addmv.default:
+        return (a.shape[0],)
+    if op is aten.addmm.default:
+        return (a.shape[0], b.shape[1])
+    return (a.shape[0], a.shape[1], b.shape[2])  # baddbmm
+
+
+def _expanded_bias(op: object):
+    def local(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *args, **kwargs):
+        return op(bias.expand(_product_shape(op, a, b)), a, b, *args, **kwargs)
+
+    return local
+
+
 @register_rule(*EQUATIONS)
 def contraction_rule(ri: RuleInput):
     eq = EQUATIONS[ri.op]
@@ -102,7 +134,8 @@ def contraction_rule(ri: RuleInput):
         bias, operands = specs[0], specs[1:]
         for inputs, out in einsum_strategies(eq, operands):
             want_bias = Layout(_in_dims(out.dims, bias, out_spec), out.partial, out.reduce_op)
-            yield Strategy((want_bias, *inputs), (out,))
+            local = _expanded_bias(ri.op) if _empty_under_bias(ri, bias, out, out_spec) else None
+            yield Strategy((want_bias, *inputs), (out,), local=local)
     else:
         for inputs, out in einsum_strategies(eq, specs):
             yield Strategy(inputs, (out,))

@@ -97,18 +97,48 @@ def candidate_dims(specs: tuple[ArgSpec, ...], out: ArgSpec) -> list[tuple]:
 
 
 def _cast_commutes(op: str, src: torch.dtype, dst: torch.dtype) -> bool:
-    """Whether casting each summand then reducing with `op` equals reducing then casting."""
+    """Whether casting each summand then reducing with `op` equals reducing then casting.
+
+    sum/avg: a cast to a float dtype at least as precise and wide as a float source
+    (rounding each summand to bfloat16 and adding in bfloat16 loses what cancels in
+    the sum: 6.1 - 3 - 3 becomes 0.09375), integers to floats or to other integers
+    (two's-complement wrap-around commutes with addition); never from bool or from a
+    float to an integer. max/min: monotone casts (float rounding, float to int
+    truncation, bool); not integer narrowing (it wraps) nor to bool.
+    """
     if src == dst:
         return True
     src_float = src.is_floating_point or src.is_complex
     dst_float = dst.is_floating_point or dst.is_complex
     if op in ("sum", "avg"):
-        return src != torch.bool and (dst_float or (not src_float and dst != torch.bool))
+        if src == torch.bool or dst == torch.bool or (src_float and not dst_float):
+            return False
+        if src_float:  # float -> float: only widening is exact
+            a, b = torch.finfo(src), torch.finfo(dst)
+            return b.eps <= a.eps and b.max >= a.max
+        return True
     return dst != torch.bool and (dst_float or src_float or src == torch.bool)
 
 
-def _partial_options(ri: RuleInput) -> list[tuple[tuple[str, ...], str, tuple[bool, ...]]]:
-    """(partial axes, op, which inputs carry them) choices that are exact for this op."""
+def _is_number(a: object) -> bool:
+    """A Python scalar operand: int, float, bool or complex (each added once per summand)."""
+    return isinstance(a, int | float | complex)
+
+
+# Unary ops that keep a partial value's axes, and the reduce op of their result per input
+# op: negation turns a max of summands into a min of their negations (-max(a, b) is
+# min(-a, -b)); copies keep the op; zeroing every summand zeroes the value for every op.
+_NEGATING = {aten.neg.default, aten.neg_.default}
+
+
+def _unary_out_op(op: object, reduce_op: str) -> str:
+    if op in _NEGATING:
+        return {"max": "min", "min": "max"}.get(reduce_op, reduce_op)
+    return reduce_op
+
+
+def _partial_options(ri: RuleInput) -> list[tuple[tuple[str, ...], str, tuple[bool, ...], str]]:
+    """(partial axes, input op, which inputs carry them, output op) choices exact for this op."""
     op, specs = ri.op, ri.tensors
     partial = [s for s in specs if s.layout.partial]
     if not partial:
@@ -119,28 +149,29 @@ def _partial_options(ri: RuleInput) -> list[tuple[tuple[str, ...], str, tuple[bo
     )
     if not same or first.reduce_op not in ("sum", "avg"):
         if op in _UNARY and len(specs) == 1:
-            return [(first.partial, first.reduce_op, (True,))]
+            out_op = _unary_out_op(op, first.reduce_op)
+            return [(first.partial, first.reduce_op, (True,), out_op)]
         return []
-    numbers = [a for a in ri.args if isinstance(a, int | float) and not isinstance(a, bool)]
+    keep = first.reduce_op
     if op in _ADD:
-        if numbers:  # add(x, 2): the 2 would be added once per summand
+        # add(x, 2), x + True, x + 1j: the number would be added once per summand
+        # (_partial_plus_number handles a lone number exactly).
+        if any(_is_number(a) for a in ri.args[:2]):
             return []
-        return [(first.partial, first.reduce_op, tuple(True for _ in specs))]
+        return [(first.partial, keep, tuple(True for _ in specs), keep)]
     if op in _MASKED_FILL:  # filling summands with 0 fills the sum with 0
         if len(partial) != 1 or not specs[0].layout.partial or len(ri.args) < 3 or ri.args[2] != 0:
             return []
-        return [(first.partial, first.reduce_op, (True,) + (False,) * (len(specs) - 1))]
+        return [(first.partial, keep, (True,) + (False,) * (len(specs) - 1), keep)]
     if op in _MUL or op in _DIV:
         if len(partial) != 1 or (op in _DIV and not specs[0].layout.partial):
             return []
-        return [(first.partial, first.reduce_op, tuple(bool(s.layout.partial) for s in specs))]
+        return [(first.partial, keep, tuple(bool(s.layout.partial) for s in specs), keep)]
     if op in _UNARY or op is aten._to_copy.default:
         out = ri.outputs[0]
-        if op is aten._to_copy.default and not _cast_commutes(
-            first.reduce_op, specs[0].dtype, out.dtype
-        ):
+        if op is aten._to_copy.default and not _cast_commutes(keep, specs[0].dtype, out.dtype):
             return []
-        return [(first.partial, first.reduce_op, (True,) * len(specs))]
+        return [(first.partial, keep, (True,) * len(specs), keep)]
     return []
 
 
@@ -160,7 +191,7 @@ def pointwise_rule(ri: RuleInput):
             )
             yield Strategy((lay,), (Layout(dims, lay.partial, lay.reduce_op),), local=shifted)
         used = {a for axes in dims for a in axes}
-        for axes, op, carries in options:
+        for axes, op, carries, out_op in options:
             if used & set(axes):
                 continue
             yield Strategy(
@@ -168,7 +199,7 @@ def pointwise_rule(ri: RuleInput):
                     Layout(_in_dims(dims, s, out), axes if c else (), op)
                     for s, c in zip(specs, carries)
                 ),
-                (Layout(dims, axes, op),) * len(ri.outputs),
+                (Layout(dims, axes, out_op),) * len(ri.outputs),
             )
         yield Strategy(
             tuple(Layout(_in_dims(dims, s, out)) for s in specs),
@@ -179,20 +210,26 @@ def pointwise_rule(ri: RuleInput):
 def _partial_plus_number(ri: RuleInput):
     """`x + c` / `x - c` on a partial x, exact without reducing: a local op adding c/k (sum) or c.
 
-    For a partial sum over k devices each summand gets c/k (floating dtypes only); for
-    avg, max and min every summand gets c. Returns the local function, or None.
+    `c` is any Python number (bool and complex included). For a partial sum over k
+    devices each summand gets c/k (floating and complex dtypes only: an integer sum
+    cannot take c/k); for avg, max and min every summand gets c (a shift commutes with
+    the mean and with max/min of reals; a complex number never meets max/min). A
+    result dtype other than x's (a float added to an int partial) or a number not in x's
+    kind (complex added to a real max) is left to the reduce-first strategy. Returns
+    the local function, or None.
     """
     if ri.op not in _ADD or len(ri.tensors) != 1 or not ri.tensors[0].layout.partial:
         return None
     x = ri.tensors[0]
-    numbers = [
-        i for i, a in enumerate(ri.args) if isinstance(a, int | float) and not isinstance(a, bool)
-    ]
-    if numbers != [1]:
+    numbers = [i for i, a in enumerate(ri.args) if _is_number(a)]
+    if numbers != [1] or not ri.outputs or ri.outputs[0].dtype != x.dtype:
+        return None
+    c = ri.args[1]
+    if isinstance(c, complex) and not x.dtype.is_complex:
         return None
     if x.layout.reduce_op != "sum":
         return ri.op
-    if not x.dtype.is_floating_point:
+    if not (x.dtype.is_floating_point or x.dtype.is_complex):
         return None
     k = ri.mesh.group_size(x.layout.partial)
     op = ri.op
@@ -216,3 +253,50 @@ def copy_rule(ri: RuleInput):
     dst, src = ri.tensors[0], ri.tensors[1]
     want = Layout(_in_dims(dst.layout.dims, src, dst), dst.layout.partial, dst.layout.reduce_op)
     yield Strategy((dst.layout, want, *(s.layout for s in ri.tensors[2:])), (dst.layout,))
+
+
+@register_rule(aten.new_empty_strided.default, aten.new_ones.default, aten.new_full.default)
+def new_tensor_rule(ri: RuleInput):
+    """A fresh tensor of a given size (autograd's gradient buffers): replicated, input as is.
+
+    The input's values are unused, so it is not moved; every device builds the whole
+    tensor (new_empty_strided's strides describe that whole tensor). `new_zeros` and
+    `new_empty`, which keep split dims of an equal-shaped model, are view rules.
+    """
+    out = ri.outputs[0]
+    yield Strategy(tuple(s.layout for s in ri.tensors), (Layout(((),) * out.ndim),))
+
+
+# == whole-tensor comparisons ===================================================
+def _mismatch_count(a, b, *, close: tuple | None = None):
+    """How many elements of `a` and `b` differ (`close`: isclose's rtol, atol, equal_nan)."""
+    if close is None:
+        differ = aten.ne.Tensor(a, b)
+    else:
+        differ = aten.logical_not.default(aten.isclose.default(a, b, *close))
+    count = aten.sum.default(aten._to_copy.default(differ, dtype=torch.int64))
+    return aten._local_scalar_dense.default(count)
+
+
+def _equal(a, b) -> bool:
+    if tuple(a.shape) != tuple(b.shape):
+        return False
+    return _mismatch_count(a, b) == 0
+
+
+def _allclose(a, b, rtol: float = 1e-5, atol: float = 1e-8, equal_nan: bool = False) -> bool:
+    return _mismatch_count(a, b, close=(rtol, atol, equal_nan)) == 0
+
+
+@register_rule(aten.equal.default, aten.allclose.default)
+def comparison_rule(ri: RuleInput):
+    """`torch.equal` / `torch.allclose`: a Python bool from an elementwise test and a count.
+
+    A decomposition: `ne` (or `isclose`) by the pointwise rules, a sum of the
+    mismatches (partial over split axes) and `.item()` (an all-reduce of one number);
+    every rank gets the same answer.
+    """
+    yield Strategy(
+        tuple(s.layout for s in ri.tensors),
+        decompose=_equal if ri.op is aten.equal.default else _allclose,
+    )

@@ -155,6 +155,13 @@ def _squeeze(t: ShardedTensor, red: Sequence[int]) -> ShardedTensor:
     return ShardedTensor([s.squeeze(tuple(red)) for s in t._shards], t._mesh, layout, shape)
 
 
+def _nothing_to_combine(x: ArgSpec, red: Sequence[int]) -> bool:
+    """Whether a reduction of `x` over `red` is empty (a reduced dim of size 0) or has an
+    empty result: then every device's local result is the whole answer (nan, -inf, 0 or
+    nothing), and no decomposition over split dims is needed (their amax would fail)."""
+    return math.prod(x.shape[d] for d in red) == 0 or math.prod(x.shape) == 0
+
+
 def _replicated(ndim: int) -> Layout:
     return Layout(((),) * ndim)
 
@@ -316,8 +323,9 @@ def var_rule(ri: RuleInput) -> Iterator[Strategy]:
     keepdim = bool(ri.kwargs.get("keepdim", False))
     correction = ri.kwargs.get("correction")
     correction = 1 if correction is None else correction
+    empty = _nothing_to_combine(x, red)
     for src in _variants(x.layout, x.shape, ri.mesh):
-        if _split_axes(src.dims, red):
+        if _split_axes(src.dims, red) and not empty:
             decompose = _var_decomposition(ri.op, red, keepdim, correction)
             yield Strategy((src,), decompose=decompose)
         else:
@@ -365,8 +373,9 @@ def vector_norm_rule(ri: RuleInput) -> Iterator[Strategy]:
     keepdim = False if whole else bool(_arg(ri, 3, "keepdim", False))
     dtype = ri.kwargs.get("dtype")
     ord = 2.0 if ord is None else float(ord)
+    empty = _nothing_to_combine(x, red)
     for src in _variants(x.layout, x.shape, ri.mesh):
-        if _split_axes(src.dims, red):
+        if _split_axes(src.dims, red) and not empty:
             decompose = _norm_decomposition(ri.op, ord, red, keepdim, dtype)
             yield Strategy((src,), decompose=decompose)
         else:
@@ -392,8 +401,9 @@ def logsumexp_rule(ri: RuleInput) -> Iterator[Strategy]:
     (x,) = ri.tensors[:1]
     red = _norm_dims(_arg(ri, 1, "dim"), x.ndim)
     keepdim = bool(_arg(ri, 2, "keepdim", False))
+    empty = _nothing_to_combine(x, red)
     for src in _variants(x.layout, x.shape, ri.mesh):
-        if _split_axes(src.dims, red):
+        if _split_axes(src.dims, red) and not empty:
             yield Strategy((src,), decompose=_logsumexp_decomposition(ri.op, red, keepdim))
         else:
             yield Strategy((src,), (Layout(_out_dims(src.dims, red, keepdim)),))
@@ -429,7 +439,7 @@ def softmax_rule(ri: RuleInput) -> Iterator[Strategy]:
     red = _norm_dims(_arg(ri, 1, "dim"), x.ndim)
     out_dtype = ri.outputs[0].dtype
     for src in _variants(x.layout, x.shape, ri.mesh):
-        if _split_axes(src.dims, red):
+        if _split_axes(src.dims, red) and not _nothing_to_combine(x, red):
             decompose = _softmax_decomposition(ri.op, red[0], _SOFTMAX[ri.op], out_dtype)
             yield Strategy((src,), decompose=decompose)
         else:
@@ -461,7 +471,7 @@ def softmax_backward_rule(ri: RuleInput) -> Iterator[Strategy]:
     g = grad.layout
     for dims in found:
         plain = Layout(dims)
-        if _split_axes(dims, red):
+        if _split_axes(dims, red) and math.prod(out.shape):  # empty: nothing to reduce
             log = _SOFTMAX_BACKWARD[ri.op]
             decompose = _softmax_backward_decomposition(ri.op, red[0], log, ri.outputs[0].dtype)
             yield Strategy((plain, plain), decompose=decompose)
