@@ -55,10 +55,16 @@ def clear() -> None:
         _slot[0] = b"\0"
 
 
-def _torch_dir() -> str:
-    import torch
+_TORCH_DIR = ""
 
-    return os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+
+def _torch_dir() -> str:
+    global _TORCH_DIR
+    if not _TORCH_DIR:
+        import torch
+
+        _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+    return _TORCH_DIR
 
 
 def _caller(frame: Any) -> tuple[str, str]:
@@ -86,20 +92,25 @@ def _caller(frame: Any) -> tuple[str, str]:
 
 def _detail(kind: str, args: tuple) -> str:
     """Axes, group, op and buffer of a backend collective's arguments (after `mesh`)."""
-    mesh = args[0]
-    rest = args[1:]
+    mesh, first = args[0], args[1]
+    if kind in ("all_gather", "all_to_all", "reduce_scatter", "all_reduce", "ppermute"):
+        b = first[0]
+        axes = tuple(args[2]) if kind != "ppermute" else None
+        op = args[3] if kind in ("reduce_scatter", "all_reduce") else None
+        return _detail_text(kind, mesh, axes, op, b.dtype, tuple(b.shape))
+    return _detail_text(kind, mesh, None, None, None, args[2])
 
-    def buf(b: Any) -> list[str]:
-        shape = getattr(b, "shape", None)
-        return [] if shape is None else [f"{str(b.dtype).removeprefix('torch.')} {tuple(shape)}"]
 
-    if kind in ("all_gather", "all_to_all", "reduce_scatter", "all_reduce"):
-        bufs, axes = rest[0], tuple(rest[1])
-        parts = [f"{mesh.group_size(axes)} ranks", *(rest[2:3]), *buf(bufs[0])]
-        return f"over {axes!r} ({', '.join(parts)})"
-    if kind == "ppermute":
-        return f"over all {mesh.size} ranks ({', '.join(buf(rest[0][0]))})"
-    return f"from rank {rest[1]} to all {mesh.size} ranks"
+@functools.lru_cache(maxsize=1024)
+def _detail_text(kind, mesh, axes, op, dtype, shape_or_src) -> str:
+    if kind in ("broadcast_object", "broadcast", "scatter"):
+        return f"from rank {shape_or_src} to all {mesh.size} ranks"
+    buf = f"{str(dtype).removeprefix('torch.')} {shape_or_src}"
+    if axes is None:
+        return f"over all {mesh.size} ranks ({buf})"
+    k = mesh.group_size(axes)
+    parts = [f"{k} rank" if k == 1 else f"{k} ranks", *([op] if op else []), buf]
+    return f"over {axes!r} ({', '.join(parts)})"
 
 
 def _direction() -> str:
@@ -132,7 +143,7 @@ def _tracked(kind: str, method: Callable) -> Callable:
         try:
             call, site = _caller(sys._getframe(1))
             note = _SEP.join(
-                (kind, _detail(kind, args), call, site, _direction(), repr(time.monotonic()))
+                (kind, _detail(kind, args), call, site, _direction(), f"{time.monotonic():.3f}")
             )
             _slot.value = note.encode("utf-8", "replace")[: SLOT_BYTES - 1]
         except Exception:  # the note is a diagnostic: never let it break the collective

@@ -31,6 +31,7 @@ from typing import Any
 from .._errors import LaunchError
 from ..layouts._mesh import Mesh, _parse_axes
 from . import _inflight
+from ._ledger import _count
 
 __all__ = ["Workers", "launch"]
 
@@ -193,7 +194,9 @@ def _report(
             f"{'rank' if len(roots) == 1 else 'ranks'} {ranks} of {nprocs}."
         )
     else:
-        lines.append(f"sl.launch: {what} failed on {nprocs} ranks; root cause: {first.headline()}")
+        lines.append(
+            f"sl.launch: {what} failed on {_count(nprocs, 'rank')}; root cause: {first.headline()}"
+        )
     for f in roots:
         if f.how == "raised":
             lines.append(f"--- {f.headline()} ---")
