@@ -246,11 +246,26 @@ def shard(
         )
     if isinstance(tensor, ShardedTensor):
         raise LayoutError("sl.shard(tensor=...): already sharded; use sl.reshard(x, layout).")
+    if _is_dtensor(tensor):
+        raise LayoutError(
+            f"sl.shard(tensor=...): got a DTensor ({tensor.placements} on a DeviceMesh of shape "
+            f"{tuple(tensor.device_mesh.shape)}). sl.shard splits a global plain tensor; a "
+            "DTensor's global value is dtensor.full_tensor() (a collective). The direct bridge, "
+            "sl.from_dtensor(dt), keeps the shards where they are (planned, not built yet)."
+        )
     layout = _check_layout(layout, mesh, tensor.ndim, tensor.dtype, "sl.shard(layout=...)")
     out = _Shard.apply(tensor, mesh, layout)
     for check in _entry_checks:  # sl.check_replicas (ops/_replicas.py)
         check("sl.shard", tensor, out)
     return out
+
+
+def _is_dtensor(t: Any) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(t, DTensor)
 
 
 def _shard_from(tensor: torch.Tensor | None, mesh: Mesh, layout: Any, src: int) -> ShardedTensor:

@@ -23,6 +23,7 @@ from ..layouts._mesh import Mesh
 __all__ = ["ShardedTensor"]
 
 _grad_descriptor = torch.Tensor.grad
+_data_descriptor = torch.Tensor.data
 
 
 class ShardedTensor(torch.Tensor):
@@ -121,6 +122,114 @@ class ShardedTensor(torch.Tensor):
     def grad(self) -> None:
         _grad_descriptor.__delete__(self)
 
+    # -- .data, copies, serialization -----------------------------------------
+    @property
+    def data(self) -> Any:  # type: ignore[override]
+        return _data_descriptor.__get__(self)
+
+    @data.setter
+    def data(self, value: Any) -> None:
+        """``x.data = y``: x now holds y's shards, layout and metadata (as torch's set_data).
+
+        `Module.to/double/half/...` convert parameters this way.
+        """
+        if not isinstance(value, ShardedTensor):
+            raise LayoutError(
+                f"setting .data of a ShardedTensor {self._layout!r} to a plain "
+                f"{type(value).__name__}: the data must be sharded too. Use "
+                "sl.shard(t, x.mesh, x.spec) (or sl.from_local) to build it."
+            )
+        if value._root is not None:
+            from ._aliasing import sync
+
+            sync(value)
+        _data_descriptor.__set__(self, value)
+        self._shards, self._mesh, self._layout = value._shards, value._mesh, value._layout
+        # x now shares y's storage: it joins y's family (torch: x aliases y afterwards)
+        self._root = value._root if value._root is not None else value
+        self._link = self._views = None
+        self._sig = None
+
+    def __deepcopy__(self, memo: dict) -> ShardedTensor:
+        if id(self) in memo:
+            return memo[id(self)]
+        if not self.is_leaf:
+            raise RuntimeError(
+                "Only Tensors created explicitly by the user (graph leaves) support the deepcopy "
+                "protocol at the moment. If you were attempting to deepcopy a module, this may "
+                "be because of a torch.nn.utils.weight_norm usage."
+            )
+        with torch.no_grad():
+            new = ShardedTensor(
+                [s.clone() for s in self.local_shards()],
+                self._mesh,
+                self._layout,
+                tuple(self.shape),
+                self.requires_grad,
+            )
+        memo[id(self)] = new
+        if self.grad is not None:
+            new.grad = self.grad.__deepcopy__(memo)
+        return new
+
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        """Pickle (torch.save, copy, multiprocessing): the shards, axes, layout and shape.
+
+        Only simulated meshes are pickled: on a distributed mesh each process holds only its
+        own shards, so saving is a collective job for `sl.checkpoint`.
+        """
+        if self._mesh.backend.kind != "simulated":
+            raise LayoutError(
+                f"pickling a ShardedTensor on {self._mesh!r} (torch.save, copy.deepcopy, "
+                "multiprocessing): each process holds only its own shards. Save with "
+                "sl.checkpoint.save(path, tree) (issue 8), or save "
+                "(x.local_shards(), x.spec, tuple(x.shape)) per rank yourself and rebuild with "
+                "sl.from_local."
+            )
+        lay = self._layout
+        shards = [s.detach().clone() for s in self.local_shards()]
+        return (
+            _rebuild,
+            (shards, self._mesh.axes, lay.dims, lay.partial, lay.reduce_op, tuple(self.shape),
+             self.requires_grad),
+        )
+
+    # -- host memory and conversions ------------------------------------------
+    def share_memory_(self) -> ShardedTensor:
+        """Move every local shard to shared memory (for torch.multiprocessing)."""
+        for s in self.local_shards():
+            s.share_memory_()
+        return self
+
+    def is_shared(self) -> bool:
+        return all(s.is_shared() for s in self.local_shards())
+
+    def pin_memory(self, device: Any = None) -> ShardedTensor:  # type: ignore[override]
+        """A copy with every local shard in pinned memory (torch's error where that is impossible)."""
+        args = () if device is None else (device,)
+        return ShardedTensor(
+            [s.pin_memory(*args) for s in self.local_shards()],
+            self._mesh,
+            self._layout,
+            tuple(self.shape),
+        )
+
+    def is_pinned(self, device: Any = None) -> bool:  # type: ignore[override]
+        args = () if device is None else (device,)
+        return all(s.is_pinned(*args) for s in self.local_shards())
+
+    def tolist(self) -> Any:  # type: ignore[override]
+        """The global value as nested lists (collective: `x.full().tolist()`)."""
+        return self.full().tolist()
+
+    def numpy(self, *, force: bool = False) -> Any:  # type: ignore[override]
+        """The global value as a NumPy array (collective: `x.full().numpy()`)."""
+        return self.full().numpy(force=force)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> Any:
+        value = self.full().detach().numpy()
+        return value if dtype is None else value.astype(dtype, copy=False)
+
     def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]
         grad = f", grad_fn={type(self.grad_fn).__name__}" if self.grad_fn is not None else ""
         if self.requires_grad and self.grad_fn is None:
@@ -137,6 +246,24 @@ class ShardedTensor(torch.Tensor):
 
 
 _NO_KWARGS: dict = {}  # shared and never written: ops receive it read-only
+
+
+def _rebuild(
+    shards: list[torch.Tensor],
+    axes: dict[str, int],
+    dims: tuple,
+    partial: tuple,
+    reduce_op: str,
+    shape: tuple[int, ...],
+    requires_grad: bool,
+) -> ShardedTensor:
+    """Inverse of `ShardedTensor.__reduce_ex__` (allowed by torch.load(weights_only=True))."""
+    mesh = Mesh.simulated(axes)
+    layout = Layout(tuple(tuple(d) for d in dims), tuple(partial), reduce_op)
+    return ShardedTensor(list(shards), mesh, layout, tuple(shape), requires_grad)
+
+
+torch.serialization.add_safe_globals([_rebuild])
 
 
 def _dispatch(func, args, kwargs):
