@@ -1,6 +1,7 @@
 """Sharded tensors and the dispatch of ops on them."""
 
 from . import _contractions as _contractions  # registers rules
+from . import _fills as _fills  # registers rules
 from . import _foreach as _foreach  # registers rules
 from . import _nn as _nn  # registers rules
 from . import _pointwise as _pointwise  # registers rules
