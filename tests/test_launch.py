@@ -16,6 +16,7 @@ folder cleaned up after a failure; the pool restarting itself after a failure.
 from __future__ import annotations
 
 import faulthandler
+import math
 import os
 import threading
 import time
@@ -24,7 +25,7 @@ import pytest
 import torch
 
 import shardlib as sl
-from shardlib.collectives import Workers
+from shardlib.collectives import Workers, _inflight
 from shardlib.collectives._launch import _Failure, _main_thread_stack, _report
 
 pytestmark = pytest.mark.dist
@@ -161,6 +162,67 @@ def test_report_puts_root_cause_before_an_earlier_knock_on():
     stuck = _Failure(0, "unfinished", 3.0)
     msg = _report("f", 2, [stuck], [1], 0.0, 3.0, 3.02, timed_out=True)
     assert "did not finish within 3 s (3.0 s passed) on rank 0 of 2" in msg
+
+
+class _FakeBackend:
+    """Each collective returns the note its rank shows while it runs."""
+
+    def all_gather(self, mesh, bufs, axes):
+        return _inflight.read(_inflight._slot)
+
+    all_to_all = all_gather
+
+    def reduce_scatter(self, mesh, bufs, axes, op):
+        return _inflight.read(_inflight._slot)
+
+    all_reduce = reduce_scatter
+
+    def ppermute(self, mesh, bufs, src_of, recv_shapes):
+        return _inflight.read(_inflight._slot)
+
+    def broadcast_object(self, mesh, obj, src):
+        return _inflight.read(_inflight._slot)
+
+    def broadcast(self, mesh, tensor, src, shape, dtype):
+        return _inflight.read(_inflight._slot)
+
+    scatter = broadcast
+
+
+_inflight.track_inflight(_FakeBackend)
+
+
+def test_every_tracked_collective_notes_itself_while_it_runs(monkeypatch):
+    import multiprocessing
+
+    monkeypatch.setattr(_inflight, "_slot", None)
+    am = sl.AbstractMesh(("a", "b"), (2, 3))
+    be, buf = _FakeBackend(), torch.zeros(2, 5, dtype=torch.float64)
+    assert be.all_reduce(am, [buf], ("b",), "max") is None  # no slot: nothing noted
+    _inflight.install(_inflight.StatusSlot(multiprocessing.get_context("spawn")))
+    calls = {
+        "all_gather": (am, [buf], ("b", "a")),
+        "all_to_all": (am, [buf], ("a",)),
+        "reduce_scatter": (am, [buf], ("b",), "sum"),
+        "all_reduce": (am, [buf], ("a", "b"), "max"),
+        "ppermute": (am, [buf], (1, 0, 2, 3, 4, 5), [(2, 5)]),
+        "broadcast_object": (am, ("meta",), 2),
+        "broadcast": (am, buf, 1, (2, 5), torch.float64),
+        "scatter": (am, [buf] * 6, 0, (2, 5), torch.float64),
+    }
+    for kind, args in calls.items():
+        note = getattr(be, kind)(*args)
+        assert note["kind"] == kind and note["direction"] == "forward"
+        assert note["site"].startswith("test_launch.py:")
+        assert note["site"].endswith("in test_every_tracked_collective_notes_itself_while_it_runs")
+        if len(args) > 2 and isinstance(args[2], tuple) and isinstance(args[2][0], str):
+            k = math.prod(am.shape[am.axis_names.index(a)] for a in args[2])
+            assert note["detail"].startswith(f"over {args[2]!r} ({k} ranks"), note
+            assert "float64 (2, 5)" in note["detail"]
+        text = _inflight.describe(note)
+        assert text.startswith(f"{kind} ") and " at test_launch.py:" in text
+        assert _inflight.read(_inflight._slot) is None  # cleared when it returns
+    monkeypatch.setattr(_inflight, "_slot", None)
 
 
 def test_main_thread_stack_is_read_from_a_faulthandler_dump(tmp_path):

@@ -157,7 +157,9 @@ def _tracked(kind: str, method: Callable) -> Callable:
 
 
 def read(slot: Any) -> dict[str, Any] | None:
-    """The note in `slot` as a dict, or None when the rank is not in a collective."""
+    """The note in `slot` as a dict, or None when the rank is not in a collective (or no slot)."""
+    if slot is None:
+        return None
     raw = bytes(slot.raw).split(b"\0", 1)[0].decode("utf-8", "replace")
     if not raw:
         return None
