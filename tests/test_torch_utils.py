@@ -333,15 +333,7 @@ FOREACH_CASES = {
 }
 
 
-# The dispatcher infers shapes on meta and moves the CPU `scalars` tensor there too, which
-# `_foreach_addcmul_.Tensor`'s meta kernel refuses (torch's optimizers pass it only with
-# capturable=True on accelerators). A dispatch limitation, kept visible here.
-_META_SCALARS = pytest.mark.xfail(
-    strict=True, raises=sl.ShardlibError, reason="shape inference moves CPU `scalars` to meta"
-)
-CASE_PARAMS = [
-    pytest.param(c, marks=_META_SCALARS) if c == "addcmul_.Tensor" else c for c in FOREACH_CASES
-]
+CASE_PARAMS = list(FOREACH_CASES)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -522,11 +522,8 @@ def _output_specs(
 ) -> tuple[ArgSpec, ...]:
     if torch.Tag.data_dependent_output in func.tags:  # .item(): a Python number, no tensor
         return (None,)
-    m_args, m_kwargs = _substitute(args, kwargs, paths, [_meta(t) for t in tensors])
-    if m_kwargs.get("device") is not None:  # e.g. randn_like(x, device="cpu"): stay on meta
-        m_kwargs = {**m_kwargs, "device": torch.device("meta")}
     try:
-        out = func(*m_args, **m_kwargs)
+        out = _on_meta(func, args, kwargs, paths, tensors)
     except NotImplementedError as e:  # an op without a meta kernel
         if torch.Tag.dynamic_output_shape in func.tags or "data-independent" in str(e):
             raise NoRuleError(
@@ -552,6 +549,31 @@ def _output_specs(
     leaves = out if isinstance(out, list | tuple) else [out]
     # a trailing None marks "not a single tensor" (lists of one tensor, tuples, scalars)
     return (*(_out_spec(t) for t in leaves if isinstance(t, torch.Tensor)), None)
+
+
+def _on_meta(func: Any, args: tuple, kwargs: dict, paths: tuple, tensors: list) -> Any:
+    """`func` on meta stand-ins of the tensors (the global shapes, strides and dtypes).
+
+    Some meta kernels insist that small plain operands stay on the CPU (``_foreach_addcmul_``'s
+    ``scalars``): if the all-meta call fails, plain tensors are passed as they are.
+    """
+    m_args, m_kwargs = _substitute(args, kwargs, paths, [_meta(t) for t in tensors])
+    if m_kwargs.get("device") is not None:  # e.g. randn_like(x, device="cpu"): stay on meta
+        m_kwargs = {**m_kwargs, "device": torch.device("meta")}
+    try:
+        return func(*m_args, **m_kwargs)
+    except Exception:
+        if all(isinstance(t, ShardedTensor) for t in tensors):
+            raise
+        mixed = [_meta(t) if isinstance(t, ShardedTensor) else t for t in tensors]
+        m_args, m_kwargs = _substitute(args, kwargs, paths, mixed)
+        if m_kwargs.get("device") is not None:
+            m_kwargs = {**m_kwargs, "device": torch.device("meta")}
+        try:
+            return func(*m_args, **m_kwargs)
+        except Exception:
+            pass
+        raise
 
 
 def _out_spec(t: torch.Tensor) -> ArgSpec:
