@@ -40,13 +40,16 @@ def test_number_plus_partial_stays_partial(op):
         torch.testing.assert_close(got.full(), want, rtol=1e-12, atol=1e-12)
 
 
-def test_integer_partial_sum_plus_number_reduces_first():
-    mesh = sl.Mesh.simulated({"x": 4})
-    x = _partial("sum", mesh, torch.int64)
-    with sl.comm_ledger() as led:
-        y = x + 3
-    assert [r.kind for r in led.records] == ["all_reduce"] and not y.spec.partial
-    assert torch.equal(y.full(), x.full() + 3)
+def test_number_plus_partial_sum_is_exact():
+    """The number goes to one summand (index 0 along the partial axes): exact for integers
+    and for sizes like 3 where c/3 per summand would round."""
+    for axes, dtype in (({"x": 4}, torch.int64), ({"x": 3}, torch.float64)):
+        mesh = sl.Mesh.simulated(axes)
+        x = _partial("sum", mesh, dtype)
+        with sl.comm_ledger() as led:
+            y, z = x + 3, x - 2
+        assert led.records == [] and y.spec == x.spec
+        assert torch.equal(y.full(), x.full() + 3) and torch.equal(z.full(), x.full() - 2)
 
 
 # == sampled conformance: forward and gradients =================================

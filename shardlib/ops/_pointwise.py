@@ -189,7 +189,12 @@ def pointwise_rule(ri: RuleInput):
             lay = Layout(
                 _in_dims(dims, specs[0], out), specs[0].layout.partial, specs[0].layout.reduce_op
             )
-            yield Strategy((lay,), (Layout(dims, lay.partial, lay.reduce_op),), local=shifted)
+            yield Strategy(
+                (lay,),
+                (Layout(dims, lay.partial, lay.reduce_op),),
+                local=shifted,
+                local_device=lay.reduce_op == "sum",
+            )
         used = {a for axes in dims for a in axes}
         for axes, op, carries, out_op in options:
             if used & set(axes):
@@ -208,15 +213,16 @@ def pointwise_rule(ri: RuleInput):
 
 
 def _partial_plus_number(ri: RuleInput):
-    """`x + c` / `x - c` on a partial x, exact without reducing: a local op adding c/k (sum) or c.
+    """`x + c` / `x - c` on a partial x, exact without reducing.
 
-    `c` is any Python number (bool and complex included). For a partial sum over k
-    devices each summand gets c/k (floating and complex dtypes only: an integer sum
-    cannot take c/k); for avg, max and min every summand gets c (a shift commutes with
-    the mean and with max/min of reals; a complex number never meets max/min). A
-    result dtype other than x's (a float added to an int partial) or a number not in x's
-    kind (complex added to a real max) is left to the reduce-first strategy. Returns
-    the local function, or None.
+    `c` is any Python number (bool and complex included). For a partial sum the summand
+    of the device with index 0 along the partial axes gets c and the others nothing (a
+    `local_device` function; exact, integers included, where c/k per summand would
+    round); for avg, max and min every summand gets c (a shift commutes with the mean and
+    with max/min of reals; a complex number never meets max/min). A result dtype other
+    than x's (a float added to an int partial) or a number not in x's kind (complex added
+    to a real max) is left to the reduce-first strategy. Returns the local function, or
+    None.
     """
     if ri.op not in _ADD or len(ri.tensors) != 1 or not ri.tensors[0].layout.partial:
         return None
@@ -229,13 +235,11 @@ def _partial_plus_number(ri: RuleInput):
         return None
     if x.layout.reduce_op != "sum":
         return ri.op
-    if not (x.dtype.is_floating_point or x.dtype.is_complex):
-        return None
-    k = ri.mesh.group_size(x.layout.partial)
-    op = ri.op
+    mesh, axes, op = ri.mesh, x.layout.partial, ri.op
+    keeps = {d for d in range(mesh.size) if not mesh.index_along(d, axes)}
 
-    def local(t, c, *rest, **kwargs):
-        return op(t, c / k, *rest, **kwargs)
+    def local(dev, t, c, *rest, **kwargs):
+        return op(t, c if dev in keeps else 0, *rest, **kwargs)
 
     return local
 
