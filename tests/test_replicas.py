@@ -348,8 +348,11 @@ def test_digest_sees_every_single_bit_flip_and_ignores_strides(dtype, shape, whe
     g = torch.Generator().manual_seed(where % 97)
     t = (torch.randn(shape, generator=g) * 100).to(dtype)
     d = digest(t)
-    if t.ndim == 2:
-        assert torch.equal(digest(t.t().contiguous().t()), d)  # same values, other strides
+    if t.ndim == 2:  # same values, other strides
+        assert torch.equal(digest(t.t().contiguous().t()), d)
+        assert torch.equal(digest(torch.stack([t, t], -1)[..., 0]), d)
+    if t.numel() == 1:  # a size-1 dim with stride 0 (as reductions return)
+        assert torch.equal(digest(t.reshape(1).as_strided((1,), (0,))), digest(t.reshape(1)))
     if t.numel() == 0:
         return
     flipped = t.clone()

@@ -183,7 +183,7 @@ def digest(t: torch.Tensor) -> torch.Tensor:
     bytes read as int32 words (zero-padded), with odd weights: a change in one word
     always changes it. Deterministic across processes (fixed weights, no Python hash).
     """
-    b = t.detach().contiguous().reshape(-1).view(torch.uint8)
+    b = _bits(t)
     words = -(-b.numel() // 4)
     cols = min(_ROW, max(words, 1))
     pad = cols * -(-max(words, 1) // cols) * 4 - b.numel()
@@ -233,7 +233,11 @@ def _simulated(mesh: Mesh) -> bool:
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+    """`t`'s elements' bytes, flat, in row-major order (whatever its strides)."""
+    flat = t.detach().reshape(-1)
+    if flat.numel() and flat.stride(0) != 1:  # e.g. a size-1 dim with stride 0
+        flat = torch.empty(flat.shape, dtype=flat.dtype, device=flat.device).copy_(flat)
+    return flat.view(torch.uint8)
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -317,8 +321,7 @@ def _difference(a: torch.Tensor, b: torch.Tensor) -> tuple[int, float, float]:
     wide = torch.complex128 if (a.is_complex() or b.is_complex()) else torch.float64
     x, y = a.to(wide), b.to(wide)
     if a.element_size() == b.element_size():
-        ba = a.contiguous().reshape(-1).view(torch.uint8).reshape(a.numel(), -1)
-        bb = b.contiguous().reshape(-1).view(torch.uint8).reshape(b.numel(), -1)
+        ba, bb = _bits(a).reshape(a.numel(), -1), _bits(b).reshape(b.numel(), -1)
         n = int((ba != bb).any(1).sum())
     else:
         n = int((x != y).sum())
