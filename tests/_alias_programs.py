@@ -29,7 +29,7 @@ Because a program is plain source, a failing one prints as a script that
 reproduces it (`Failure.reproducer`), and `minimize` deletes steps while the
 same failure (kind, step, exception type) persists.
 
-Generation (`draw_program_steps`) is interactive: each step is drawn from the
+Generation (`run_program`, `draw_step`) is interactive: each step is drawn from the
 shapes of the torch namespace as it stands, so a view's index, a reshape's
 target and an operand's shape are valid (mostly: a few steps are drawn to make
 torch raise, e.g. an in-place op on an expanded view, a non-viewable
@@ -56,20 +56,23 @@ import shardlib as sl
 from tests._reference import enumerate_layouts, make_summands
 
 __all__ = [
+    "A",
     "DOCUMENTED",
     "MESHES",
+    "Chooser",
     "Failure",
     "Program",
     "Runner",
     "Stats",
-    "sharded_mk",
     "draw_base",
     "draw_step",
     "minimize",
     "replay",
+    "run_program",
+    "sharded_mk",
 ]
 
-# The meshes the brief names: even, odd, two and three axes.
+# Simulated meshes: even, odd, two and three axes.
 MESHES: tuple[dict[str, int], ...] = (
     {"x": 4},
     {"a": 2, "b": 2},
@@ -781,7 +784,10 @@ def _overlap_hazard(runner: Runner, line: str, target: str) -> str:
     """
     lhs, sep, rhs = line.partition(" = ")
     if sep and "[" in lhs:  # setitem: the written elements are lhs's
-        written = eval(lhs, dict(runner.tns))  # noqa: S307  (basic indexing: a view)
+        try:
+            written = eval(lhs, dict(runner.tns))  # noqa: S307  (basic indexing: a view)
+        except Exception:  # noqa: BLE001  (an index torch rejects: both must raise)
+            return line
         used = list(dict.fromkeys(_NAME.findall(rhs)))
     else:
         lhs, sep, rhs = "", "", line
