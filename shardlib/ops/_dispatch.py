@@ -116,10 +116,14 @@ _SIG_IDS: dict[tuple, int] = {}
 
 
 def _sig_of(a: ShardedTensor) -> int:
-    """A small int standing for (layout, shape, dtype, mesh), cached on the tensor."""
+    """A small int standing for (layout, shape, dtype, mesh, strides, offset), cached on the tensor.
+
+    Strides are part of it because the result's strides (and memory-order random fills)
+    follow the inputs' as in torch.
+    """
     sig = a._sig
     if sig is None:
-        full = (a._layout, a.shape, a.dtype, a._mesh)
+        full = (a._layout, a.shape, a.dtype, a._mesh, a.stride(), a.storage_offset())
         sig = _SIG_IDS.get(full)
         if sig is None:
             sig = _SIG_IDS[full] = len(_SIG_IDS)
@@ -131,7 +135,7 @@ def _signature(a: Any) -> Any:
     if isinstance(a, ShardedTensor):
         return _sig_of(a)
     if isinstance(a, torch.Tensor):
-        return ("tensor", a.shape, a.dtype, a.device)
+        return ("tensor", a.shape, a.dtype, a.device, a.stride(), a.storage_offset())
     t = type(a)
     if t in _ATOMS:
         return (t, a)  # 1, 1.0 and True hash alike but give different dtypes
@@ -315,6 +319,8 @@ def _decide(func: Any, args: tuple, kwargs: dict) -> _Decision:
             tuple(a.shape),
             a.dtype,
             a._layout if isinstance(a, ShardedTensor) else Layout(((),) * a.ndim),
+            a.stride(),
+            a.storage_offset(),
         )
         for a in tensors
     )
@@ -404,7 +410,7 @@ def _decide(func: Any, args: tuple, kwargs: dict) -> _Decision:
     out_sig = None
     if fast is not None:
         o = out_specs[0]
-        full = (best.outputs[0], torch.Size(o.shape), o.dtype, mesh)
+        full = (best.outputs[0], torch.Size(o.shape), o.dtype, mesh, o.stride, o.offset)
         out_sig = _SIG_IDS.setdefault(full, len(_SIG_IDS))
     return _Decision(best, paths, out_specs, inplace, fast, out_sig, view)
 

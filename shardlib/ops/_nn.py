@@ -364,8 +364,9 @@ _LIKES = [
 
 
 def _draw(func: Any, x: ShardedTensor, args: tuple, kwargs: dict) -> torch.Tensor:
-    """`func` run once on a plain tensor of `x`'s global shape (the unsharded op's RNG use)."""
-    blank = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    """`func` run once on a plain tensor of `x`'s global shape and strides (the unsharded
+    op's RNG use: torch fills in memory order, so a transposed tensor draws transposed)."""
+    blank = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
     return func(blank, *map(_global, args), **{k: _global(v) for k, v in kwargs.items()})
 
 
@@ -417,7 +418,7 @@ def bernoulli_rule(ri: RuleInput) -> Iterator[Strategy]:
 
 def _dropout_decomposition(x: ShardedTensor, p: float, train: bool | None):
     # The mask of the unsharded op on this shape: same RNG use, same values.
-    ones = torch.ones(x.shape, dtype=x.dtype, device=x.device)
+    ones = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device).fill_(1)
     mask = aten.native_dropout.default(ones, p, train)[1]
     scale = 0.0 if p == 1 else 1.0 / (1.0 - p)  # as torch: input.mul(mask).mul_(scale)
     masks = _local_blocks(mask, x._mesh, Layout(x._layout.dims))

@@ -99,6 +99,16 @@ __all__ = ["shard_map"]
 
 
 # == entering and leaving fn ===================================================
+def _no_second_order() -> None:
+    if torch.is_grad_enabled():  # backward(create_graph=True) / autograd.grad(create_graph=True)
+        raise ShardMapError(
+            "sl.shard_map: a backward with create_graph=True (second-order gradients, gradient "
+            "penalties) through sl.shard_map is not supported: its backward is not itself "
+            "differentiable. Take the higher-order gradient outside shard_map (write the "
+            "computation with ops on ShardedTensors), or use create_graph=False."
+        )
+
+
 class _Enter(torch.autograd.Function):
     """ShardedTensors -> their local shards (arg-major, then device), fresh copies.
 
@@ -113,6 +123,7 @@ class _Enter(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        _no_second_order()
         mesh, n = ctx.mesh, len(ctx.mesh.local_devices)
         out: list[Any] = [None]
         for i, (layout, shape) in enumerate(ctx.meta):
@@ -147,6 +158,7 @@ class _Exit(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        _no_second_order()
         mesh, am = ctx.mesh, ctx.mesh.abstract
         out: list[Any] = [None, None, None]
         for layout, shape, g in zip(ctx.layouts, ctx.shapes, grads):
@@ -481,7 +493,7 @@ def _wrap_outputs(outputs, mesh: Mesh, flat_out, out_spec, fn) -> Any:
                 f"{sorted({(str(t.dtype), t.ndim) for t in ts})}; every device returns the "
                 "same dtype and rank for an output."
             )
-        _check_layout(layout, mesh, ts[0].ndim, ts[0].dtype, where)
+        layouts[j] = _check_layout(layout, mesh, ts[0].ndim, ts[0].dtype, where)  # padded
     shapes = [
         _global_shape(layout, mesh.abstract, dev_shapes, f"sl.shard_map output leaf {j} of {name}")
         for j, (layout, dev_shapes) in enumerate(
