@@ -354,6 +354,7 @@ def test_digest_sees_every_single_bit_flip_and_ignores_strides(dtype, shape, whe
     if t.numel() == 1:  # a size-1 dim with stride 0 (as reductions return)
         assert torch.equal(digest(t.reshape(1).as_strided((1,), (0,))), digest(t.reshape(1)))
     if t.numel() == 0:
+        assert torch.equal(digest(torch.stack([t, t], -1)[..., 0]), d)  # an empty strided view
         return
     flipped = t.clone()
     raw = flipped.reshape(-1).view(torch.uint8)

@@ -235,7 +235,7 @@ def _simulated(mesh: Mesh) -> bool:
 def _bits(t: torch.Tensor) -> torch.Tensor:
     """`t`'s elements' bytes, flat, in row-major order (whatever its strides)."""
     flat = t.detach().reshape(-1)
-    if flat.numel() and flat.stride(0) != 1:  # e.g. a size-1 dim with stride 0
+    if flat.stride(0) != 1:  # a strided view, a size-1 dim with stride 0, an empty slice
         flat = torch.empty(flat.shape, dtype=flat.dtype, device=flat.device).copy_(flat)
     return flat.view(torch.uint8)
 
