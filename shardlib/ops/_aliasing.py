@@ -41,7 +41,7 @@ from ..layouts._layout import Layout
 from ..layouts._shard import local_bounds
 from ._tensor import ShardedTensor
 
-__all__ = ["after_write", "link_view", "reduce_in_place", "sync"]
+__all__ = ["after_write", "check_overlap", "link_view", "reduce_in_place", "sync"]
 
 
 def _shares_storage(view: torch.Tensor, base: torch.Tensor) -> bool:
@@ -208,3 +208,58 @@ def reduce_in_place(t: ShardedTensor, func: Any) -> None:
     for m in members:
         if m._layout.partial:
             m._layout, m._sig = m._layout.without_partial(), None
+
+
+# == overlap checks ============================================================
+# torch refuses in-place writes whose target has internally overlapping memory (an expanded
+# view), or whose operand partially overlaps the target. Shards are separate tensors, so the
+# check is made on the global geometry (sizes, strides, offset) that every ShardedTensor
+# reports, within one storage: the family root reached by following links to the base.
+def _storage(t: ShardedTensor) -> ShardedTensor:
+    root = _family_root(t)
+    while root._link is not None:
+        root = _family_root(root._link.base)
+    return root
+
+
+def _dense(t: torch.Tensor) -> bool:
+    expected = 1
+    for st, n in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n != 1):
+        if st != expected:
+            return False
+        expected *= n
+    return True
+
+
+def _partially_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """torch's MemOverlapStatus::Partial for two dense views of one storage."""
+    if a.numel() == 0 or b.numel() == 0 or not (_dense(a) and _dense(b)):
+        return False  # no overlap, or torch's "too hard" (it does not refuse those)
+    a0, b0 = a.storage_offset(), b.storage_offset()
+    a1, b1 = a0 + a.numel(), b0 + b.numel()
+    if (a0, a1) == (b0, b1):
+        return a.stride() != b.stride()
+    return a0 < b1 and b0 < a1
+
+
+def check_overlap(func: Any, target: ShardedTensor, operands: list) -> None:
+    """Raise as torch does for an in-place write to `target` with these operands."""
+    if target.numel() > 1 and not _dense(target):
+        if any(st == 0 and n > 1 for n, st in zip(target.shape, target.stride())):
+            raise AliasError(
+                f"{_op_name(func)}: unsupported operation: more than one element of the "
+                "written-to tensor refers to a single memory location (it is an expanded "
+                "view). Please clone() the tensor before performing the operation."
+            )
+    storage = None
+    for b in operands:
+        if not isinstance(b, ShardedTensor) or b is target or (b._root is None and target._root is None):
+            continue
+        if storage is None:
+            storage = _storage(target)
+        if _storage(b) is storage and _partially_overlap(target, b):
+            raise AliasError(
+                f"{_op_name(func)}: unsupported operation: some elements of the input tensor "
+                "and the written-to tensor refer to a single memory location. Please clone() "
+                "the tensor before performing the operation."
+            )

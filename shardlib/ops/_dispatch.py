@@ -342,6 +342,13 @@ def _decide(func: Any, args: tuple, kwargs: dict) -> _Decision:
             f"{func}: an in-place op on a plain tensor with sharded operands; the result would "
             "be sharded. Use the out-of-place op, or x.full() to get a plain operand."
         )
+    if inplace and _is_view(_functional_of(func)):  # t_, unsqueeze_, transpose_, ...
+        name = func._schema.name.split("::")[-1]
+        raise NoRuleError(
+            f"{func}: an in-place view op changes the shape of the ShardedTensor object itself, "
+            f"which a sharded tensor cannot do (its global shape is fixed at creation). Use the "
+            f"out-of-place form and rebind the name: `x = x.{name[:-1]}(...)`."
+        )
     rule = rule_for(func)
     if rule is None:
         if _is_composite(func):  # e.g. matmul under inference_mode: run its decomposition
@@ -453,7 +460,7 @@ def _functional_of(func: Any) -> Any:
 
 
 def _is_view(func: Any) -> bool:
-    schema = getattr(func, "_schema", None)
+    schema = getattr(func, "_schema", None) if func is not None else None
     if schema is None or not schema.returns:
         return False
     info = schema.returns[0].alias_info
@@ -645,6 +652,10 @@ def _run(func: Any, decision: _Decision, args: tuple, kwargs: dict) -> Any:
     inputs = []
     mesh = None
     moved: dict[tuple[int, Layout], ShardedTensor] = {}  # one move per input and layout
+    if decision.inplace:
+        _aliasing.check_overlap(
+            func, _get(args, kwargs, paths[0]), [_get(args, kwargs, p) for p in paths[1:]]
+        )
     for path, want in zip(paths, strategy.inputs):
         a = _get(args, kwargs, path)
         if isinstance(a, ShardedTensor):
