@@ -62,9 +62,11 @@ mesh, not checked on a distributed one, where a mismatch fails inside
 (torch.chunk-style blocks): the global shape is computed from every device's
 local shape (a distributed mesh exchanges the local shapes of outputs with a
 split dim: one small unrecorded all-gather of metadata, like the shape
-broadcast of ``sl.shard(src=)``). The mapped function is differentiable once
-(like ``x.full()``); a backward started *inside* fn through a collective raises
-on a simulated mesh (see `_Collective`). `torch.func` transforms and autocast
+broadcast of ``sl.shard(src=)``). Outputs declared replicated are compared
+across their replicas (see `shard_map`'s `out_layouts` and `_replicas.py`): a
+forgotten ``sl.psum`` is an error, not device 0's summand. The mapped function
+is differentiable once (like ``x.full()``); a backward started *inside* fn
+through a collective raises on a simulated mesh (see `_Collective`). `torch.func` transforms and autocast
 do not reach into the per-device threads of a simulated mesh.
 """
 
@@ -326,7 +328,11 @@ def shard_map(
             constant cut to its layout (no communication). Not partial.
         out_layouts: a layout per output leaf, in the output's pytree structure
             (a single layout applies to every leaf). Partial ``sum``/``avg``
-            is allowed: the local outputs are then the summands.
+            is allowed: the local outputs are then the summands. Devices that
+            differ only along an output's replicated axes must return equal
+            values: checked on a simulated mesh always (beyond rounding; bitwise
+            under `sl.check_replicas`), on a distributed one under the check
+            (`sl.ReplicaMismatchError` names the leaf, the axis and the fix).
 
     Returns:
         A function of the same positional arguments returning ShardedTensors
