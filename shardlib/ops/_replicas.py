@@ -53,7 +53,9 @@ rounding (more than sqrt(eps) of the largest magnitude) raise; differences
 of rounding only (devices that summed in different orders) raise under the
 check, which is bitwise. On a distributed mesh it checks under the check only.
 
-Limits: on a GPU, ops tagged ``nondeterministic_bitwise`` (atomics) may round
+Limits: the generator check reads torch's default generators; a random op
+given its own ``generator=`` is covered by the replica comparison only. On a
+GPU, ops tagged ``nondeterministic_bitwise`` (atomics) may round
 differently per replica; their outputs are not checked unless
 ``torch.use_deterministic_algorithms(True)`` is on. Costs: simulated, one
 comparison per replica of every output (O(data) per op); distributed, O(local)
