@@ -46,8 +46,12 @@ def _partial_sum(value: torch.Tensor, mesh: sl.Mesh = MESH, axis: str = "x") -> 
     parts = [torch.full_like(value, float(i + 1)) for i in range(k - 1)]
     parts.append(value - sum(parts))
     layout = P(*([None] * value.ndim), partial=axis)
-    return sl.from_local([parts[mesh.index_along(d, (axis,))] for d in range(mesh.size)],
-                         mesh, layout, tuple(value.shape))
+    return sl.from_local(
+        [parts[mesh.index_along(d, (axis,))] for d in range(mesh.size)],
+        mesh,
+        layout,
+        tuple(value.shape),
+    )
 
 
 # == 1, 2: views and in-place writes ===========================================
@@ -107,8 +111,13 @@ def test_in_place_ops_on_views_of_partial_values():
 def test_strides_and_contiguity_are_torch_s():
     ref = _ints(8, 4)
     t = sh(ref.clone(), P("x", None))
-    for f in (lambda a: a.t(), lambda a: a[:, 1:3], lambda a: a.expand(2, 8, 4),
-              lambda a: a.t().contiguous(), lambda a: a.transpose(0, 1)[1:]):
+    for f in (
+        lambda a: a.t(),
+        lambda a: a[:, 1:3],
+        lambda a: a.expand(2, 8, 4),
+        lambda a: a.t().contiguous(),
+        lambda a: a.transpose(0, 1)[1:],
+    ):
         got, want = f(t), f(ref)
         assert got.stride() == want.stride() and got.is_contiguous() == want.is_contiguous()
         assert got.storage_offset() == want.storage_offset()
@@ -131,8 +140,14 @@ def test_data_assignment_replaces_the_value():
 
 @pytest.mark.parametrize(
     "convert",
-    [lambda m: m.double(), lambda m: m.half(), lambda m: m.bfloat16(), lambda m: m.float(),
-     lambda m: m.to(torch.float64), lambda m: m.type(torch.float64)],
+    [
+        lambda m: m.double(),
+        lambda m: m.half(),
+        lambda m: m.bfloat16(),
+        lambda m: m.float(),
+        lambda m: m.to(torch.float64),
+        lambda m: m.type(torch.float64),
+    ],
 )
 def test_module_dtype_conversion_keeps_shards_and_wrapper_in_step(convert):
     torch.manual_seed(0)
@@ -267,8 +282,13 @@ def test_out_variants_write_their_out_argument():
 
 @pytest.mark.parametrize(
     "draw",
-    [lambda t: torch.randn_like(t, device="cpu"), lambda t: torch.rand_like(t.t()),
-     lambda t: F.dropout(t.t(), 0.5), lambda t: t.t().uniform_(), lambda t: torch.rand_like(t)],
+    [
+        lambda t: torch.randn_like(t, device="cpu"),
+        lambda t: torch.rand_like(t.t()),
+        lambda t: F.dropout(t.t(), 0.5),
+        lambda t: t.t().uniform_(),
+        lambda t: torch.rand_like(t),
+    ],
 )
 def test_random_ops_match_torch_under_the_same_seed(draw):
     value = _ints(6, 5)
@@ -282,10 +302,14 @@ def test_random_ops_match_torch_under_the_same_seed(draw):
 
 @pytest.mark.parametrize(
     "f",
-    [lambda x: x.float().sum(), lambda x: x.half().float().sum(), lambda x: x.to(torch.float32).sum(),
-     lambda x: F.softmax(x, -1, dtype=torch.float32).pow(2).sum(),
-     lambda x: x.to("cpu", torch.float32).sum(),
-     lambda x: x.to(torch.ones(1, dtype=torch.float32)).sum()],
+    [
+        lambda x: x.float().sum(),
+        lambda x: x.half().float().sum(),
+        lambda x: x.to(torch.float32).sum(),
+        lambda x: F.softmax(x, -1, dtype=torch.float32).pow(2).sum(),
+        lambda x: x.to("cpu", torch.float32).sum(),
+        lambda x: x.to(torch.ones(1, dtype=torch.float32)).sum(),
+    ],
 )
 def test_casts_and_to_in_forward_and_backward(f):
     value = _rand(8, 6)

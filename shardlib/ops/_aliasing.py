@@ -41,7 +41,15 @@ from ..layouts._layout import Layout
 from ..layouts._shard import local_bounds
 from ._tensor import ShardedTensor
 
-__all__ = ["after_write", "check_overlap", "link_view", "reduce_in_place", "sync"]
+__all__ = [
+    "after_write",
+    "check_overlap",
+    "drop_partial",
+    "family_root",
+    "link_view",
+    "reduce_in_place",
+    "sync",
+]
 
 
 def _shares_storage(view: torch.Tensor, base: torch.Tensor) -> bool:
@@ -72,7 +80,9 @@ class _Link:
     kwargs: dict
     index: int | None  # which output of a multi-output view (split, unbind)
     stamp: tuple
-    coords: torch.Tensor | None = field(default=None)  # (base.ndim, numel) base position of each element
+    coords: torch.Tensor | None = field(
+        default=None
+    )  # (base.ndim, numel) base position of each element
 
     def base_coords(self) -> torch.Tensor:
         """For each element of the view (flat, row-major), its coordinates in the base."""
@@ -112,7 +122,9 @@ def link_view(func: Any, args: tuple, kwargs: dict, base: ShardedTensor, out: An
         else:
             o._root = o
             index = i if isinstance(out, list | tuple) else None
-            o._link = _Link(base, func, tuple(args), dict(kwargs), index, _stamp(_family_root(base)))
+            o._link = _Link(
+                base, func, tuple(args), dict(kwargs), index, _stamp(_family_root(base))
+            )
 
 
 # == reading: refresh ==========================================================
@@ -203,6 +215,16 @@ def reduce_in_place(t: ShardedTensor, func: Any) -> None:
     with torch.no_grad():
         for s, new in zip(root._shards, reduced._shards):
             s.copy_(new)
+    drop_partial(root)
+
+
+def family_root(t: ShardedTensor) -> ShardedTensor:
+    """The root of `t`'s storage family (`t` itself when it is not an alias view)."""
+    return _family_root(t)
+
+
+def drop_partial(root: ShardedTensor) -> None:
+    """After `root`'s shards were reduced in place: it and its live alias views drop partial axes."""
     members = [root, *(root._views or ())]
     root._views = None
     for m in members:
@@ -244,16 +266,20 @@ def _partially_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def check_overlap(func: Any, target: ShardedTensor, operands: list) -> None:
     """Raise as torch does for an in-place write to `target` with these operands."""
-    if target.numel() > 1 and not _dense(target):
-        if any(st == 0 and n > 1 for n, st in zip(target.shape, target.stride())):
-            raise AliasError(
-                f"{_op_name(func)}: unsupported operation: more than one element of the "
-                "written-to tensor refers to a single memory location (it is an expanded "
-                "view). Please clone() the tensor before performing the operation."
-            )
+    expanded = any(st == 0 and n > 1 for n, st in zip(target.shape, target.stride()))
+    if expanded and target.numel() and not _dense(target):
+        raise AliasError(
+            f"{_op_name(func)}: unsupported operation: more than one element of the "
+            "written-to tensor refers to a single memory location (it is an expanded "
+            "view). Please clone() the tensor before performing the operation."
+        )
     storage = None
     for b in operands:
-        if not isinstance(b, ShardedTensor) or b is target or (b._root is None and target._root is None):
+        if (
+            not isinstance(b, ShardedTensor)
+            or b is target
+            or (b._root is None and target._root is None)
+        ):
             continue
         if storage is None:
             storage = _storage(target)

@@ -53,6 +53,7 @@ from .._errors import LayoutError, NoRuleError, ShardlibError
 from ..layouts._layout import Layout
 from ..layouts._mesh import Mesh
 from ..layouts._shard import local_bounds, local_shape
+from . import _aliasing
 from ._dispatch import (
     _DECISIONS,
     _decide,
@@ -255,28 +256,16 @@ def _partial_groups(tensors: list[Any]) -> list[list[ShardedTensor]]:
     return list(groups.values())
 
 
-def _aliasing() -> Any:
-    """The dispatcher's aliasing module (view families), or None where it is absent."""
-    try:
-        from . import _aliasing as aliasing
-    except ImportError:  # pragma: no cover - older trees without view families
-        return None
-    return aliasing
-
-
 def _in_family(t: ShardedTensor) -> bool:
     """Whether `t` is a view, a linked copy, or the root of live partial views."""
-    return getattr(t, "_root", None) is not None or bool(getattr(t, "_views", None))
+    return t._root is not None or bool(t._views)
 
 
 def synced(tensors: list[Any]) -> None:
     """Bring linked copies among `tensors` up to date before their shards are read directly."""
-    aliasing = _aliasing()
-    if aliasing is None:
-        return
     for t in tensors:
-        if isinstance(t, ShardedTensor) and getattr(t, "_root", None) is not None:
-            aliasing.sync(t)
+        if isinstance(t, ShardedTensor) and t._root is not None:
+            _aliasing.sync(t)
 
 
 def _flat_pieces(group: list[ShardedTensor], reduced: ShardedTensor, offsets: list) -> list:
@@ -303,8 +292,7 @@ def reduce_in_place(func: Any, tensors: list[Any]) -> None:
     roots = []
     for t in tensors:
         if isinstance(t, ShardedTensor) and t._layout.partial:
-            root = getattr(t, "_root", None)
-            root = t if root is None else root
+            root = _aliasing.family_root(t)
             synced([root])
             roots.append(root)
     for group in _partial_groups(roots):
@@ -315,12 +303,7 @@ def reduce_in_place(func: Any, tensors: list[Any]) -> None:
                 for s, b in zip(t._shards, blocks):
                     s.copy_(b)
         for root in group:
-            members = [root, *(getattr(root, "_views", None) or ())]
-            if getattr(root, "_views", None) is not None:
-                root._views = None
-            for m in members:
-                if m._layout.partial:
-                    m._layout, m._sig = m._layout.without_partial(), None
+            _aliasing.drop_partial(root)
 
 
 def reduced_copies(func: Any, tensors: list[ShardedTensor]) -> dict[int, ShardedTensor]:
@@ -647,11 +630,9 @@ def _fused_decomposition(func: Any) -> Callable:
             func(*local_lists, **{k: _local(func, k, v, j) for k, v in kw.items()})
         for t, moved in written_back:
             aten.copy_.default(t, moved)
-        aliasing = _aliasing()
-        if aliasing is not None:
-            for t in {id(t): t for t in touched if isinstance(t, ShardedTensor)}.values():
-                if getattr(t, "_root", None) is not None:
-                    aliasing.after_write(t)
+        for t in {id(t): t for t in touched if isinstance(t, ShardedTensor)}.values():
+            if t._root is not None:
+                _aliasing.after_write(t)
         return None
 
     return decompose

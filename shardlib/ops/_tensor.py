@@ -190,8 +190,15 @@ class ShardedTensor(torch.Tensor):
         shards = [s.detach().clone() for s in self.local_shards()]
         return (
             _rebuild,
-            (shards, self._mesh.axes, lay.dims, lay.partial, lay.reduce_op, tuple(self.shape),
-             self.requires_grad),
+            (
+                shards,
+                self._mesh.axes,
+                lay.dims,
+                lay.partial,
+                lay.reduce_op,
+                tuple(self.shape),
+                self.requires_grad,
+            ),
         )
 
     # -- host memory and conversions ------------------------------------------
