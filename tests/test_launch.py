@@ -54,11 +54,15 @@ def die_on_rank1(mesh):
     return _gather_rows(mesh)  # the peer vanishes under it
 
 
+def _relu_of_sum(mesh):
+    x = sl.shard(torch.ones(4, 2), mesh, P("x", None)).sum(0)  # partial over x
+    return torch.relu(x).local_shards()[0]  # relu needs the sum: an implicit all-reduce
+
+
 def skip_collective_on_rank1(mesh):
     if mesh.local_devices[0] == 1:
         return "skipped"
-    x = sl.shard(torch.ones(4, 2), mesh, P("x", None)).sum(0)  # partial over x
-    return torch.relu(x).local_shards()[0]  # relu needs the sum: an implicit all-reduce
+    return _relu_of_sum(mesh)
 
 
 def hang_on_rank0(mesh):
@@ -91,6 +95,7 @@ def test_launch_returns_per_rank_results():
 
 
 def test_raising_rank_is_the_root_cause_and_its_waiting_peer_a_knock_on(small_pool):
+    small_pool.run(_gather_rows, {"x": 2})  # warm: the process groups exist before the clock runs
     msg, took = _fails(small_pool, raise_on_rank1)
     lines = msg.splitlines()
     assert lines[0].endswith("root cause: rank 1 raised ValueError: boom on purpose"), msg
@@ -105,6 +110,7 @@ def test_raising_rank_is_the_root_cause_and_its_waiting_peer_a_knock_on(small_po
 
 
 def test_dead_rank_is_the_root_cause_even_if_its_peer_reports_first(small_pool):
+    small_pool.run(_gather_rows, {"x": 2})
     folder = small_pool._folder
     msg, took = _fails(small_pool, die_on_rank1)
     assert msg.splitlines()[0].endswith("root cause: rank 1 died (exit code 3)"), msg
@@ -116,25 +122,25 @@ def test_dead_rank_is_the_root_cause_even_if_its_peer_reports_first(small_pool):
 
 
 def test_rank_stuck_in_a_collective_names_the_op_and_the_collective(small_pool):
-    small_pool.run(_gather_rows, {"x": 2})  # warm: the process groups exist before the clock runs
-    msg, took = _fails(small_pool, skip_collective_on_rank1, timeout=3.0)
-    assert took >= 3.0
+    small_pool.run(_relu_of_sum, {"x": 2})  # warm: groups and rules ready before the clock runs
+    msg, took = _fails(small_pool, skip_collective_on_rank1, timeout=2.0)
+    assert took >= 2.0
     head = msg.splitlines()[0]
-    assert "did not finish within 3 s" in head and "on rank 0 of 2" in head, msg
-    assert "in all_reduce over ('x',) (2 ranks, sum, float32 (2,)) for relu.default" in msg
-    assert "skip_collective_on_rank1" in msg
-    assert "rank 1 returned." in msg and "same collectives in the same order" in msg
+    assert "did not finish within 2 s" in head and "on rank 0 of 2" in head, msg
+    assert "in all_reduce over ('x',) (2 ranks, sum, float32 (2,)) for relu.default" in msg, msg
+    assert "at test_launch.py" in msg and "in _relu_of_sum" in msg, msg
+    assert "rank 1 returned." in msg and "same collectives in the same order" in msg, msg
     assert small_pool._procs == []  # killed, not left running
 
 
 def test_rank_stuck_outside_collectives_is_named_by_its_stack(small_pool):
     small_pool.run(_gather_rows, {"x": 2})
-    msg, took = _fails(small_pool, hang_on_rank0, timeout=3.0)
-    assert took >= 3.0 and took < 20
-    assert "did not finish within 3 s" in msg.splitlines()[0] and "on rank 0 of 2" in msg
+    msg, took = _fails(small_pool, hang_on_rank0, timeout=2.0)
+    assert took >= 2.0 and took < 20
+    assert "did not finish within 2 s" in msg.splitlines()[0] and "on rank 0 of 2" in msg
     assert _before(msg, "rank 0 did not finish, not in a shardlib collective", "knock-on: rank 1")
-    assert "in hang_on_rank0" in msg  # its Python stack
-    assert "all_gather over ('x',)" in msg.split("knock-on: rank 1")[1]
+    assert "in hang_on_rank0" in msg, msg  # its Python stack
+    assert "all_gather over ('x',)" in msg.split("knock-on: rank 1")[1], msg
 
 
 def test_report_puts_root_cause_before_an_earlier_knock_on():

@@ -6,6 +6,18 @@ results, and turning a worker's exception, death or hang into a `LaunchError`
 tagged with its rank. `Workers` keeps the processes alive between calls (test
 suites start them once per session); `launch` is the one-shot form.
 
+A failure report reads root cause first: the rank that raised (exception type,
+message, traceback) or died (exit code or signal), then one ``knock-on:`` line
+per rank whose failure follows from it (a peer's transport error such as gloo's
+"Connection closed by peer", or a rank still waiting in a collective for the
+failed one, stopped `_GRACE_S` after the first failure). "did not finish
+within N s" appears only when N seconds passed without a failure; then the
+ranks stuck outside any collective (named by their Python stack, dumped by
+faulthandler on SIGUSR1) come first, or, if all are in collectives, each one's
+collective. What a rank waits in comes from its in-flight slot
+(`_inflight.py`): kind, axes, the call that issued it and the user's line.
+Each pool has a temp folder (the stack dumps) that `close` removes.
+
 Under `torchrun` (its environment variables are set) `launch` runs `fn` in the
 current process and returns ``[its result]``.
 """
@@ -57,7 +69,6 @@ def _worker_main(
     rank, world, port, backend, threads, pg_timeout, tasks, results, slot, folder
 ) -> None:
     import faulthandler
-    import signal
     import threading
 
     import torch
@@ -71,7 +82,8 @@ def _worker_main(
     stack_file = open(os.path.join(folder, f"rank{rank}.stack"), "w")  # noqa: SIM115 (kept open)
     stack_file.write(f"{threading.main_thread().ident}\n")
     stack_file.flush()
-    faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
+    if hasattr(signal, "SIGUSR1"):  # POSIX only
+        faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
 
     torch.set_num_threads(threads)
     with contextlib.suppress(RuntimeError):
@@ -169,6 +181,7 @@ def _report(
     timeout: float,
     now: float,
     timed_out: bool,
+    starting: bool = False,
 ) -> str:
     """The `LaunchError` message: root cause first (rank, type, message, traceback), then
     one ``knock-on:`` line per rank whose failure follows from it."""
@@ -225,7 +238,12 @@ def _report(
         else:
             state = f.headline().split(" ", 2)[2]
         lines.append(f"knock-on: rank {f.rank} {state}")
-    if first.how == "unfinished":
+    if first.how == "unfinished" and starting:
+        lines.append(
+            "fix: each worker imports torch and joins the process group on 127.0.0.1; on a "
+            "loaded machine that can take long: retry, or raise timeout=."
+        )
+    elif first.how == "unfinished":
         lines.append(
             "fix: every rank must issue the same collectives in the same order; look for "
             "rank-dependent control flow around the call named above, or raise timeout= if "
@@ -421,6 +439,7 @@ class Workers:
                     timeout,
                     now,
                     timed_out,
+                    starting=call_id == -1,
                 )
             )
         return [got[r] for r in range(self.nprocs)]
@@ -430,7 +449,7 @@ class Workers:
         sent = []
         for f in stuck:
             p = self._procs[f.rank]
-            if p.is_alive() and p.pid is not None:
+            if p.is_alive() and p.pid is not None and hasattr(signal, "SIGUSR1"):
                 with contextlib.suppress(OSError):
                     os.kill(p.pid, signal.SIGUSR1)
                     sent.append(f)
@@ -490,8 +509,11 @@ def launch(
     Starts the workers (spawn, a free port on 127.0.0.1, 1 intra-op thread
     each unless `threads` says otherwise), runs `fn`, stops them. A rank that
     raises, dies or hangs (past `timeout` seconds) surfaces as a `LaunchError`
-    naming the rank, with its traceback. Under `torchrun`, runs `fn` in this
-    process on `Mesh.distributed(axes)` and returns ``[result]``.
+    that names the root cause first (the rank, its exception and traceback, or
+    its exit code), then the knock-on failures of the other ranks; a rank stuck
+    in a collective is named with the collective (kind, axes) and the op or
+    call that issued it. Under `torchrun`, runs `fn` in this process on
+    `Mesh.distributed(axes)` and returns ``[result]``.
 
     Examples:
         >>> import shardlib as sl
