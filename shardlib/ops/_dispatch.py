@@ -314,6 +314,12 @@ def _decide(func: Any, args: tuple, kwargs: dict) -> _Decision:
     paths = _tensor_paths(args, kwargs)
     tensors = [_get(args, kwargs, p) for p in paths]
     mesh = _mesh_of(func, tensors)
+    odd = [t for t in tensors if t.layout is not torch.strided]
+    if odd:
+        raise NoRuleError(
+            f"{func}: a {odd[0].layout} operand beside sharded tensors; shardlib shards strided "
+            "(dense) tensors only. Convert it with .to_dense(), or compute on x.full()."
+        )
     specs = tuple(
         ArgSpec(
             tuple(a.shape),
