@@ -419,3 +419,17 @@ def test_fills_and_setitem(layout):
             program(ref)
             program(t)
         assert torch.equal(t.full(), ref) and t.spec == before
+
+
+def test_nll_loss_total_weight_over_a_split_class_dim():
+    """Found by sl.check_replicas: the owning device alone counted the target's weight."""
+    mesh = sl.Mesh.simulated({"y": 2})
+    x = _rand(4)
+    for target in (0, 3):
+        for reduction in (0, 1, 2):
+            got = torch.ops.aten.nll_loss_forward(
+                sh(x, P("y"), mesh), torch.tensor(target), None, reduction, -100
+            )
+            want = torch.ops.aten.nll_loss_forward(x, torch.tensor(target), None, reduction, -100)
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g.full(), w, rtol=1e-12, atol=1e-12)

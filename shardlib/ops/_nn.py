@@ -297,7 +297,9 @@ def nll_loss_forward_rule(ri: RuleInput) -> Iterator[Strategy]:
         out_dims = _target_dims(dims) if reduction == _NONE else ()
         outs = (
             Layout(out_dims, summed + kept.partial, kept.reduce_op),
-            Layout((), () if reduction == _NONE else batch + classes),
+            # the total weight is counted where the target's class lives: a partial sum over
+            # the class axes (and, when reduced, over the batch axes too)
+            Layout((), classes if reduction == _NONE else batch + classes),
         )
         local = _in_chunk(ri.op, x.shape, Layout(dims), ri.mesh) if classes else None
         yield Strategy(inputs, outs, local=local, local_device=bool(classes))
