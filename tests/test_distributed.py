@@ -107,6 +107,22 @@ def run_shard_src(mesh, shape, layouts):
     return out
 
 
+def pickle_on_a_rank(mesh):
+    """torch.save / deepcopy of a ShardedTensor on a distributed mesh: a clear error each."""
+    import copy
+    import io
+
+    x = sl.shard(torch.ones(8, 4), mesh, sl.P("x", None))
+    messages = []
+    for attempt in (lambda: torch.save(x, io.BytesIO()), lambda: copy.deepcopy(x)):
+        try:
+            attempt()
+            messages.append(None)
+        except sl.ShardlibError as e:
+            messages.append(str(e))
+    return messages
+
+
 def wrong_world(mesh):
     try:
         sl.Mesh.distributed({"x": mesh.size + 1})
@@ -214,6 +230,12 @@ def test_shard_from_source_rank(workers4):
         for rank in range(4):
             (got,), d_led = dist_outs[rank][i]
             assert torch.equal(got, shards[rank]) and d_led == led
+
+
+def test_pickling_on_a_distributed_mesh_points_to_checkpoint(workers4):
+    for messages in workers4.run(pickle_on_a_rank, {"x": 4}):
+        assert messages[0] and "sl.checkpoint" in messages[0]
+        assert messages[1] is None  # deepcopy clones this rank's shards, no pickling
 
 
 def test_mesh_size_must_match_world(workers4):
