@@ -442,6 +442,7 @@ def _reduce_then(func: Any) -> Any:
         _aliasing.reduce_in_place(self, func)
         return func(self, *args, **kwargs)
 
+    run.writes_through_dispatch = True  # the inner op records the write (see _run)
     return run
 
 
@@ -450,6 +451,7 @@ def _copy_back(functional: Any) -> Any:
         result = functional(self, *args, **kwargs)
         return aten.copy_.default(self, result)
 
+    run.writes_through_dispatch = True
     return run
 
 
@@ -676,7 +678,7 @@ def _run(func: Any, decision: _Decision, args: tuple, kwargs: dict) -> Any:
     if strategy.decompose is not None:
         d_args, d_kwargs = _substitute(args, kwargs, paths, inputs)
         out = strategy.decompose(*d_args, **d_kwargs)
-        if decision.inplace:
+        if decision.inplace and not getattr(strategy.decompose, "writes_through_dispatch", False):
             _aliasing.after_write(_get(args, kwargs, paths[0]))
         return out
     shard_lists = [
