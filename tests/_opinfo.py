@@ -82,9 +82,18 @@ QUANTUM = 2.0**-24  # partial values are multiples of this: integer summands add
 
 # Looser tolerances, by op key, with the reason (reductions over a split dim add in
 # another order; that is rounding, not a wrong rule).
-TOLERANCES: dict[str, tuple[float, float, str]] = {}
+TOLERANCES: dict[str, tuple[float, float, str]] = {
+    "cov": (
+        1e-4,
+        1e-5,
+        "samples with float32 aweights: float32 sums taken in another order, amplified by a "
+        "near-zero denominator (correction close to the weight sum); torch's own result "
+        "moves by 2.6e-5 relative between float32 and float64 weights on such a sample",
+    ),
+}
 # Some samples carry lower-precision tensors (cov's float32 aweights, the bfloat16 cast):
-# their values are compared at torch.testing.assert_close's default tolerances.
+# a sample with such an input, and any lower-precision output, is compared at
+# torch.testing.assert_close's default tolerances for the least precise dtype.
 DTYPE_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float32: (1.3e-6, 1e-5),
     torch.complex64: (1.3e-6, 1e-5),
@@ -95,7 +104,23 @@ DTYPE_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
 # Ops whose rule is known not to be fixable in the rule modules (the cause is in a module
 # the OpInfo tier does not own). Keys are op keys; tests/test_opinfo.py turns them into
 # xfail marks. Keep each reason naming the cause.
-KNOWN: dict[str, str] = {}
+KNOWN: dict[str, str] = {
+    "tensor_split": (
+        "core (_tensor.py): tensor_split(x, indices) with sharded `indices` reads the index "
+        "tensor's data in C++ without dispatch; a ShardedTensor has no storage, so torch "
+        "raises 'data is not allocated yet' instead of a shardlib error"
+    ),
+    "sparse.sampled_addmm": (
+        "core (_dispatch.py): a plain sparse CSR operand beside sharded ones reaches the "
+        "decision key / shape inference, which ask it for strides (RuntimeError: 'Sparse CSR "
+        "tensors do not have strides') instead of refusing sparse operands clearly"
+    ),
+    "sparse.mm.reduce": (
+        "core (_dispatch.py): a plain sparse CSR operand beside sharded ones reaches the "
+        "decision key / shape inference, which ask it for strides (RuntimeError: 'Sparse CSR "
+        "tensors do not have strides') instead of refusing sparse operands clearly"
+    ),
+}
 
 
 # == ops =======================================================================
@@ -140,7 +165,7 @@ _SHAPE = {
     "column_stack", "row_stack", "movedim", "moveaxis", "swapaxes", "swapdims", "t", "mT",
     "mH", "T", "H", "adjoint", "ravel", "flip", "fliplr", "flipud", "roll", "rot90", "repeat",
     "tile", "broadcast_to", "broadcast_tensors", "atleast_1d", "atleast_2d", "atleast_3d",
-    "diagonal", "diag", "as_strided", "as_strided_scatter", "contiguous", "clone", "squeeze",
+    "diagonal", "diag", "as_strided", "as_strided_scatter", "contiguous", "clone",
     "tensor_split", "hsplit", "vsplit", "dsplit", "unfold", "unfold_copy", "view_as_complex",
     "view_as_real", "real", "imag", "conj", "conj_physical", "resolve_conj", "resolve_neg",
     "block_diag", "concat", "concatenate", "split_with_sizes_copy", "unsafe_split",
@@ -295,9 +320,7 @@ def summands(
     else:
         owner = torch.randint(0, k, shape, generator=gen)
         sign = -1 if layout.reduce_op == "max" else 1
-        parts = [
-            torch.where(owner == j, value, value + sign * ints(0, 4)) for j in range(k)
-        ]
+        parts = [torch.where(owner == j, value, value + sign * ints(0, 4)) for j in range(k)]
     shards = []
     for dev in range(math.prod(axes.values())):
         j = ref.partial_index(layout, axes, dev)
@@ -389,9 +412,11 @@ def _close(got: Any, want: Any, rtol: float, atol: float, where: str, values: bo
             ok = torch.equal(got, want)
         if not ok:
             diff = (got.double() - want.double()).abs() if not want.is_complex() else None
-            worst = f" (max abs diff {diff.nan_to_num(nan=math.inf).max().item():.3g})" if (
-                diff is not None and diff.numel()
-            ) else ""
+            worst = (
+                f" (max abs diff {diff.nan_to_num(nan=math.inf).max().item():.3g})"
+                if (diff is not None and diff.numel())
+                else ""
+            )
             raise _Mismatch(f"{where}: values differ from torch{worst}")
         return
     if isinstance(want, list | tuple):
@@ -403,9 +428,11 @@ def _close(got: Any, want: Any, rtol: float, atol: float, where: str, values: bo
     if isinstance(got, torch.Tensor):
         got = _plain(got).item() if got.numel() == 1 else _plain(got).tolist()
     if isinstance(want, float) and isinstance(got, int | float):
-        if not (math.isclose(got, want, rel_tol=rtol, abs_tol=atol) or got == want or (
-            math.isnan(want) and math.isnan(got)
-        )):
+        if not (
+            math.isclose(got, want, rel_tol=rtol, abs_tol=atol)
+            or got == want
+            or (math.isnan(want) and math.isnan(got))
+        ):
             raise _Mismatch(f"{where}: {got!r}, torch {want!r}")
         return
     if values and got != want:
@@ -413,9 +440,7 @@ def _close(got: Any, want: Any, rtol: float, atol: float, where: str, values: bo
 
 
 def _float_outputs(out: Any) -> list[torch.Tensor]:
-    return [
-        t for t in _leaves(out) if t.dtype.is_floating_point and t.requires_grad and t.numel()
-    ]
+    return [t for t in _leaves(out) if t.dtype.is_floating_point and t.requires_grad and t.numel()]
 
 
 def _reproducible(op: Any, sample: Any, seed: int) -> bool:
@@ -450,6 +475,9 @@ def run_case(
     rng = random.Random(case_seed)
     gen = torch.Generator().manual_seed(case_seed)
     rtol, atol = TOLERANCES.get(key, (RTOL, ATOL, ""))[:2]
+    for t in _leaves((sample.input, sample.args, sample.kwargs)):
+        low_rtol, low_atol = DTYPE_TOLERANCES.get(t.dtype, (0.0, 0.0))
+        rtol, atol = max(rtol, low_rtol), max(atol, low_atol)
     result = CaseResult(key, mesh_name, sample_index, case, "pass")
     start = time.perf_counter()
 
@@ -469,9 +497,7 @@ def run_case(
         tid: (quantize(t.detach()) if plans[tid] is not None and plans[tid].partial else t.detach())
         for tid, t in originals.items()
     }
-    result.layouts = ", ".join(
-        "plain" if p is None else repr(p) for p in plans.values()
-    )
+    result.layouts = ", ".join("plain" if p is None else repr(p) for p in plans.values())
 
     def fresh(tid: int) -> torch.Tensor:
         t = values[tid].clone()
@@ -483,9 +509,7 @@ def run_case(
         compare_values = _reproducible(op, sample, case_seed)
 
     def call(inputs: dict[int, torch.Tensor]) -> Any:
-        a, args, kwargs = _map(
-            (sample.input, sample.args, sample.kwargs), lambda t: inputs[id(t)]
-        )
+        a, args, kwargs = _map((sample.input, sample.args, sample.kwargs), lambda t: inputs[id(t)])
         torch.manual_seed(case_seed)
         return op(a, *args, **kwargs)
 
@@ -514,8 +538,9 @@ def run_case(
             if layout is None:
                 sharded[tid] = fresh(tid)
             elif layout.partial:
-                x = sl.from_local(summands(values[tid], layout, axes, gen), mesh, layout,
-                                  tuple(values[tid].shape))
+                x = sl.from_local(
+                    summands(values[tid], layout, axes, gen), mesh, layout, tuple(values[tid].shape)
+                )
                 sharded[tid] = x.requires_grad_(plain_inputs[tid].requires_grad)
             else:
                 x = sl.shard(values[tid].clone(), mesh, layout)
@@ -526,8 +551,14 @@ def run_case(
         # In-place ops (and ops that write an input) must write the sharded input too.
         for tid, t in sharded.items():
             if isinstance(t, sl.ShardedTensor) and not plain_inputs[tid].requires_grad:
-                _close(t, plain_inputs[tid], rtol, atol, f"input {list(originals).index(tid)} "
-                       "after the op", compare_values)
+                _close(
+                    t,
+                    plain_inputs[tid],
+                    rtol,
+                    atol,
+                    f"input {list(originals).index(tid)} after the op",
+                    compare_values,
+                )
         if want_floats:
             phase = "backward"
             got_floats = _float_outputs(got)
@@ -572,7 +603,7 @@ def _where(e: BaseException) -> str:
     if f is None:
         return "?"
     path = f.filename.split("site-packages/")[-1]
-    path = path[path.index("shardlib/"):] if "shardlib/" in path else path
+    path = path[path.index("shardlib/") :] if "shardlib/" in path else path
     return f"{path}:{f.lineno} {f.name}"
 
 
@@ -659,11 +690,21 @@ def run_sweep(
     env.setdefault("OMP_NUM_THREADS", "1")
 
     def spawn(todo: list[str]) -> subprocess.Popen:
-        cfg = dict(keys=todo, meshes=list(meshes), samples=samples_per_op, layouts=layouts,
-                   fast=fast, seed=seed)
+        cfg = dict(
+            keys=todo,
+            meshes=list(meshes),
+            samples=samples_per_op,
+            layouts=layouts,
+            fast=fast,
+            seed=seed,
+        )
         return subprocess.Popen(
             [sys.executable, "-m", "tests._opinfo", "worker", json.dumps(cfg)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=root, env=env, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            cwd=root,
+            env=env,
+            text=True,
         )
 
     state = {}  # proc -> [remaining keys, current key, last progress time, buffer]
@@ -684,7 +725,7 @@ def run_sweep(
                 msg = json.loads(line)
                 if "start" in msg:
                     st[1] = msg["start"]
-                    st[0] = st[0][st[0].index(st[1]) + 1:]
+                    st[0] = st[0][st[0].index(st[1]) + 1 :]
                 else:
                     r = CaseResult(**msg)
                     results.append(r)
@@ -692,6 +733,7 @@ def run_sweep(
                         progress(r)
                 continue
             sel.unregister(p.stdout)
+            p.stdout.close()
             rc = p.wait()
             del state[p]
             if rc != 0 and st[1] is not None:
@@ -708,6 +750,7 @@ def run_sweep(
             if time.monotonic() - st[2] > op_timeout:
                 p.kill()  # a stuck op: the read loop above sees the death next round
                 st[2] = time.monotonic()
+    sel.close()
     return results
 
 

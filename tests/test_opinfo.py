@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import warnings
 from collections import Counter
 
 import pytest
@@ -59,7 +60,8 @@ def _params() -> list:
 
 def _report(request: pytest.FixtureRequest, title: str, results: list) -> None:
     """Print the counts by verdict past pytest's capture (the terminal reporter)."""
-    text = f"\nOpInfo {title}: {len(results)} cases over {len(KEYS)} ops\n"
+    ops = len({r.key for r in results})
+    text = f"\nOpInfo {title}: {len(results)} cases over {ops} ops\n"
     text += H.format_counts(results)
     bad = [r for r in results if r.verdict in ("wrong", "crash")]
     text += "".join(f"\n  {r.verdict}: {r.key} on {r.mesh} [{r.layouts}] {r.detail}" for r in bad)
@@ -68,6 +70,16 @@ def _report(request: pytest.FixtureRequest, title: str, results: list) -> None:
         reporter.write_line(text)
     else:
         print(text)
+
+
+def _selected(request: pytest.FixtureRequest, test_name: str) -> list[str]:
+    """The op keys of `test_name` selected in this session (all of them, unless -k chose)."""
+    keys = [
+        item.callspec.params["key"]
+        for item in request.session.items
+        if getattr(item, "originalname", None) == test_name and hasattr(item, "callspec")
+    ]
+    return keys or KEYS
 
 
 def _by_key(results: list) -> dict[str, list]:
@@ -79,14 +91,15 @@ def _by_key(results: list) -> dict[str, list]:
 
 @pytest.fixture(scope="module")
 def fast_results(request: pytest.FixtureRequest) -> dict[str, list]:
-    results = H.run_sweep(KEYS, layouts=CASES, fast=True, jobs=JOBS)
+    results = H.run_sweep(_selected(request, "test_fast"), layouts=CASES, fast=True, jobs=JOBS)
     _report(request, f"fast tier ({CASES} case(s) per op and mesh)", results)
     return _by_key(results)
 
 
 @pytest.fixture(scope="module")
 def slow_results(request: pytest.FixtureRequest) -> dict[str, list]:
-    results = H.run_sweep(KEYS, layouts=LAYOUTS, fast=False, jobs=JOBS, op_timeout=600.0)
+    keys = _selected(request, "test_full_sampling")
+    results = H.run_sweep(keys, layouts=LAYOUTS, fast=False, jobs=JOBS, op_timeout=600.0)
     _report(request, f"full sampling ({LAYOUTS} layout draw(s) per sample and mesh)", results)
     return _by_key(results)
 
@@ -94,8 +107,7 @@ def slow_results(request: pytest.FixtureRequest) -> dict[str, list]:
 def _check(results: list) -> None:
     bad = [r for r in results if r.verdict in ("wrong", "crash")]
     assert not bad, "\n".join(
-        f"{r.verdict}: {r.key} sample {r.sample} on {r.mesh} [{r.layouts}]: {r.detail}"
-        for r in bad
+        f"{r.verdict}: {r.key} sample {r.sample} on {r.mesh} [{r.layouts}]: {r.detail}" for r in bad
     )
 
 
@@ -177,7 +189,9 @@ def test_summands_exact_and_nontrivial(op: str) -> None:
                     assert all(not torch.equal(shards[d], value) for d in group[1:])
                 else:  # the extremum sits on different devices for different elements
                     owners = Counter(
-                        d for d in group for e in range(value.numel())
+                        d
+                        for d in group
+                        for e in range(value.numel())
                         if shards[d].flatten()[e] == value.flatten()[e]
                     )
                     assert len(owners) > 1
@@ -276,3 +290,34 @@ def test_equal_and_allclose_give_bools() -> None:
     assert torch.equal(a, a + 1) is torch.equal(v, v + 1)
     assert torch.allclose(a, b + 1e-9) is torch.allclose(v, v + 1e-9)
     assert torch.allclose(a, b + 1) is torch.allclose(v, v + 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_narrowing_cast_of_partial_sum(dtype: torch.dtype) -> None:
+    """Casting a partial sum to a less precise dtype reduces first: summands cancel exactly."""
+    v = H.quantize(torch.tensor([0.1, -7.3, 2.2], dtype=torch.float64))
+    shards = [v + 6, v * 0 - 3, v * 0 - 3, v * 0]  # sums to v exactly; 6.1 rounds in bf16
+    x = sl.from_local(shards, MESH, sl.P(None, partial="x"), (3,))
+    assert torch.equal(x.to(dtype).full(), v.to(dtype))
+    assert torch.equal(x.to(torch.complex128).full(), v.to(torch.complex128))  # widening: kept
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda t: torch.softmax(t, 2),
+        lambda t: torch.log_softmax(t, 2),
+        lambda t: torch.logsumexp(t, 2),
+        lambda t: torch.linalg.vector_norm(t, dim=2),
+        lambda t: torch.std(t, 2, correction=0),
+    ],
+)
+def test_reduction_over_split_empty_dim(fn) -> None:
+    """Softmax, logsumexp, norms and var over a split zero-size dim give torch's empty/-inf/0/nan."""
+    v = torch.randn(5, 3, 0, dtype=torch.float64)
+    mesh = sl.Mesh.simulated({"a": 2, "b": 2})
+    x = sl.shard(v, mesh, sl.P(None, "b", "a")).requires_grad_()
+    p = v.clone().requires_grad_()
+    with warnings.catch_warnings():  # std of nothing: torch warns about the dof
+        warnings.simplefilter("ignore", UserWarning)
+        torch.testing.assert_close(fn(x).full(), fn(p), equal_nan=True)

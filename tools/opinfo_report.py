@@ -159,6 +159,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def progress(r) -> None:
         done[r.verdict] += 1
+        if r.verdict in ("wrong", "crash"):
+            print(
+                f"  {r.verdict}: {r.key} sample {r.sample} on {r.mesh} [{r.layouts}] {r.detail}",
+                file=sys.stderr,
+                flush=True,
+            )
         if sum(done.values()) % 500 == 0:
             print(f"  {sum(done.values())} cases, {dict(done)}", file=sys.stderr, flush=True)
 
