@@ -13,6 +13,12 @@ operands cannot be multiplied summand by summand, so one is reduced first.
 
 Candidates come from each operand's layout read as a label assignment, and
 from their merge; the dispatcher prices them with the planner.
+
+Bias ops (addmm, addmv, baddbmm): the bias is laid out like the output (partial
+where the output is, so it is added once). A bias that broadcasts over a dim on
+which some device's block is empty is expanded to the local product's shape
+first (the CPU kernels give addmv of a (1,) bias and a (0, m) block the shape
+(1,)); otherwise the op runs as is.
 """
 
 from __future__ import annotations

@@ -6,12 +6,23 @@ elementwise ops:
 - add/sub (and copy_): linear in all operands together; partial-`sum`/`avg`
   operands stay partial when every partial operand has the same partial axes,
   and the others become partial for free (`to_partial`). A Python number
-  operand would be added once per summand, so it forbids this.
+  (int, float, bool or complex) would be added once per summand, so it forbids
+  this; `x + c` alone is exact by a local shift instead (c/k per summand of a
+  floating or complex sum, c per summand of avg/max/min).
 - mul/div: linear in one operand; one partial-`sum`/`avg` operand (the
   numerator, for div) keeps its partial axes if the others are not partial.
-- neg, clone, detach, alias, dtype casts that commute with the reduction:
-  keep the input's partial axes.
+  (IEEE corner: a replicated factor holding inf, or a zero divisor, turns
+  summands of opposite sign into nan where the reduced value gives inf.)
+- neg, clone, detach, alias, positive, zero_: keep the input's partial axes
+  and op, except that negation swaps max and min (-max(a, b) = min(-a, -b)).
+- dtype casts keep partial axes only where they commute with the reduction
+  (`_cast_commutes`: widening float casts for sums, monotone casts for max/min;
+  a cast to bfloat16 of a partial sum reduces first).
 - anything else is nonlinear: partial inputs are reduced first.
+
+Also here: the `*_like` and `new_*` fresh-tensor rules, and `torch.equal` /
+`torch.allclose` (a decomposition into an elementwise test, a count and
+`.item()`).
 
 Output layouts are taken from the inputs (each input's split dims mapped
 through broadcasting, and their merge); the dispatcher keeps the cheapest.

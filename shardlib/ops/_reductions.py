@@ -42,6 +42,10 @@ Wherever partial inputs must be reduced, the rule also offers layouts where
 the partial axes become a split of some dim (a reduce-scatter, half the bytes
 of an all-reduce); the dispatcher keeps the cheapest.
 
+A reduction with nothing to combine (a reduced dim of size 0, or an empty
+result) runs locally whatever the splits: every device's local result (empty,
+-inf, 0 or nan) is already the answer, and the decompositions' amax would fail.
+
 Invariant: every strategy is exact for uneven shapes and every partial
 input; when in doubt an input is required non-partial.
 """
