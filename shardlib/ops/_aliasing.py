@@ -47,6 +47,7 @@ __all__ = [
     "drop_partial",
     "family_root",
     "link_view",
+    "rebind_data",
     "reduce_in_place",
     "sync",
 ]
@@ -115,16 +116,56 @@ def link_view(func: Any, args: tuple, kwargs: dict, base: ShardedTensor, out: An
             continue
         if not moved and all(map(_shares_storage, o._shards, base._shards)):
             o._root = root
-            if root._layout.partial:
-                if root._views is None:
-                    root._views = weakref.WeakSet()
-                root._views.add(o)
+            _register(root, "_views", o)
         else:
             o._root = o
             index = i if isinstance(out, list | tuple) else None
             o._link = _Link(
                 base, func, tuple(args), dict(kwargs), index, _stamp(_family_root(base))
             )
+            _register(base, "_linked", o)
+
+
+def _register(owner: ShardedTensor, name: str, member: ShardedTensor) -> None:
+    """Remember `member` weakly on `owner` (a family's alias views; copies linked to a base)."""
+    members = getattr(owner, name)
+    if members is None:  # by id: a WeakSet would compare tensors with == (elementwise)
+        members = weakref.WeakValueDictionary()
+        setattr(owner, name, members)
+    members[id(member)] = member
+
+
+def rebind_data(t: ShardedTensor, value: ShardedTensor) -> None:
+    """``t.data = value``: t takes value's storage; t's old views keep the old storage.
+
+    As in torch, views taken from t before the assignment still see (and write) t's old
+    storage: that storage moves to a new hidden tensor, which inherits t's family role
+    (its alias views, the copies linked to it, its own link), and t joins value's family.
+    """
+    old = ShardedTensor(
+        t._shards, t._mesh, t._layout, tuple(t.shape), False, t.stride(), t.storage_offset()
+    )
+    if t._root is None or t._root is t:  # t was a family root: its views now belong to `old`
+        old._link, old._views, old._writes = t._link, t._views, t._writes
+        old._root = old if old._link is not None else None
+        for v in list((old._views or {}).values()):
+            v._root = old
+    else:  # t was an alias view: `old` takes its place in that family
+        old._root = t._root
+        views = t._root._views
+        if views is not None:
+            views.pop(id(t), None)
+            views[id(old)] = old
+    for c in list((t._linked or {}).values()):
+        if c._link is not None and c._link.base is t:
+            c._link.base = old
+    old._linked = t._linked
+    root = _family_root(value)
+    t._shards, t._mesh, t._layout, t._sig = list(value._shards), value._mesh, value._layout, None
+    t._link = t._views = t._linked = None
+    t._writes = 0
+    t._root = root
+    _register(root, "_views", t)
 
 
 # == reading: refresh ==========================================================
@@ -148,8 +189,22 @@ def sync(t: ShardedTensor) -> None:
         if fresh._layout != root._layout:
             fresh = move(link.func, fresh, root._layout)
         for s, new in zip(root._shards, fresh._shards):
-            s.copy_(new)
+            _overwrite(s, new)
     link.stamp = _stamp(_family_root(base))
+
+
+def _overwrite(shard: torch.Tensor, new: torch.Tensor) -> None:
+    """Copy `new` into `shard`; an expanded shard (stride 0) is written once per element."""
+    for d in range(shard.ndim):
+        if shard.stride(d) == 0 and shard.shape[d] > 1:  # equal along d in both: write one
+            shard, new = shard.narrow(d, 0, 1), new.narrow(d, 0, 1)
+    if torch._debug_has_internal_overlap(shard) == 1:
+        raise AliasError(
+            "refreshing a view whose base changed: its blocks overlap in memory and cannot be "
+            "rewritten. Take the view again after changing its base, or .clone() it to keep a "
+            "copy."
+        )
+    shard.copy_(new)
 
 
 # == writing: write-back =======================================================
@@ -225,7 +280,7 @@ def family_root(t: ShardedTensor) -> ShardedTensor:
 
 def drop_partial(root: ShardedTensor) -> None:
     """After `root`'s shards were reduced in place: it and its live alias views drop partial axes."""
-    members = [root, *(root._views or ())]
+    members = [root, *(root._views or {}).values()]
     root._views = None
     for m in members:
         if m._layout.partial:

@@ -500,6 +500,10 @@ def _out_variant(func: Any) -> Any:
 
     def run(*args, **kwargs):
         outs = [kwargs.pop(n) for n in names]
+        operands = [a for a in (*args, *kwargs.values()) if isinstance(a, ShardedTensor)]
+        for o in outs:
+            if isinstance(o, ShardedTensor):
+                _aliasing.check_overlap(func, o, operands)
         if functional is None:
             raise NoRuleError(
                 f"{func}: shardlib runs out= variants as the functional op and a copy, and "

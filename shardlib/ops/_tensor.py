@@ -52,6 +52,7 @@ class ShardedTensor(torch.Tensor):
     _root: ShardedTensor | None = None
     _link: Any = None
     _views: Any = None
+    _linked: Any = None
     _writes: int = 0
 
     __torch_function__ = torch._C._disabled_torch_function_impl
@@ -139,16 +140,12 @@ class ShardedTensor(torch.Tensor):
                 f"{type(value).__name__}: the data must be sharded too. Use "
                 "sl.shard(t, x.mesh, x.spec) (or sl.from_local) to build it."
             )
-        if value._root is not None:
-            from ._aliasing import sync
+        from ._aliasing import rebind_data, sync
 
+        if value._root is not None:
             sync(value)
         _data_descriptor.__set__(self, value)
-        self._shards, self._mesh, self._layout = value._shards, value._mesh, value._layout
-        # x now shares y's storage: it joins y's family (torch: x aliases y afterwards)
-        self._root = value._root if value._root is not None else value
-        self._link = self._views = None
-        self._sig = None
+        rebind_data(self, value)  # x now shares y's storage; x's old views keep the old one
 
     def __deepcopy__(self, memo: dict) -> ShardedTensor:
         if id(self) in memo:
