@@ -66,10 +66,12 @@ def _report(request: pytest.FixtureRequest, title: str, results: list) -> None:
     bad = [r for r in results if r.verdict in ("wrong", "crash")]
     text += "".join(f"\n  {r.verdict}: {r.key} on {r.mesh} [{r.layouts}] {r.detail}" for r in bad)
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(text)
-    else:
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None or capture is None:
         print(text)
+        return
+    with capture.global_and_fixture_disabled():
+        reporter.write_line(text)
 
 
 def _selected(request: pytest.FixtureRequest, test_name: str) -> list[str]:
