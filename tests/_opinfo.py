@@ -110,16 +110,6 @@ KNOWN: dict[str, str] = {
         "tensor's data in C++ without dispatch; a ShardedTensor has no storage, so torch "
         "raises 'data is not allocated yet' instead of a shardlib error"
     ),
-    "sparse.sampled_addmm": (
-        "core (_dispatch.py): a plain sparse CSR operand beside sharded ones reaches the "
-        "decision key / shape inference, which ask it for strides (RuntimeError: 'Sparse CSR "
-        "tensors do not have strides') instead of refusing sparse operands clearly"
-    ),
-    "sparse.mm.reduce": (
-        "core (_dispatch.py): a plain sparse CSR operand beside sharded ones reaches the "
-        "decision key / shape inference, which ask it for strides (RuntimeError: 'Sparse CSR "
-        "tensors do not have strides') instead of refusing sparse operands clearly"
-    ),
 }
 
 

@@ -135,6 +135,8 @@ def _signature(a: Any) -> Any:
     if isinstance(a, ShardedTensor):
         return _sig_of(a)
     if isinstance(a, torch.Tensor):
+        if a.layout is not torch.strided:  # sparse: no strides (refused by _decide)
+            return ("tensor", a.layout, a.shape, a.dtype, a.device)
         return ("tensor", a.shape, a.dtype, a.device, a.stride(), a.storage_offset())
     t = type(a)
     if t in _ATOMS:
