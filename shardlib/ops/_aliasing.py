@@ -127,12 +127,23 @@ def link_view(func: Any, args: tuple, kwargs: dict, base: ShardedTensor, out: An
 
 
 def _register(owner: ShardedTensor, name: str, member: ShardedTensor) -> None:
-    """Remember `member` weakly on `owner` (a family's alias views; copies linked to a base)."""
-    members = getattr(owner, name)
-    if members is None:  # by id: a WeakSet would compare tensors with == (elementwise)
-        members = weakref.WeakValueDictionary()
-        setattr(owner, name, members)
-    members[id(member)] = member
+    """Remember `member` weakly on `owner` (a family's alias views; copies linked to a base).
+
+    A list of weak references (cheap on the view hot path; a WeakSet would also compare
+    tensors with ==), pruned of dead ones whenever it doubles.
+    """
+    refs = getattr(owner, name)
+    if refs is None:
+        setattr(owner, name, [weakref.ref(member)])
+        return
+    refs.append(weakref.ref(member))
+    if len(refs) >= 64 and len(refs) & (len(refs) - 1) == 0:
+        refs[:] = [r for r in refs if r() is not None]
+
+
+def _members(refs: list | None) -> list[ShardedTensor]:
+    """The live members of a registry made by `_register`."""
+    return [m for m in (r() for r in refs or ()) if m is not None]
 
 
 def rebind_data(t: ShardedTensor, value: ShardedTensor) -> None:
@@ -148,15 +159,14 @@ def rebind_data(t: ShardedTensor, value: ShardedTensor) -> None:
     if t._root is None or t._root is t:  # t was a family root: its views now belong to `old`
         old._link, old._views, old._writes = t._link, t._views, t._writes
         old._root = old if old._link is not None else None
-        for v in list((old._views or {}).values()):
+        for v in _members(old._views):
             v._root = old
     else:  # t was an alias view: `old` takes its place in that family
         old._root = t._root
-        views = t._root._views
-        if views is not None:
-            views.pop(id(t), None)
-            views[id(old)] = old
-    for c in list((t._linked or {}).values()):
+        root = t._root
+        root._views = [r for r in root._views or () if r() is not t]
+        _register(root, "_views", old)
+    for c in _members(t._linked):
         if c._link is not None and c._link.base is t:
             c._link.base = old
     old._linked = t._linked
@@ -280,7 +290,7 @@ def family_root(t: ShardedTensor) -> ShardedTensor:
 
 def drop_partial(root: ShardedTensor) -> None:
     """After `root`'s shards were reduced in place: it and its live alias views drop partial axes."""
-    members = [root, *(root._views or {}).values()]
+    members = [root, *_members(root._views)]
     root._views = None
     for m in members:
         if m._layout.partial:

@@ -272,6 +272,7 @@ def _dispatch(func: Any, args: tuple, kwargs: dict) -> Any:
                 ShardedTensor,
                 o.shape,
                 strides=o.stride,
+                storage_offset=o.offset,
                 dtype=per_device[0].dtype,
                 device=per_device[0].device,
             )
@@ -281,6 +282,8 @@ def _dispatch(func: Any, args: tuple, kwargs: dict) -> Any:
                 decision.strategy.outputs[0],
             )
             out._sig = decision.out_sig
+            if decision.view:  # an alias of its input (or, if the local op copied, linked)
+                _aliasing.link_view(func, args, kwargs, first, out, False)
             return out
     return _run(func, decision, args, kwargs)
 
@@ -412,7 +415,7 @@ def _decide(func: Any, args: tuple, kwargs: dict) -> _Decision:
         and best.decompose is None
         and len(out_specs) == 1
         and out_specs[0] is not None
-        and not view
+        and not (view and paths[0] != (0,))
     )
     if simple:
         # Required layouts are compared by identity on the hot path: use the inputs' own
