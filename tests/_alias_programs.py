@@ -262,9 +262,7 @@ class Stats:
             out.append("failure classes:")
             for cls, n in self.failure_classes.most_common():
                 out.append(f"  {n:5d}  {cls}")
-        out.append(
-            "steps by op: " + ", ".join(f"{k} {v}" for k, v in sorted(self.ops.items()))
-        )
+        out.append("steps by op: " + ", ".join(f"{k} {v}" for k, v in sorted(self.ops.items())))
         return "\n".join(out)
 
 
@@ -275,8 +273,7 @@ def _shardlib_frames(exc: BaseException, limit: int = 6) -> str:
     mine = [f for f in frames if "shardlib" in f.filename and "/tests/" not in f.filename]
     pick = (mine or frames)[-limit:]
     return "".join(
-        f"  {f.filename.split('shardlib/', 1)[-1]}:{f.lineno} in {f.name}: {f.line}\n"
-        for f in pick
+        f"  {f.filename.split('shardlib/', 1)[-1]}:{f.lineno} in {f.name}: {f.line}\n" for f in pick
     )
 
 
@@ -458,16 +455,20 @@ def minimize(failure: Failure, budget: int = 60) -> Failure:
         changed = False
         i = len(prog.lines) - 2
         while i >= 1 and tries < budget:
-            cand = Program(prog.axes, prog.lines[:i] + prog.lines[i + 1 :],
-                           prog.binds[:i] + prog.binds[i + 1 :])
+            cand = Program(
+                prog.axes,
+                prog.lines[:i] + prog.lines[i + 1 :],
+                prog.binds[:i] + prog.binds[i + 1 :],
+            )
             i -= 1
             if _uses_undefined(cand):
                 continue
             tries += 1
             r = replay(cand)
             if r.failure is not None and r.failure.signature == want:
-                prog = Program(cand.axes, cand.lines[: r.failure.step + 1],
-                               cand.binds[: r.failure.step + 1])
+                prog = Program(
+                    cand.axes, cand.lines[: r.failure.step + 1], cand.binds[: r.failure.step + 1]
+                )
                 best = r.failure
                 changed = True
     best.minimized_from = len(failure.program.lines) - 1
@@ -560,7 +561,9 @@ def _index_entries(ch: Chooser, shape: Sequence[int], allow_none: bool = True) -
     k = ch.int(1, max(1, len(shape)))
     for d in range(min(k, len(shape))):
         n = shape[d]
-        kind = ch.weighted([("full", 2), ("slice", 5), ("int", 3), ("none", 1 if allow_none else 0)])
+        kind = ch.weighted(
+            [("full", 2), ("slice", 5), ("int", 3), ("none", 1 if allow_none else 0)]
+        )
         if kind == "none":
             entries.append("None")
             kind = "full" if ch.coin() else "slice"
@@ -623,11 +626,7 @@ def _operand(ch: Chooser, runner: Runner, shape: Sequence[int], allow_scalar: bo
     if kind == "scalar":
         return str(ch.pick((-2, -1, 0, 1, 2, 3, 0.5)))
     if kind == "live":
-        ok = [
-            n
-            for n, t in runner.tensors().items()
-            if _broadcasts(tuple(t.shape), tuple(shape))
-        ]
+        ok = [n for n, t in runner.tensors().items() if _broadcasts(tuple(t.shape), tuple(shape))]
         if ok:
             return ch.pick(ok)
     # fresh: the full shape or a broadcastable suffix / size-1 dims
@@ -674,12 +673,25 @@ def draw_view(ch: Chooser, runner: Runner, x: str) -> tuple[str, tuple[str, ...]
     nd = len(shape)
     v = _fresh(runner, "v")[0]
     ops = [
-        ("getitem", 6), ("slice", 4), ("select", 2 if nd else 0), ("narrow", 2 if nd else 0),
-        ("view", 4), ("reshape", 2), ("transpose", 2 if nd >= 2 else 0), ("t", 1 if nd <= 2 else 0),
-        ("permute", 2 if nd >= 2 else 0), ("unsqueeze", 2), ("squeeze", 1),
-        ("expand", 2), ("diagonal", 2 if nd >= 2 else 0), ("split", 3 if nd else 0),
-        ("unbind", 1 if nd and shape[0] <= 4 else 0), ("movedim", 1 if nd >= 2 else 0),
-        ("detach", 1), ("contiguous", 1), ("unflatten", 1 if nd else 0),
+        ("getitem", 6),
+        ("slice", 4),
+        ("select", 2 if nd else 0),
+        ("narrow", 2 if nd else 0),
+        ("view", 4),
+        ("reshape", 2),
+        ("transpose", 2 if nd >= 2 else 0),
+        ("t", 1 if nd <= 2 else 0),
+        ("permute", 2 if nd >= 2 else 0),
+        ("unsqueeze", 2),
+        ("squeeze", 1),
+        ("expand", 2),
+        ("diagonal", 2 if nd >= 2 else 0),
+        ("split", 3 if nd else 0),
+        ("unbind", 1 if nd and shape[0] <= 4 else 0),
+        ("movedim", 1 if nd >= 2 else 0),
+        ("detach", 1),
+        ("contiguous", 1),
+        ("unflatten", 1 if nd else 0),
     ]
     op = ch.weighted(ops)
     d = ch.int(0, nd - 1) if nd else 0
@@ -824,16 +836,33 @@ def _draw_inplace(ch: Chooser, runner: Runner, x: str) -> tuple[str, tuple[str, 
     t = runner.tns[x]
     shape = tuple(t.shape)
     nd = len(shape)
-    op = ch.weighted([
-        ("add_", 4), ("sub_", 1), ("mul_", 3), ("neg_", 1), ("zero_", 2), ("fill_", 2),
-        ("copy_", 3), ("setitem", 5), ("setitem+=", 2), ("clamp_", 2), ("out=", 3),
-        ("iadd", 2), ("imul", 1), ("data=", 1), ("t_", 1 if nd <= 2 else 0),
-        ("unsqueeze_", 1),
-    ])
+    op = ch.weighted(
+        [
+            ("add_", 4),
+            ("sub_", 1),
+            ("mul_", 3),
+            ("neg_", 1),
+            ("zero_", 2),
+            ("fill_", 2),
+            ("copy_", 3),
+            ("setitem", 5),
+            ("setitem+=", 2),
+            ("clamp_", 2),
+            ("out=", 3),
+            ("iadd", 2),
+            ("imul", 1),
+            ("data=", 1),
+            ("t_", 1 if nd <= 2 else 0),
+            ("unsqueeze_", 1),
+        ]
+    )
     if op in ("add_", "sub_", "mul_"):
         rhs = _operand(ch, runner, shape)
-        alpha = ", alpha=2" if op != "mul_" and not rhs.lstrip("-").replace(".", "").isdigit() \
-            and ch.coin(0.3) else ""
+        alpha = (
+            ", alpha=2"
+            if op != "mul_" and not rhs.lstrip("-").replace(".", "").isdigit() and ch.coin(0.3)
+            else ""
+        )
         return f"{x}.{op}({rhs}{alpha})", ()
     if op == "neg_":
         return f"{x}.neg_()", ()
@@ -848,8 +877,11 @@ def _draw_inplace(ch: Chooser, runner: Runner, x: str) -> tuple[str, tuple[str, 
         sub = _shape_of(runner, f"{x}[{idx}]")
         if op == "setitem+=":
             return f"{x}[{idx}] += {ch.pick((1, 2, -3))}", ()
-        rhs = str(ch.pick((0, 1, -2, 5))) if sub is None or ch.coin(0.4) \
+        rhs = (
+            str(ch.pick((0, 1, -2, 5)))
+            if sub is None or ch.coin(0.4)
             else _operand(ch, runner, sub, allow_scalar=False)
+        )
         return f"{x}[{idx}] = {rhs}", ()
     if op == "clamp_":
         lo = ch.int(-3, 3)
@@ -859,8 +891,11 @@ def _draw_inplace(ch: Chooser, runner: Runner, x: str) -> tuple[str, tuple[str, 
     if op == "out=":
         # `a` has out's shape: a smaller result would make torch resize `out`
         same = [n for n, u in runner.tensors().items() if tuple(u.shape) == shape]
-        a = ch.pick(same) if ch.coin(0.6) else f"mk(A({_fmt_shape(shape)}), " \
-            f"{draw_layout(ch, runner.program.axes, nd)!r})"
+        a = (
+            ch.pick(same)
+            if ch.coin(0.6)
+            else f"mk(A({_fmt_shape(shape)}), {draw_layout(ch, runner.program.axes, nd)!r})"
+        )
         b = _operand(ch, runner, shape)
         fn = ch.pick(("add", "mul", "sub"))
         return f"torch.{fn}({a}, {b}, out={x})", ()
