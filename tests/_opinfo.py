@@ -104,13 +104,7 @@ DTYPE_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
 # Ops whose rule is known not to be fixable in the rule modules (the cause is in a module
 # the OpInfo tier does not own). Keys are op keys; tests/test_opinfo.py turns them into
 # xfail marks. Keep each reason naming the cause.
-KNOWN: dict[str, str] = {
-    "tensor_split": (
-        "core (_tensor.py): tensor_split(x, indices) with sharded `indices` reads the index "
-        "tensor's data in C++ without dispatch; a ShardedTensor has no storage, so torch "
-        "raises 'data is not allocated yet' instead of a shardlib error"
-    ),
-}
+KNOWN: dict[str, str] = {}
 
 
 # == ops =======================================================================

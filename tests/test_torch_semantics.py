@@ -433,3 +433,14 @@ def test_nll_loss_total_weight_over_a_split_class_dim():
             want = torch.ops.aten.nll_loss_forward(x, torch.tensor(target), None, reduction, -100)
             for g, w in zip(got, want):
                 torch.testing.assert_close(g.full(), w, rtol=1e-12, atol=1e-12)
+
+
+def test_tensor_split_with_sharded_split_points():
+    """torch reads a tensor of split points in C++ before dispatch: shardlib reads it out."""
+    x, points = _rand(7, 3), torch.tensor([1, 4])
+    for args in ((sh(x, P("x", None)), sh(points, P("x"))), (x, sh(points, P("x")))):
+        got = torch.tensor_split(*args)
+        for g, w in zip(got, torch.tensor_split(x, points)):
+            assert torch.equal(g.full() if isinstance(g, sl.ShardedTensor) else g, w)
+    got = sh(x, P("x", None)).tensor_split(sh(torch.tensor(3), P()))
+    assert all(torch.equal(g.full(), w) for g, w in zip(got, x.tensor_split(3)))

@@ -270,6 +270,36 @@ def _rebuild(
 torch.serialization.add_safe_globals([_rebuild])
 
 
+# == torch functions that read an argument's data before dispatch ================
+# `tensor_split(x, indices)` with a tensor of indices reads that tensor's memory in C++
+# (CompositeImplicitAutograd) before any dispatch, and a ShardedTensor has no memory of its
+# own. The indices are a host-side list of split points: a sharded one is read out with
+# `.tolist()` (a collective `full`, in the ledger). Plain calls are passed straight through.
+_tensor_split = torch.tensor_split
+_tensor_split_method = torch.Tensor.tensor_split
+
+
+def _split_points(indices_or_sections: Any) -> Any:
+    if isinstance(indices_or_sections, ShardedTensor):
+        return indices_or_sections.tolist()
+    return indices_or_sections
+
+
+def tensor_split(input: Any, indices_or_sections: Any, dim: int = 0) -> Any:
+    return _tensor_split(input, _split_points(indices_or_sections), dim)
+
+
+tensor_split.__doc__ = _tensor_split.__doc__
+torch.tensor_split = tensor_split
+
+
+def _tensor_split_of(self: Any, indices_or_sections: Any, dim: int = 0) -> Any:
+    return _tensor_split_method(self, _split_points(indices_or_sections), dim)
+
+
+ShardedTensor.tensor_split = _tensor_split_of  # type: ignore[method-assign]
+
+
 def _dispatch(func, args, kwargs):
     """Bound to `_dispatch.dispatch` on first use (the modules import each other)."""
     global _dispatch
