@@ -94,12 +94,7 @@ class _Link:
             if self.index is not None:
                 out = out[self.index]
             self.coords = torch.stack(torch.unravel_index(out.reshape(-1), tuple(base.shape)))
-            if self.coords.shape[1] != torch.unique(out).numel():
-                self.coords = _OVERLAPPING
         return self.coords
-
-
-_OVERLAPPING = torch.empty(0)  # marks a view with several elements at one base position
 
 
 def _op_name(func: Any) -> str:
@@ -229,14 +224,9 @@ def after_write(t: ShardedTensor) -> None:
 def _write_back(root: ShardedTensor) -> None:
     link = root._link
     base = link.base
+    # Elements of an expanded view share base positions; only same-value writes (fill_,
+    # zero_) get here with one (check_overlap refuses the others), so any of them may land.
     coords = link.base_coords()
-    name = _op_name(link.func)
-    if coords is _OVERLAPPING:
-        raise AliasError(
-            f"in-place write to a view made by {name} whose elements share positions of its "
-            f"base (shape {tuple(base.shape)}): torch refuses this too (more than one element "
-            "refers to a single memory location). Write to the base, or .clone() the view first."
-        )
     from ._dispatch import cause_prefix, move
 
     # Every device needs the view's values at the positions it holds: all of the view, with
@@ -329,10 +319,19 @@ def _partially_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a0 < b1 and b0 < a1
 
 
+# writes of one value everywhere: torch allows them on expanded views (every alias of an
+# element gets the same value)
+_SAME_VALUE_WRITES = {
+    torch.ops.aten.fill_.Scalar,
+    torch.ops.aten.fill_.Tensor,
+    torch.ops.aten.zero_.default,
+}
+
+
 def check_overlap(func: Any, target: ShardedTensor, operands: list) -> None:
     """Raise as torch does for an in-place write to `target` with these operands."""
     expanded = any(st == 0 and n > 1 for n, st in zip(target.shape, target.stride()))
-    if expanded and target.numel() and not _dense(target):
+    if expanded and target.numel() and not _dense(target) and func not in _SAME_VALUE_WRITES:
         raise AliasError(
             f"{_op_name(func)}: unsupported operation: more than one element of the "
             "written-to tensor refers to a single memory location (it is an expanded "
