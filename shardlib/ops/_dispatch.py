@@ -211,6 +211,8 @@ class _Decision:
     fast: tuple[tuple[int, Layout], ...] | None = None
     out_sig: int | None = None
     view: bool = False  # a view op: its outputs are aliases or linked copies (_aliasing)
+    # the fast path's result geometry: {} when contiguous at offset 0 (the cheap default)
+    geometry: dict | None = None
 
 
 _DECISIONS: dict[tuple, _Decision] = {}
@@ -267,14 +269,12 @@ def _dispatch(func: Any, args: tuple, kwargs: dict) -> Any:
             if decision.inplace:
                 first._writes += 1
                 return first
-            o = decision.out_specs[0]
             out = torch.Tensor._make_wrapper_subclass(
                 ShardedTensor,
-                o.shape,
-                strides=o.stride,
-                storage_offset=o.offset,
+                decision.out_specs[0].shape,
                 dtype=per_device[0].dtype,
                 device=per_device[0].device,
+                **decision.geometry,
             )
             out._shards, out._mesh, out._layout = (
                 per_device,
@@ -425,12 +425,14 @@ def _decide(func: Any, args: tuple, kwargs: dict) -> _Decision:
             for p, t, want in zip(paths, tensors, best.inputs)
         )
         best = Strategy(tuple(w for _, w in fast), best.outputs)
-    out_sig = None
+    out_sig, geometry = None, None
     if fast is not None:
         o = out_specs[0]
         full = (best.outputs[0], torch.Size(o.shape), o.dtype, mesh, o.stride, o.offset)
         out_sig = _SIG_IDS.setdefault(full, len(_SIG_IDS))
-    return _Decision(best, paths, out_specs, inplace, fast, out_sig, view)
+        contiguous = o.offset == 0 and o.stride == torch.empty(o.shape, device="meta").stride()
+        geometry = {} if contiguous else {"strides": o.stride, "storage_offset": o.offset}
+    return _Decision(best, paths, out_specs, inplace, fast, out_sig, view, geometry)
 
 
 def _current(specs: tuple[ArgSpec, ...]) -> tuple[Layout, ...]:
@@ -646,6 +648,13 @@ def move(func: Any, a: ShardedTensor, want: Layout) -> ShardedTensor:
     remembered on `a`).
     """
     p = plan(a._layout, want, tuple(a.shape), a._mesh, a.dtype)
+    am = a._mesh.abstract
+    if all(
+        getattr(s.step, "axes", None) and am.group_size(s.step.axes) == 1  # ppermute: ()
+        for s in p.steps
+    ):
+        # every step is over axes of size 1: the blocks are already right (a relabelling)
+        return ShardedTensor([t.clone() for t in a._shards], a._mesh, want, tuple(a.shape))
     if _state["strict"] and any(s.step.kind for s in p.steps):
         steps = ", ".join(f"{s.step} ({s.bytes} B)" for s in p.steps if s.step.kind)
         raise LayoutError(
