@@ -101,11 +101,6 @@ DTYPE_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.bfloat16: (1.6e-2, 1e-5),
 }
 
-# Ops whose rule is known not to be fixable in the rule modules (the cause is in a module
-# the OpInfo tier does not own). Keys are op keys; tests/test_opinfo.py turns them into
-# xfail marks. Keep each reason naming the cause.
-KNOWN: dict[str, str] = {}
-
 
 # == ops =======================================================================
 def load_ops() -> list[Any]:

@@ -50,12 +50,7 @@ JOBS = int(os.environ.get("SHARDLIB_OPINFO_JOBS", "1"))
 
 
 def _params() -> list:
-    return [
-        pytest.param(k, marks=pytest.mark.xfail(reason=H.KNOWN[k], strict=False))
-        if k in H.KNOWN
-        else k
-        for k in KEYS
-    ]
+    return list(KEYS)
 
 
 def _report(request: pytest.FixtureRequest, title: str, results: list) -> None:
