@@ -57,3 +57,4 @@ from .ops._shard_map import shard_map as shard_map
 from .ops._tensor import ShardedTensor as ShardedTensor
 
 __version__ = "0.1.0"
+from . import nn as nn  # noqa: E402  (schemes stand on everything above)

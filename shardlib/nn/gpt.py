@@ -1,0 +1,1 @@
+"""Reference GPT (placeholder; being written)."""
