@@ -1,11 +1,11 @@
 """Rules for neural-network ops: embedding, nll loss, dropout and random ops (attention: `_attention.py`).
 
 Owns the layouts of the aten ops that `F.embedding`, `F.cross_entropy` /
-`F.nll_loss`, `F.dropout`, the random initializers and
-`F.scaled_dot_product_attention` reach in torch 2.13 (forward and backward,
-traced with a `TorchDispatchMode`), and `.item()`. It does not own
-`log_softmax` (the first half of `F.cross_entropy`: `_reductions.py`), nor the
-views and matmuls of the math attention path (`_views.py`, `_contractions.py`).
+`F.nll_loss`, `F.dropout` and the random initializers reach in torch 2.13
+(forward and backward, traced with a `TorchDispatchMode`), and `.item()`. It
+does not own `log_softmax` (the first half of `F.cross_entropy`:
+`_reductions.py`), nor attention (`F.scaled_dot_product_attention`: its rules
+and their strategies are in `_attention.py`).
 
 The rules, by op (A = mesh axes):
 
@@ -48,16 +48,6 @@ The rules, by op (A = mesh axes):
   gathered first). On the distributed backend every rank draws the global
   tensor, so **every rank must seed identically** (as with DTensor) and holds
   the global tensor transiently.
-- ``_scaled_dot_product_flash_attention_for_cpu`` and its backward (what
-  `F.scaled_dot_product_attention` reaches on CPU): batch and head dims split
-  -> local; the query's sequence dim split -> local against keys and values
-  replicated over those axes (gathered if they were split: "sequence sharded:
-  correct, by gathering K/V for now"), and the gradients of key and value come
-  out partial-``sum`` over them. The head dim is unsplit. A causal mask is
-  rebuilt per query chunk from global positions. Outputs (and logsumexp)
-  follow the query. Dropout inside the fused op is refused (the math path,
-  taken with dropout, reaches ``bernoulli_`` above). ``_safe_softmax`` (math
-  path) is local over an unsplit dim.
 - ``_local_scalar_dense`` (``.item()``): the value made replicated, then the
   Python number of the local replica.
 
