@@ -134,7 +134,29 @@ def current_direction() -> str:
     """``"backward"`` while autograd runs a backward pass, else ``"forward"``."""
     import torch
 
+    inherited = getattr(_inherited, "direction", None)  # set by `inherit_direction`
+    if inherited is not None:
+        return inherited
     return "backward" if torch._C._current_graph_task_id() != -1 else "forward"
+
+
+# -- direction of helper threads (h2, issue 7: shard_map called inside a backward) --
+_inherited = threading.local()
+
+
+@contextmanager
+def inherit_direction(direction: str) -> Iterator[None]:
+    """Make `current_direction` answer `direction` on this thread (a worker started by a
+    thread that knew it, e.g. a simulated shard_map device thread started in a backward)."""
+    before = getattr(_inherited, "direction", None)
+    _inherited.direction = direction
+    try:
+        yield
+    finally:
+        _inherited.direction = before
+
+
+# -- end h2 --
 
 
 _lock = threading.Lock()

@@ -81,7 +81,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .._errors import LayoutError, MeshMismatchError
-from ..collectives._ledger import current_direction
+from ..collectives._ledger import current_direction, inherit_direction
 from ..layouts._layout import Layout
 from ..layouts._mesh import AbstractMesh, Mesh
 from ..layouts._planner import plan
@@ -201,11 +201,16 @@ def _run_devices(fn: Callable, mesh: Mesh, per_device: list[list[Any]]) -> list[
     results: list[Any] = [None] * len(devices)
     errors: list[BaseException | None] = [None] * len(devices)
     grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+    direction = current_direction()  # a fn run inside a backward records "backward" (h2)
 
     def main(pos: int) -> None:
         _tls.device = _Device(mesh, devices[pos], pos, sync)
         try:
-            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            with (
+                torch.inference_mode(inference),
+                torch.set_grad_enabled(grad),
+                inherit_direction(direction),
+            ):
                 results[pos] = fn(*per_device[pos])
             sync.returned(pos)
         except BaseException as e:  # re-raised in the caller's thread below
