@@ -33,6 +33,7 @@ from .layouts._planner import plan as plan
 from .ops import _pointwise as _pointwise  # noqa: F401  (registers rules)
 from .ops._api import from_local as from_local
 from .ops._api import full as full
+from .ops._api import remat_saves as remat_saves
 from .ops._api import reshard as reshard
 from .ops._api import shard as shard
 from .ops._api import visualize as visualize

@@ -120,11 +120,24 @@ class _Reshard(torch.autograd.Function):
         return _Reshard.apply(g, target, ctx.cause, "backward"), None, None, None
 
 
-def reshard(x: ShardedTensor, layout: Layout) -> ShardedTensor:
+def reshard(
+    x: ShardedTensor,
+    layout: Layout,
+    *,
+    remat: bool = False,
+    dtype: torch.dtype | None = None,
+    comm_dtype: Any = None,
+) -> ShardedTensor:
     """Return `x` with a new layout, moving data by the cheapest plan (see `sl.plan`).
 
     Differentiable: the gradient flows back to `x.spec` with its partial axes
     made replicated (a summand's gradient is the whole gradient).
+
+    With ``remat=True`` the result is not kept for backward: where it is saved
+    (by `sl.einsum(..., out_layout=)`, `snn.linear`, or any op inside
+    `remat_saves()` / `snn.use`), only `x` is kept and the move is redone in
+    backward, recorded with cause ``"regather"`` (FSDP's reshard after forward,
+    SUMMA's memory).
 
     Examples:
         >>> import shardlib as sl, torch
@@ -136,9 +149,55 @@ def reshard(x: ShardedTensor, layout: Layout) -> ShardedTensor:
     """
     _check_sharded(x, "sl.reshard(x=...)")
     layout = _check_layout(layout, x._mesh, x.ndim, x.dtype, "sl.reshard(layout=...)")
+    if dtype is not None or comm_dtype is not None:
+        raise NotImplementedError(
+            "sl.reshard(dtype=..., comm_dtype=...): casting and compressed communication are not "
+            "built yet (issue 8, 10). Cast with x.to(dtype) before sl.reshard for now."
+        )
     if layout == x._layout:
         return x
-    return _Reshard.apply(x, layout, "reshard", "forward")
+    y = _Reshard.apply(x, layout, "reshard", "forward")
+    if remat:
+        y._remat = (x, layout)
+    return y
+
+
+def _pack(t: torch.Tensor) -> Any:
+    src = getattr(t, "_remat", None) if isinstance(t, ShardedTensor) else None
+    return _Regather(src[0], src[1]) if src is not None else t
+
+
+class _Regather:
+    """A saved `remat` tensor: its source and layout; unpacking redoes the move."""
+
+    __slots__ = ("source", "layout")
+
+    def __init__(self, source: ShardedTensor, layout: Layout) -> None:
+        self.source, self.layout = source, layout
+
+
+def _unpack(saved: Any) -> Any:
+    if isinstance(saved, _Regather):
+        return _reshard_impl(saved.source, saved.layout, "regather", "backward")
+    return saved
+
+
+def remat_saves() -> Any:
+    """A context in which autograd saves of `sl.reshard(..., remat=True)` results keep only
+    their source and redo the move in backward (saved-tensor hooks; `snn.use` enters it).
+
+    Examples:
+        >>> import shardlib as sl, torch
+        >>> mesh = sl.Mesh.simulated({"x": 2})
+        >>> w = sl.shard(torch.ones(4, 4), mesh, sl.P("x", None)).requires_grad_()
+        >>> with sl.comm_ledger() as led:
+        ...     with sl.remat_saves():
+        ...         loss = (sl.reshard(w, sl.P(), remat=True) ** 2).sum()
+        ...     loss.backward()
+        >>> [r.cause for r in led.records if r.direction == "backward"]
+        ['regather']
+    """
+    return torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
 
 
 def with_layout(x: ShardedTensor, layout: Layout) -> ShardedTensor:

@@ -23,9 +23,16 @@ first (the CPU kernels give addmv of a (1,) bias and a (0, m) block the shape
 
 from __future__ import annotations
 
+import itertools
+from dataclasses import dataclass
+from functools import lru_cache
+
 import torch
 
+from .._errors import LayoutError
 from ..layouts._layout import Layout
+from ..layouts._mesh import AbstractMesh
+from ._aliasing import sync
 from ._pointwise import _in_dims
 from ._rules import ArgSpec, RuleInput, Strategy, register_rule
 
@@ -47,7 +54,8 @@ def _label_axes(labels: str, layout: Layout) -> dict[str, tuple[str, ...]]:
     return {lab: axes for lab, axes in zip(labels, layout.dims) if axes}
 
 
-def _candidates(in_labels: list[str], specs: tuple[ArgSpec, ...]) -> list[dict]:
+def _read_off(in_labels: list[str], specs: tuple[ArgSpec, ...]) -> list[dict]:
+    """Assignments read off the operands' layouts, and their merge (no input moves)."""
     each = [_label_axes(lab, s.layout) for lab, s in zip(in_labels, specs)]
     merged: dict[str, tuple[str, ...]] = {}
     used: set[str] = set()
@@ -56,22 +64,62 @@ def _candidates(in_labels: list[str], specs: tuple[ArgSpec, ...]) -> list[dict]:
             if lab not in merged and not used & set(axes):
                 merged[lab] = axes
                 used |= set(axes)
+    return [merged, *each, {}]
+
+
+@lru_cache(maxsize=4096)
+def _every_assignment(labels: str, axes: tuple[str, ...]) -> tuple[tuple[tuple[str, tuple], ...], ...]:
+    """Every assignment of `axes` to `labels`: each axis to one label or to none, every order
+    within a label (major to minor). (len(labels) + 1) ** len(axes) groupings times the orders."""
+    found = []
+    for choice in itertools.product(range(len(labels) + 1), repeat=len(axes)):
+        groups: dict[str, list[str]] = {}
+        for axis, c in zip(axes, choice):
+            if c < len(labels):
+                groups.setdefault(labels[c], []).append(axis)
+        names = list(groups)
+        for orders in itertools.product(*(itertools.permutations(groups[n]) for n in names)):
+            found.append(tuple(zip(names, orders)))
+    return tuple(found)
+
+
+def _candidates(
+    in_labels: list[str], out_labels: str, specs: tuple[ArgSpec, ...], mesh: AbstractMesh | None
+) -> list[dict]:
+    """Label assignments to try: the read-off ones first (they win ties: no moves, today's
+    choices), then, given a mesh, every assignment of its axes (size-1 axes only as read off).
+
+    The search is what finds SUMMA's, Tesseract's and 3D's assignments (an output axis no
+    operand carries on that label), for every contraction alike.
+    """
     found: list[dict] = []
-    for c in (merged, *each, {}):
+    for c in _read_off(in_labels, specs):
         if c not in found:
             found.append(c)
+    if mesh is not None:
+        labels = "".join(dict.fromkeys(out_labels + "".join(in_labels)))
+        axes = tuple(a for a, n in zip(mesh.axis_names, mesh.shape) if n > 1)
+        seen = {tuple(sorted(c.items())) for c in found}
+        for pairs in _every_assignment(labels, axes):
+            key = tuple(sorted(pairs))
+            if key not in seen:
+                seen.add(key)
+                found.append(dict(pairs))
     return found
 
 
-def einsum_strategies(eq: str, specs: tuple[ArgSpec, ...]):
-    """Strategies for a two- (or one-) operand einsum equation over `specs`."""
+def einsum_strategies(eq: str, specs: tuple[ArgSpec, ...], mesh: AbstractMesh | None = None):
+    """Strategies for a two- (or one-) operand einsum equation over `specs`.
+
+    Without `mesh`, only the assignments read off the operands; with it, every assignment
+    of its axes to the equation's labels too (read-off ones first)."""
     lhs, out_labels = eq.split("->")
     in_labels = lhs.split(",")
     if any(len(set(lab)) != len(lab) for lab in in_labels):
         return  # repeated labels (diagonals): no rule
     contracted = {lab for labs in in_labels for lab in labs if lab not in out_labels}
     partial_inputs = [i for i, s in enumerate(specs) if s.layout.partial]
-    for assign in _candidates(in_labels, specs):
+    for assign in _candidates(in_labels, out_labels, specs, mesh):
         used = {a for axes in assign.values() for a in axes}
         summed = tuple(a for lab, axes in assign.items() if lab in contracted for a in axes)
         options: list[int | None] = []
@@ -138,12 +186,12 @@ def contraction_rule(ri: RuleInput):
     out_spec = ri.outputs[0]
     if ri.op in _WITH_BIAS:
         bias, operands = specs[0], specs[1:]
-        for inputs, out in einsum_strategies(eq, operands):
+        for inputs, out in einsum_strategies(eq, operands, ri.mesh):
             want_bias = Layout(_in_dims(out.dims, bias, out_spec), out.partial, out.reduce_op)
             local = _expanded_bias(ri.op) if _empty_under_bias(ri, bias, out, out_spec) else None
             yield Strategy((want_bias, *inputs), (out,), local=local)
     else:
-        for inputs, out in einsum_strategies(eq, specs):
+        for inputs, out in einsum_strategies(eq, specs, ri.mesh):
             yield Strategy(inputs, (out,))
 
 
@@ -158,13 +206,187 @@ def _explicit(eq: str, ndims: list[int]) -> str:
     return eq + "->" + "".join(sorted(c for c, n in counts.items() if n == 1))
 
 
+# == contractions that know their output layout =================================
+# `sl.einsum(..., out_layout=Y)` (and `snn.linear`, which calls it) prices every label
+# assignment by the planner's bytes for the input moves plus the move of its result to Y,
+# runs the cheapest on each device's blocks, and keeps the moved operands for backward.
+# Its backward is two contractions of the same kind: dX towards x's layout and dW towards
+# w's, each searched the same way, with dY moved once where both need it in one layout.
+# A gradient may stay partial over the axes its operand is replicated on (same size as
+# the operand's block; reduced lazily, as a DDP gradient is).
+
+
+@dataclass(frozen=True)
+class _Choice:
+    inputs: tuple[Layout, ...]
+    out: Layout  # the layout the local products come out in
+    final: Layout  # the layout the result is moved to
+    cost: tuple[int, int, int]  # (bytes, collectives, candidate index)
+
+
+def _out_shape(eq: str, specs: tuple[ArgSpec, ...]) -> tuple[int, ...]:
+    lhs, out_labels = eq.split("->")
+    size = {lab: n for labs, s in zip(lhs.split(","), specs) for lab, n in zip(labs, s.shape)}
+    return tuple(size[lab] for lab in out_labels)
+
+
+def _finish(target: Layout, free: frozenset[str], out: Layout) -> Layout:
+    """Where a candidate's result goes: `target`, keeping partial axes in `free` (gradients)."""
+    if not free or out.reduce_op != "sum":
+        return target
+    kept = tuple(a for a in out.partial if a in free)
+    return Layout(target.dims, kept) if kept else target
+
+
+def _steps(p) -> int:
+    return len(p.steps)
+
+
+_CHOICES: dict[tuple, _Choice | None] = {}
+
+
+def _choose(
+    eq: str, specs: tuple[ArgSpec, ...], mesh: AbstractMesh, target: Layout, free: frozenset[str]
+) -> _Choice | None:
+    """The cheapest assignment of `eq` over `specs` whose result is brought to `target`."""
+    from ..layouts._planner import plan
+
+    key = (eq, specs, mesh, target, free)
+    if key in _CHOICES:
+        return _CHOICES[key]
+    out_shape = _out_shape(eq, specs)
+    dtype = specs[0].dtype
+    best: _Choice | None = None
+    moves: dict[tuple[int, Layout], tuple[int, int]] = {}
+    for index, (inputs, out) in enumerate(einsum_strategies(eq, specs, mesh)):
+        nbytes = steps = 0
+        for i, (s, want) in enumerate(zip(specs, inputs)):
+            if (i, want) not in moves:
+                p = plan(s.layout, want, s.shape, mesh, s.dtype)
+                moves[i, want] = (p.total_bytes, _steps(p))
+            b, n = moves[i, want]
+            nbytes, steps = nbytes + b, steps + n
+        final = _finish(target, free, out)
+        p = plan(out, final, out_shape, mesh, dtype)
+        cost = (nbytes + p.total_bytes, steps + _steps(p), index)
+        if best is None or cost < best.cost:
+            best = _Choice(inputs, out, final, cost)
+    if len(_CHOICES) > 16384:
+        _CHOICES.clear()
+    _CHOICES[key] = best
+    return best
+
+
+def _spec(x) -> ArgSpec:
+    return ArgSpec(tuple(x.shape), x.dtype, x._layout)
+
+
+def _moved(x, layout: Layout, direction: str, memo: dict | None = None):
+    """`x` in `layout` (the planner's cheapest moves, cause "einsum"); `memo` shares moves."""
+    from ._api import _reshard_impl
+
+    if x._layout == layout:
+        return x
+    if memo is not None and (id(x), layout) in memo:
+        return memo[id(x), layout]
+    y = _reshard_impl(x, layout, "einsum", direction)
+    if memo is not None:
+        memo[id(x), layout] = y
+    return y
+
+
+def _contract(eq: str, xs: tuple, target: Layout, free: frozenset[str], direction: str, memo=None):
+    """Run `eq` on sharded `xs` by the cheapest assignment whose result lands in `target`.
+
+    Returns (result, the operands as moved)."""
+    from ._tensor import ShardedTensor
+
+    mesh = xs[0]._mesh
+    specs = tuple(_spec(x) for x in xs)
+    choice = _choose(eq, specs, mesh.abstract, target, free)
+    if choice is None:
+        raise LayoutError(f"sl.einsum({eq!r}): no label assignment reaches {target!r}.")
+    moved = tuple(_moved(x, w, direction, memo) for x, w in zip(xs, choice.inputs))
+    for x in moved:
+        sync(x)
+    shards = [torch.einsum(eq, *blocks) for blocks in zip(*(x._shards for x in moved))]
+    y = ShardedTensor(shards, mesh, choice.out, _out_shape(eq, specs))
+    return _moved(y, choice.final, direction), moved
+
+
+def _remat_source(x):
+    """(source, layout) when `x` came from `sl.reshard(..., remat=True)`, else None."""
+    return getattr(x, "_remat", None)
+
+
+class _Contract(torch.autograd.Function):
+    """A two-operand contraction with a known output layout (see the section comment)."""
+
+    @staticmethod
+    def forward(ctx, eq, target, x, w):
+        y, (xm, wm) = _contract(eq, (x, w), target, frozenset(), "forward")
+        ctx.eq, ctx.layouts = eq, (x._layout, w._layout)
+        saved = []
+        for orig, m in zip((x, w), (xm, wm)):
+            src = _remat_source(orig)
+            # a re-gathered operand keeps only its source; the move is redone in backward
+            saved.append((src[0], m._layout) if src is not None else m)
+        ctx.kept = saved
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        from ._api import _as_sharded, _reshard_impl
+
+        lhs, out_labels = ctx.eq.split("->")
+        a, b = lhs.split(",")
+        kept = []
+        for item in ctx.kept:
+            if isinstance(item, tuple):
+                src, layout = item
+                item = src if src._layout == layout else _reshard_impl(src, layout, "regather", "backward")
+            kept.append(item)
+        xm, wm = kept
+        dy = _as_sharded(dy, xm._mesh, tuple(dy.shape))
+        memo: dict = {}
+        grads = []
+        for i, (labels, other, layout) in enumerate(((a, wm, ctx.layouts[0]), (b, xm, ctx.layouts[1]))):
+            if not ctx.needs_input_grad[2 + i]:
+                grads.append(None)
+                continue
+            target = layout.without_partial()
+            used = {ax for axes in target.dims for ax in axes}
+            free = frozenset(ax for ax in xm._mesh.axis_names if ax not in used)
+            other_labels = b if i == 0 else a
+            eq = f"{out_labels},{other_labels}->{labels}"
+            g, _ = _contract(eq, (dy, other), target, free, "backward", memo)
+            grads.append(g)
+        return None, None, *grads
+
+
+def _differentiable_by_parts(eq: str) -> bool:
+    """Whether each operand's labels all appear in the other operand or the output (then
+    its gradient is one contraction of the same kind)."""
+    lhs, out_labels = eq.split("->")
+    labels = lhs.split(",")
+    if len(labels) != 2 or any(len(set(lab)) != len(lab) for lab in labels) or len(set(out_labels)) != len(out_labels):
+        return False
+    a, b = labels
+    return all(c in b or c in out_labels for c in a) and all(c in a or c in out_labels for c in b)
+
+
 def einsum(eq: str, *xs: torch.Tensor, out_layout: Layout | None = None) -> torch.Tensor:
     """`torch.einsum` on sharded operands, optionally pinning the output layout.
 
     Without `out_layout` the contraction picks the cheapest layouts by rule.
-    With it, the operands are first moved to the cheapest layouts whose
-    contraction gives `out_layout` directly (JAX's `out_sharding`), so an
-    ambiguous choice (e.g. keep a partial sum, or reduce-scatter it) is yours.
+    With it (JAX's `out_sharding`), every assignment of mesh axes to the
+    equation's labels is priced by the planner's bytes for moving the operands
+    plus moving the result to `out_layout`, and the cheapest runs: SUMMA's,
+    Tesseract's and 3D's plans come out of this search. Its backward is found
+    the same way (dX towards x's layout, dW towards w's; a gradient may stay
+    partial over axes its operand is replicated on), using the moved operands
+    kept from forward, or re-gathering those that came from
+    `sl.reshard(..., remat=True)` (ledger cause ``"regather"``).
 
     Examples:
         >>> import shardlib as sl, torch
@@ -176,33 +398,24 @@ def einsum(eq: str, *xs: torch.Tensor, out_layout: Layout | None = None) -> torc
         >>> sl.einsum("ij,jk->ik", a, b, out_layout=sl.P("x", None)).spec
         P('x', None)
     """
-    from ..layouts._planner import plan
     from ._api import reshard, with_layout
     from ._tensor import ShardedTensor
 
     eq = _explicit(eq, [x.ndim for x in xs])
+    sharded = bool(xs) and all(isinstance(x, ShardedTensor) for x in xs)
     if out_layout is not None and xs and isinstance(xs[0], ShardedTensor):
         out_layout = out_layout.check(
             xs[0].mesh.abstract, len(eq.split("->")[1]), "sl.einsum(out_layout=...)"
         )
-    if (
-        out_layout is not None
-        and len(xs) in (1, 2)
-        and all(isinstance(x, ShardedTensor) for x in xs)
-    ):
-        specs = tuple(ArgSpec(tuple(x.shape), x.dtype, x.spec) for x in xs)
-        mesh = xs[0].mesh
-        best, best_cost = None, None
-        for inputs, out in einsum_strategies(eq, specs) if len(xs) == 2 else ():
-            if out != out_layout:
-                continue
-            cost = sum(
-                plan(s.layout, w, s.shape, mesh, s.dtype).total_bytes for s, w in zip(specs, inputs)
-            )
-            if best_cost is None or cost < best_cost:
-                best, best_cost = inputs, cost
-        if best is not None:
-            xs = tuple(reshard(x, w) for x, w in zip(xs, best))
+    if out_layout is not None and sharded and len(xs) == 2:
+        if len({x._mesh for x in xs}) != 1:
+            torch.einsum(eq, *xs)  # raises the mesh-mismatch error
+        if _differentiable_by_parts(eq) and xs[0].dtype == xs[1].dtype:
+            return _Contract.apply(eq, out_layout, *xs)
+        specs = tuple(_spec(x) for x in xs)
+        choice = _choose(eq, specs, xs[0].mesh.abstract, out_layout, frozenset())
+        if choice is not None:
+            xs = tuple(reshard(x, w) for x, w in zip(xs, choice.inputs))
     y = torch.einsum(eq, *xs)
     if out_layout is not None:
         y = with_layout(y, out_layout)
