@@ -15,14 +15,22 @@ The rules, by op (A = mesh axes):
   no gather of the table (uneven chunks, empty chunks included). Table split on
   the hidden dim -> output split on its last dim. ids split -> output split
   the same way. A partial table stays partial (a lookup is linear).
-- ``embedding_dense_backward(grad, ids, ...)``: each device scatter-adds its
-  own ids' rows: ids split over A -> table gradient partial-``sum`` over A;
-  grad split on the hidden dim -> gradient split on dim 1; a partial-``sum``
-  grad stays partial. The gradient is *not* split on the vocabulary dim: the
-  rule sees only (grad, ids, num_weights), not the table, so it cannot tell
-  which axes split the table; a gradient replicated over them is cut to the
-  table's layout for free (a local slice) by whoever consumes it.
-  ``scale_grad_by_freq`` needs every id: ids unsplit.
+- ``embedding_dense_backward(grad, ids, ...)``: first, the gradient split on
+  the vocabulary dim over every mesh axis on which grad and ids are both
+  replicated (and not partial): each device scatter-adds only the ids inside
+  its vocabulary chunk into a chunk-sized buffer, O(V/P x H) instead of the
+  whole V x H table (uneven and empty chunks included). Then today's
+  candidates: each device scatter-adds its own ids' rows: ids split over A ->
+  table gradient partial-``sum`` over A; grad split on the hidden dim ->
+  gradient split on dim 1; a partial-``sum`` grad stays partial. The rule
+  sees (grad, ids, num_weights), not the table: a vocabulary split over an
+  axis the table is replicated on is all-gathered by whoever consumes it.
+  That costs nothing extra when the gradient is also reduced over data axes
+  of size >= 2 (all-reduce = reduce-scatter + all-gather: 2(d-1)/d VH/P +
+  (P-1)/P VH <= 2(d-1)/d VH for d >= 2) and (P-1)/P x V x H when it is not
+  (a replicated table with replicated ids on a mesh axis P).
+  ``scale_grad_by_freq`` needs every id: ids unsplit (ids outside a chunk go
+  to a dummy row, so they count for no id of the chunk).
 - ``nll_loss_forward`` / ``nll_loss2d_forward`` (`F.cross_entropy` = log_softmax
   + nll_loss): class dim split over A -> each device picks the target's
   log-prob only where the target is in its class chunk; output and
@@ -34,8 +42,9 @@ The rules, by op (A = mesh axes):
 - ``nll_loss_backward`` / ``nll_loss2d_backward``: -weight * grad (divided by
   the total weight for ``mean``) at the target's position in the owning chunk
   only; the class and batch splits of the input are kept.
-- Random ops (DESIGN §6: the same values as the unsharded op with the same
-  seed, whatever the layout): the op runs once on a plain tensor of the
+- Random ops (DESIGN §6), in two modes (`_rng.py`, ``sl.rng``). Default
+  (``sl.rng("torch")``): the same values as the unsharded op with the same
+  seed, whatever the layout: the op runs once on a plain tensor of the
   *global* shape under the current RNG state (same RNG consumption as the
   unsharded op), and each device keeps its block. ``native_dropout`` draws its
   mask that way (``native_dropout(ones)``) and scales the local input by it, so
@@ -47,7 +56,16 @@ The rules, by op (A = mesh axes):
   ``bernoulli(x, p)`` and ``bernoulli(p_tensor)`` (its probabilities are
   gathered first). On the distributed backend every rank draws the global
   tensor, so **every rank must seed identically** (as with DTensor) and holds
-  the global tensor transiently.
+  the global tensor transiently. Counter mode (``with sl.rng("counter"):``):
+  the same rules and layouts, but each device computes its own block from the
+  global element indices (`_rng.sample`, `_rng.dropout_keep`): O(local)
+  memory and time, no communication, the same values for every layout and
+  mesh and for plain tensors inside the mode -- not torch's stream. It covers
+  the ops above except ``random_()`` without bounds and calls with an explicit
+  ``generator=``, which raise `NoRuleError` there (so does any other op that
+  draws). Dropout's mask is the same on CPU (``bernoulli_(1 - p)``) and on
+  accelerators (``native_dropout``). The mode is read when an op runs, so one
+  cached decision serves both modes.
 - ``_local_scalar_dense`` (``.item()``): the value made replicated, then the
   Python number of the local replica.
 
@@ -66,6 +84,7 @@ import torch
 from ..layouts._layout import Layout
 from ..layouts._shard import local_bounds
 from . import _pointwise  # noqa: F401  (registers first: the `_like` rules below replace its own)
+from . import _rng
 from ._api import _local_blocks
 from ._dispatch import _move
 from ._rules import ArgSpec, RuleInput, Strategy, register_rule
@@ -175,9 +194,31 @@ def embedding_rule(ri: RuleInput) -> Iterator[Strategy]:
         )
 
 
+def _vocab_scatter(num_weights: int, vocab: tuple[str, ...], mesh: Any) -> Callable:
+    """Local embedding backward into this device's vocabulary chunk only: O(chunk x H).
+
+    Ids outside the chunk go to a dummy row past its end (dropped), so they add to no row
+    and, with ``scale_grad_by_freq``, count for no id of the chunk.
+    """
+    layout = Layout((vocab, ()))
+
+    def local(
+        device: int, grad: torch.Tensor, ids: torch.Tensor, n_weights: int, pad: int, by_freq: bool
+    ):
+        lo, hi = local_bounds((num_weights, 1), layout, mesh, device)[0]
+        n = hi - lo
+        inside = (ids >= lo) & (ids < hi)
+        local_ids = torch.where(inside, ids - lo, n)
+        pad = pad - lo if lo <= pad < hi else -1
+        out = aten.embedding_dense_backward.default(grad, local_ids, n + 1, pad, by_freq)
+        return out[:n]  # rows [0, n) of a contiguous buffer: contiguous, no copy
+
+    return local
+
+
 @register_rule(aten.embedding_dense_backward.default)
 def embedding_backward_rule(ri: RuleInput) -> Iterator[Strategy]:
-    """Each device scatter-adds its own ids: ids split -> partial-sum gradient; hidden split kept."""
+    """Vocab split over the axes grad and ids leave free first; then each device's own ids."""
     grad, ids = ri.tensors[:2]
     b = _bind(ri.op, ri.args, ri.kwargs)
     by_freq = bool(b["scale_grad_by_freq"])
@@ -187,6 +228,7 @@ def embedding_backward_rule(ri: RuleInput) -> Iterator[Strategy]:
         (*ids.layout.dims, *_drop(g_dims[-1:], _axes(ids.layout.dims))),  # ids-driven
         ((),) * grad.ndim,
     ]
+    plain, split = [], []
     for dims in _unique(choices):
         idd, hidden = dims[:-1], dims[-1]
         if by_freq and _axes(idd):  # frequencies count every id
@@ -195,8 +237,18 @@ def embedding_backward_rule(ri: RuleInput) -> Iterator[Strategy]:
         batch = tuple(a for axes in idd for a in axes)
         ops = ("sum",) if batch else ("sum", "avg")
         kept = _kept_partial(grad.layout, _axes(dims), ops)
+        inputs = (Layout(dims, kept.partial, kept.reduce_op), Layout(idd))
         out = Layout(((), hidden), batch + kept.partial, kept.reduce_op)
-        yield Strategy((Layout(dims, kept.partial, kept.reduce_op), Layout(idd)), (out,))
+        plain.append(Strategy(inputs, (out,)))
+        # grad and ids replicated over `vocab`: each device keeps only its vocabulary chunk
+        taken = _axes(dims) | set(kept.partial)
+        vocab = tuple(a for a in ri.mesh.axis_names if a not in taken)
+        if vocab:
+            local = _vocab_scatter(b["num_weights"], vocab, ri.mesh)
+            out = Layout((vocab, hidden), batch + kept.partial, kept.reduce_op)
+            split.append(Strategy(inputs, (out,), local=local, local_device=True))
+    yield from split
+    yield from plain
 
 
 # == nll loss ==================================================================
@@ -361,8 +413,44 @@ def _draw(func: Any, x: ShardedTensor, args: tuple, kwargs: dict) -> torch.Tenso
     return func(blank, *map(_global, args), **{k: _global(v) for k, v in kwargs.items()})
 
 
+def _counter_blocks(
+    func: Any, x: ShardedTensor, layout: Layout, b: dict, dtype: torch.dtype
+) -> list[torch.Tensor | None]:
+    """Counter mode: each device's block of `func`'s values under `layout` (O(local)).
+
+    One key per op (the op counter advances once, on every rank alike). None for a device
+    that holds a zero summand of a partial-``sum`` layout (it draws nothing).
+    """
+    key = _rng.counter_key()
+    shape, mesh = tuple(x.shape), x._mesh
+    reads = _rng.tensor_params(func)  # probabilities read from a (replicated) tensor
+    probs = {n: _global(b[n]) for n in reads if isinstance(b[n], torch.Tensor)}
+    blocks: list[torch.Tensor | None] = []
+    for shard, dev in zip(x._shards, mesh.local_devices):
+        if layout.partial and layout.reduce_op == "sum" and mesh.index_along(dev, layout.partial):
+            blocks.append(None)
+            continue
+        bounds = local_bounds(shape, layout, mesh.abstract, dev)
+        local = dict(b)
+        for n, full in probs.items():  # replicated probabilities: this block of them
+            view = full.expand(shape)
+            for d, (lo, hi) in enumerate(bounds):
+                view = view.narrow(d, lo, hi - lo)
+            local[n] = view
+        blocks.append(_rng.sample(func, local, shape, bounds, dtype, shard.device, key))
+    return blocks
+
+
 def _fill_decomposition(func: Any) -> Callable:
     def decompose(x: ShardedTensor, *args: Any, **kwargs: Any) -> ShardedTensor:
+        if _rng.is_counter():
+            b = _bind(func, (x, *args), kwargs)
+            for shard, block in zip(x._shards, _counter_blocks(func, x, x._layout, b, x.dtype)):
+                if block is None:
+                    shard.zero_()
+                else:
+                    shard.copy_(block)
+            return x
         value = _draw(func, x, args, kwargs)
         for shard, block in zip(x._shards, _local_blocks(value, x._mesh, x._layout)._shards):
             shard.copy_(block)
@@ -371,8 +459,12 @@ def _fill_decomposition(func: Any) -> Callable:
     return decompose
 
 
-def _like_decomposition(func: Any, layout: Layout) -> Callable:
+def _like_decomposition(func: Any, layout: Layout, out: ArgSpec) -> Callable:
     def decompose(x: ShardedTensor, *args: Any, **kwargs: Any) -> ShardedTensor:
+        if _rng.is_counter():
+            b = _bind(func, (x, *args), kwargs)
+            blocks = _counter_blocks(func, x, layout, b, out.dtype)
+            return ShardedTensor(blocks, x._mesh, layout, tuple(x.shape))
         return _local_blocks(_draw(func, x, args, kwargs), x._mesh, layout)
 
     return decompose
@@ -391,7 +483,7 @@ def random_like_rule(ri: RuleInput) -> Iterator[Strategy]:
     """A fresh random tensor with the input's split dims, drawn globally and cut."""
     x = ri.tensors[0]
     layout = Layout(x.layout.dims)
-    yield Strategy((x.layout,), decompose=_like_decomposition(ri.op, layout))
+    yield Strategy((x.layout,), decompose=_like_decomposition(ri.op, layout, ri.outputs[0]))
 
 
 @register_rule(aten.bernoulli.default)
@@ -401,6 +493,10 @@ def bernoulli_rule(ri: RuleInput) -> Iterator[Strategy]:
     layout = Layout(p.layout.dims)
 
     def decompose(probs: ShardedTensor, **kwargs: Any) -> ShardedTensor:
+        if _rng.is_counter():
+            b = _bind(aten.bernoulli.default, (probs,), kwargs)
+            blocks = _counter_blocks(aten.bernoulli.default, probs, layout, b, probs.dtype)
+            return ShardedTensor(blocks, probs._mesh, layout, tuple(probs.shape))
         value = aten.bernoulli.default(_global(probs), **kwargs)
         return _local_blocks(value, probs._mesh, layout)
 
@@ -408,6 +504,19 @@ def bernoulli_rule(ri: RuleInput) -> Iterator[Strategy]:
 
 
 def _dropout_decomposition(x: ShardedTensor, p: float, train: bool | None):
+    if _rng.is_counter():  # each device's mask from the global indices: O(local)
+        key, layout = _rng.counter_key(), Layout(x._layout.dims)
+        scale = 0.0 if p == 1 else 1.0 / (1.0 - p)
+        outs, masks = [], []
+        for shard, dev in zip(x._shards, x._mesh.local_devices):
+            bounds = local_bounds(tuple(x.shape), layout, x._mesh.abstract, dev)
+            masks.append(_rng.dropout_keep(key, tuple(x.shape), bounds, shard.device, p))
+            outs.append(shard.mul(masks[-1]).mul_(scale))
+        shape = tuple(x.shape)
+        return (
+            ShardedTensor(outs, x._mesh, x._layout, shape),
+            ShardedTensor(masks, x._mesh, layout, shape),
+        )
     # The mask of the unsharded op on this shape: same RNG use, same values.
     ones = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device).fill_(1)
     mask = aten.native_dropout.default(ones, p, train)[1]
