@@ -83,8 +83,10 @@ import torch
 
 from ..layouts._layout import Layout
 from ..layouts._shard import local_bounds
-from . import _pointwise  # noqa: F401  (registers first: the `_like` rules below replace its own)
-from . import _rng
+from . import (
+    _pointwise,  # noqa: F401  (registers first: the `_like` rules below replace its own)
+    _rng,
+)
 from ._api import _local_blocks
 from ._dispatch import _move
 from ._rules import ArgSpec, RuleInput, Strategy, register_rule
