@@ -124,20 +124,19 @@ def _check_groups(op: Any, q: ArgSpec, k: ArgSpec, mesh: AbstractMesh) -> None:
     g = heads // kv_heads
     qlo, qhi = chunk_bounds(heads, n, c)
     klo, khi = chunk_bounds(kv_heads, n, c)
-    need = (qlo // g, -(-qhi // g)) if qhi > qlo else (0, 0)
-    multiple = n * g // math.gcd(n, g)
+    padded = n * -(-kv_heads // n)
     raise LayoutError(
         f"{op} (F.scaled_dot_product_attention, grouped-query): query heads={heads} and "
-        f"kv_heads={kv_heads} are both split over {axes} (size {n}), and the chunks do not "
-        f"line up: device chunk {c} holds query heads [{qlo}, {qhi}), which read key/value "
-        f"heads [{need[0]}, {need[1]}) (group size g = heads // kv_heads = {g}), but it holds "
-        f"key/value heads [{klo}, {khi}). Each device's query heads must use its own key/value "
-        f"heads, which needs chunk c of the query heads to be g times chunk c of the kv heads "
-        f"(e.g. {axes} of a size that divides kv_heads={kv_heads}). Fix: choose a mesh axis "
-        f"size dividing kv_heads; or pad kv_heads with zero heads to a multiple of {n} (and "
-        f"heads to g times that, {g * n * -(-kv_heads // n)}; heads a multiple of {multiple} "
-        "keeps the groups whole) and drop the padded heads' output; or use ring attention "
-        "(snn.ring), which splits the sequence and keeps every head on every device."
+        f"kv_heads={kv_heads} are both split over {axes} (size {n}), and their chunks do not "
+        f"line up: device chunk {c} holds query heads [{qlo}, {qhi}) and key/value heads "
+        f"[{klo}, {khi}), whose query heads are [{g * klo}, {g * khi}) (query head j reads "
+        f"kv head j // g, g = heads // kv_heads = {g}). Each device's query heads must use its "
+        f"own key/value heads, so chunk c of the query heads must be g times chunk c of the "
+        f"kv heads, which holds when the axis size divides kv_heads. Fix: choose a mesh axis "
+        f"size dividing kv_heads={kv_heads}; or pad kv_heads with zero heads to {padded} and "
+        f"heads to {g * padded} (the padded query heads last), dropping their output after; "
+        "or use ring attention (snn.ring), which splits the sequence and keeps every head on "
+        "every device."
     )
 
 
