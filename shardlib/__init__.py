@@ -53,6 +53,7 @@ from .ops._named import ppermute as ppermute
 from .ops._named import psum as psum
 from .ops._named import psum_scatter as psum_scatter
 from .ops._replicas import check_replicas as check_replicas
+from .ops._rng import rng as rng  # h4: counter-based random numbers (DESIGN §6)
 from .ops._rules import register_rule as register_rule
 from .ops._shard_map import shard_map as shard_map
 from .ops._tensor import ShardedTensor as ShardedTensor
