@@ -592,8 +592,10 @@ def _positions_layout(positions, q, ql: Layout, axis: str, where: str) -> tuple[
             f"got {type(positions).__name__}."
         )
     shape = tuple(positions.shape)
-    if shape not in ((n,), (b, n)) or positions.dtype.is_floating_point or (
-        positions.dtype == torch.bool or positions.is_complex()
+    if (
+        shape not in ((n,), (b, n))
+        or positions.dtype.is_floating_point
+        or (positions.dtype == torch.bool or positions.is_complex())
     ):
         raise LayoutError(
             f"{where}(positions=...): expected integer global token positions of shape ({n},) "
