@@ -20,7 +20,8 @@ over x):
   not g times its kv-head chunks (never a silent wrong grouping);
 - automatic choice for sequence-split inputs (no pins): the heads-split
   candidate is taken exactly when its moves plus the outputs' moves back cost
-  less than gathering K/V, per closed-form byte counts in the test;
+  less than gathering K/V, per closed-form byte counts in the test; values and
+  gradients exact either way;
 - misaligned grouped-query inputs split on the sequence fall back to gathering
   K/V (no all-to-all), still exact.
 """
@@ -221,14 +222,17 @@ def test_auto_takes_heads_split_exactly_when_the_round_trip_is_cheaper(p, heads,
     lse = (p - 1) * bl * (heads // p) * (s // p) * ELEM
     ulysses = 2 * _a2a_bytes(p, bl, heads, s, d) + 2 * _a2a_bytes(p, bl, kv_heads, s, d) + lse
     gather = 2 * (p - 1) * bl * kv_heads * (s // p) * d * ELEM  # all-gather of K and V
+    leaves = [sl.shard(t, mesh, SEQ).requires_grad_() for t in (q, k, v)]
     with sl.comm_ledger() as led:
-        y = F.scaled_dot_product_attention(
-            *(sl.shard(t, mesh, SEQ) for t in (q, k, v)), enable_gqa=heads != kv_heads
-        )
+        y = F.scaled_dot_product_attention(*leaves, enable_gqa=heads != kv_heads)
     kinds = sorted(r.kind for r in led.records)
     if ulysses < gather:
         assert kinds == ["all_to_all"] * 3 and y.spec == HEADS
     else:
         assert kinds == ["all_gather"] * 2 and y.spec == SEQ
-    want = F.scaled_dot_product_attention(q, k, v, enable_gqa=heads != kv_heads)
+    go = _randn(q.shape, 8)
+    grads = torch.autograd.grad(y, leaves, sl.shard(go, mesh, y.spec))
+    want, wants = _reference(q, k, v, go)
     torch.testing.assert_close(y.full(), want, **TOL)
+    for got, w in zip(grads, wants):
+        torch.testing.assert_close(got.full(), w, **TOL)
