@@ -198,6 +198,19 @@ def test_bfloat16_sends_gradients_in_float32():
     )
 
 
+def test_only_q_needs_grad_skips_the_dk_dv_ring():
+    mesh = sl.Mesh.simulated({"cp": 3})
+    layout = sl.P(None, None, "cp", None)
+    q0, k0, v0, do0 = (_rand((1, 2, 6, 4), i) for i in range(4))
+    qs = sl.shard(q0, mesh, layout).requires_grad_()
+    ks, vs = sl.shard(k0, mesh, layout), sl.shard(v0, mesh, layout)
+    with sl.comm_ledger() as led:
+        out = ring_attention(qs, ks, vs, axis="cp", causal=True)
+        (dq,) = torch.autograd.grad(out, qs, sl.shard(do0, mesh, layout))
+    _close(dq.full(), _reference(q0, k0, v0, do0, True)[1][0])
+    assert led.count("ppermute", "backward") == 2 * (3 - 1)  # K and V only: no dK, dV
+
+
 # == ledger ====================================================================
 @pytest.mark.parametrize(
     ("axes", "layout", "dtype"),
