@@ -12,6 +12,7 @@ wrapper's shape is the global shape and its strides are contiguous.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -54,6 +55,7 @@ class ShardedTensor(torch.Tensor):
     _views: Any = None
     _linked: Any = None
     _writes: int = 0
+    _grad_hooked: bool = False
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 
@@ -76,7 +78,32 @@ class ShardedTensor(torch.Tensor):
         out._shards = shards
         out._mesh = mesh
         out._layout = layout
+        if requires_grad:
+            _hook_leaf(out)
         return out
+
+    # -- gradients land in the leaf's layout -------------------------------------
+    # A leaf's incoming gradient whose blocks are larger than the leaf's is moved to the
+    # leaf's own layout before it accumulates (a hook on the leaf), so `.grad` is never
+    # larger than the leaf's block: a full-size partial gradient is reduce-scattered as it
+    # arrives (ledger cause "grad"). Partial axes the leaf is replicated on stay partial
+    # (same size; reduced lazily, as a DDP gradient is); a gradient no larger than the
+    # leaf's block is left as it came.
+    def requires_grad_(self, requires_grad: bool = True) -> ShardedTensor:
+        super().requires_grad_(requires_grad)
+        if requires_grad:
+            _hook_leaf(self)
+        return self
+
+    @property
+    def requires_grad(self) -> bool:  # type: ignore[override]
+        return _REQUIRES_GRAD.__get__(self)
+
+    @requires_grad.setter
+    def requires_grad(self, value: bool) -> None:
+        _REQUIRES_GRAD.__set__(self, value)
+        if value:
+            _hook_leaf(self)
 
     # -- metadata --------------------------------------------------------------
     @property
@@ -307,3 +334,30 @@ def _dispatch(func, args, kwargs):
 
     _dispatch = dispatch
     return dispatch(func, args, kwargs)
+
+
+_REQUIRES_GRAD = torch._C.TensorBase.requires_grad
+
+
+def _hook_leaf(t: ShardedTensor) -> None:
+    if t._grad_hooked or not t.is_leaf:
+        return
+    t._grad_hooked = True
+    ref = weakref.ref(t)  # the hook must not keep its tensor alive
+
+    def to_own_layout(g: torch.Tensor) -> torch.Tensor | None:
+        leaf = ref()
+        if leaf is None or not isinstance(g, ShardedTensor):
+            return None
+        if max(t.numel() for t in g._shards) <= max(t.numel() for t in leaf._shards):
+            return None  # not larger than the leaf's block: left as it came (no communication)
+        want = leaf._layout.without_partial()
+        used = {a for axes in want.dims for a in axes}
+        kept = tuple(a for a in g._layout.partial if a not in used)
+        if kept and g._layout.reduce_op == "sum":
+            want = Layout(want.dims, kept)
+        from ._api import _reshard_impl
+
+        return _reshard_impl(g, want, "grad", "backward")
+
+    t.register_hook(to_own_layout)
