@@ -271,6 +271,13 @@ def test_compose_rejects_an_axis_claimed_twice():
     assert "'x'" in msg and "dp('x')" in msg and "tp2d('r', 'x')" in msg and "both" in msg
 
 
+def test_a_preset_with_one_axis_in_two_roles_raises():
+    with pytest.raises(sl.LayoutError, match=r"tp2d\('r', 'r'\): mesh axis 'r'"):
+        snn.tp2d("r", "r")
+    with pytest.raises(sl.LayoutError, match="'x'"):
+        snn.Scheme.from_config({"tp": {"kind": "3d", "i": "x", "j": "x", "k": "k"}})
+
+
 def test_compose_rejects_two_sequence_parallel_attentions():
     with pytest.raises(sl.LayoutError, match="ulysses.*ring|sequence-parallel"):
         snn.ulysses("a") + snn.ring("b")
@@ -665,3 +672,32 @@ def test_attention_under_schemes_equals_plain(scheme, axes):
     if scheme.attention == "ring":
         assert {r.kind for r in led.records} <= {"ppermute"}
     torch.testing.assert_close(out.full(), _attention_reference(q, k, v, True), **TOL)
+
+
+@pytest.mark.parametrize(
+    "scheme, axes",
+    [
+        (snn.tp2d("r", "c"), {"r": 2, "c": 2}),
+        (snn.dp("dp") + snn.ulysses("sp"), {"dp": 2, "sp": 2}),
+        (snn.dp("dp") + snn.ring("cp", balance=None), {"dp": 2, "cp": 2}),
+    ],
+    ids=repr,
+)
+def test_attention_under_schemes_follows_positions(scheme, axes):
+    # tokens in a shuffled order with their global positions: the output is the
+    # in-order causal attention, shuffled the same way
+    q, k, v = _qkv()
+    perm = torch.tensor([3, 0, 6, 1, 7, 2, 5, 4])
+    want = _attention_reference(q, k, v, True)[:, :, perm]
+    mesh = sl.Mesh.simulated(axes)
+    positions = sl.shard(perm.expand(2, -1).contiguous(), mesh, scheme.act_layout(ACTS["tokens"]))
+    qs, ks, vs = (
+        sl.shard(t[:, :, perm].contiguous(), mesh, scheme.act_layout(ACTS[d]))
+        for t, d in ((q, "q"), (k, "kv"), (v, "kv"))
+    )
+    with snn.use(scheme, mesh), sl.comm_ledger() as led:
+        out = snn.attention(qs, ks, vs, causal=True, positions=positions)
+    # only the (batch, seq) positions are gathered along seq for the mask, never the mask
+    gathers = [r for r in led.records if r.kind == "all_gather"]
+    assert all(r.bytes <= positions.numel() * 8 for r in gathers), led
+    torch.testing.assert_close(out.full(), want, **TOL)

@@ -231,6 +231,12 @@ class Scheme:
                 "snn.ulysses('sp')."
             )
         axes = list(_axes_of(self.axes, "snn.Scheme(axes=...)"))
+        twice = sorted({a for a in axes if axes.count(a) > 1})
+        if twice:
+            raise LayoutError(
+                f"{self.label or 'snn.Scheme'}: mesh axis {', '.join(map(repr, twice))} is given "
+                f"more than once ({tuple(axes)}); each role of a scheme needs its own mesh axis."
+            )
         for m in (self.params, self.compute, self.acts):
             if isinstance(m, _NameMap):
                 axes += m.used_axes

@@ -325,19 +325,31 @@ def attention(
         return ring_attention(
             q, k, v, axis=scheme.attention_axis, causal=causal, positions=positions
         )
-    mask = _causal_mask(positions) if causal and positions is not None else None
-    sdpa = dict(attn_mask=mask, is_causal=causal and mask is None, **gqa)
+    with_mask = causal and positions is not None
     if scheme is None:
-        return F.scaled_dot_product_attention(q, k, v, **sdpa)
-    q_layout, kv_layout = scheme.act_layout(Q_DIMS), scheme.act_layout(KV_DIMS)
+        mask = _causal_mask(positions) if with_mask else None
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal and not with_mask, **gqa
+        )
+    q_at, kv_at = scheme.act_layout(Q_DIMS), scheme.act_layout(KV_DIMS)
+    back = None
     if scheme.attention == "ulysses":
-        axis = scheme.attention_axis
-        q = with_layout(q, _heads_split(q_layout, axis))
-        k = with_layout(k, _heads_split(kv_layout, axis))
-        v = with_layout(v, _heads_split(kv_layout, axis))
-        return with_layout(F.scaled_dot_product_attention(q, k, v, **sdpa), q_layout)
-    q, k, v = with_layout(q, q_layout), with_layout(k, kv_layout), with_layout(v, kv_layout)
-    return F.scaled_dot_product_attention(q, k, v, **sdpa)
+        back = q_at
+        q_at, kv_at = (
+            _heads_split(q_at, scheme.attention_axis),
+            _heads_split(kv_at, scheme.attention_axis),
+        )
+    q, k, v = with_layout(q, q_at), with_layout(k, kv_at), with_layout(v, kv_at)
+    mask = None
+    if with_mask:
+        if isinstance(positions, ShardedTensor):  # split like q's batch, whole along seq
+            batch = (q_at.dims[0],) if positions.ndim == 2 else ()
+            positions = with_layout(positions, Layout(batch + ((),)))
+        mask = _causal_mask(positions)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal and not with_mask, **gqa
+    )
+    return out if back is None else with_layout(out, back)
 
 
 # == parameters ================================================================
