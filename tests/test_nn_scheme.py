@@ -637,6 +637,13 @@ def test_shard_batch_layouts_and_ring_order():
     torch.testing.assert_close(got["tokens"].full(), tokens[:, perm])
     torch.testing.assert_close(got["targets"].full(), tokens[:, perm] + 100)
     torch.testing.assert_close(got["positions"].full(), perm.expand(2, -1))
+    # positions of its own (packed sequences) are reordered, not replaced
+    own = {**batch, "positions": tokens % 5, "meta": "kept"}
+    got = snn.ring("cp").shard_batch(own, sl.Mesh.simulated({"cp": 3}))
+    torch.testing.assert_close(got["positions"].full(), (tokens % 5)[:, perm])
+    assert got["meta"] == "kept"
+    with pytest.raises(sl.LayoutError, match="differ in shape"):
+        snn.ring("cp").shard_batch({"tokens": tokens, "targets": tokens[:, :6]}, mesh)
 
 
 def _qkv(heads=4, kv_heads=2, seq=8):

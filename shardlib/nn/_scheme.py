@@ -450,9 +450,10 @@ class Scheme:
 
         Under ring attention with a balance, every entry is reordered along seq
         by ``token_order(seq, ring size, balance)`` (slot i holds token
-        perm[i]) and a ``"positions"`` entry, the global positions in that
-        order as a (batch, seq) int64 tensor, is added (the model's rotary and
-        causal mask read it). Other entries pass through unchanged.
+        perm[i]) and, unless the batch has one, a ``"positions"`` entry is
+        added: the global positions in that order as a (batch, seq) int64
+        tensor (the model's rotary and causal mask read it). Entries that are
+        not (batch, seq) tensors pass through unchanged.
 
         Examples:
             >>> import shardlib as sl, torch
@@ -472,27 +473,24 @@ class Scheme:
                 f"{type(batch).__name__}."
             )
         layout = self.act_layout(("batch", "seq"))
+        tensors = {k: t for k, t in batch.items() if isinstance(t, torch.Tensor) and t.ndim == 2}
         perm = None
-        out: dict[str, Any] = {}
-        for name, t in batch.items():
-            if not isinstance(t, torch.Tensor) or t.ndim != 2:
-                out[name] = t
-                continue
-            if perm is None and self.attention == "ring" and self.balance is not None:
-                from ._ring import token_order
+        if tensors and self.attention == "ring" and self.balance is not None:
+            from ._ring import token_order
 
-                size = mesh.axis_size(self.attention_axis)
-                perm = token_order(t.shape[1], size, self.balance)
-                positions = perm.to(torch.long).expand(t.shape[0], -1).contiguous()
-                out["positions"] = shard(positions, mesh, layout)
-            if perm is not None:
-                if t.shape[1] != perm.numel():
-                    raise LayoutError(
-                        f"{self!r}.shard_batch: entry {name!r} has seq length {t.shape[1]} but "
-                        f"the others {perm.numel()}; every entry is one (batch, seq) tensor."
-                    )
-                t = t[:, perm]
-            out[name] = shard(t, mesh, layout)
+            shapes = {k: tuple(t.shape) for k, t in tensors.items()}
+            if len(set(shapes.values())) > 1:
+                raise LayoutError(
+                    f"{self!r}.shard_batch: the (batch, seq) entries differ in shape ({shapes}); "
+                    "reordering the sequence needs one shape for all of them."
+                )
+            b, s = next(iter(shapes.values()))
+            perm = token_order(s, mesh.axis_size(self.attention_axis), self.balance)
+            if "positions" not in tensors:  # the global position of each reordered slot
+                tensors["positions"] = torch.arange(s).expand(b, -1)
+        out: dict[str, Any] = {k: t for k, t in batch.items() if k not in tensors}
+        for name, t in tensors.items():
+            out[name] = shard((t if perm is None else t[:, perm]).contiguous(), mesh, layout)
         return out
 
     def explain(
