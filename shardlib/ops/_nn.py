@@ -61,9 +61,9 @@ The rules, by op (A = mesh axes):
   global element indices (`_rng.sample`, `_rng.dropout_keep`): O(local)
   memory and time, no communication, the same values for every layout and
   mesh and for plain tensors inside the mode -- not torch's stream. It covers
-  the ops above except ``random_()`` without bounds and calls with an explicit
-  ``generator=``, which raise `NoRuleError` there (so does any other op that
-  draws). Dropout's mask is the same on CPU (``bernoulli_(1 - p)``) and on
+  the ops above except ``random_()`` without bounds, which raises `NoRuleError`
+  there (so does any other op that draws); a call with an explicit
+  ``generator=`` draws from it as in the default mode. Dropout's mask is the same on CPU (``bernoulli_(1 - p)``) and on
   accelerators (``native_dropout``). The mode is read when an op runs, so one
   cached decision serves both modes.
 - ``_local_scalar_dense`` (``.item()``): the value made replicated, then the
@@ -445,7 +445,7 @@ def _counter_blocks(
 
 def _fill_decomposition(func: Any) -> Callable:
     def decompose(x: ShardedTensor, *args: Any, **kwargs: Any) -> ShardedTensor:
-        if _rng.is_counter():
+        if _rng.is_counter(kwargs):
             b = _bind(func, (x, *args), kwargs)
             for shard, block in zip(x._shards, _counter_blocks(func, x, x._layout, b, x.dtype)):
                 if block is None:
@@ -463,7 +463,7 @@ def _fill_decomposition(func: Any) -> Callable:
 
 def _like_decomposition(func: Any, layout: Layout, out: ArgSpec) -> Callable:
     def decompose(x: ShardedTensor, *args: Any, **kwargs: Any) -> ShardedTensor:
-        if _rng.is_counter():
+        if _rng.is_counter(kwargs):
             b = _bind(func, (x, *args), kwargs)
             blocks = _counter_blocks(func, x, layout, b, out.dtype)
             return ShardedTensor(blocks, x._mesh, layout, tuple(x.shape))
@@ -495,7 +495,7 @@ def bernoulli_rule(ri: RuleInput) -> Iterator[Strategy]:
     layout = Layout(p.layout.dims)
 
     def decompose(probs: ShardedTensor, **kwargs: Any) -> ShardedTensor:
-        if _rng.is_counter():
+        if _rng.is_counter(kwargs):
             b = _bind(aten.bernoulli.default, (probs,), kwargs)
             blocks = _counter_blocks(aten.bernoulli.default, probs, layout, b, probs.dtype)
             return ShardedTensor(blocks, probs._mesh, layout, tuple(probs.shape))

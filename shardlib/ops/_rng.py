@@ -57,9 +57,11 @@ From the bits (stream s = 0, and s = 1 for the second uniform of Box–Muller):
 Covered ops: those above (with the factory ``rand``, ``randn``, ``randint`` on
 plain tensors). Any other op that draws (``random_()`` without bounds,
 ``multinomial``, ``randperm``, ``poisson``, ``normal(mean_tensor, ...)``, fused
-attention with ``dropout_p > 0``, ``rrelu`` in training, an explicit
-``generator=``, ``out=`` variants) raises `NoRuleError` in counter mode, naming
-the op and saying to leave the mode for it. Complex dtypes raise the same way.
+attention with ``dropout_p > 0``, ``rrelu`` in training, ``out=`` variants)
+raises `NoRuleError` in counter mode, naming the op and saying to leave the
+mode for it. Complex dtypes raise the same way. A call with an explicit
+``generator=`` asks for that generator's stream and gets it, as outside the
+mode (on sharded tensors: the default mode's global draw).
 
 Invariants: a block's values depend only on (key, op counter, global index,
 the op's arguments, dtype); no function here allocates more than a few int64 /
@@ -174,11 +176,15 @@ class _Counter:
 
 # The open `sl.rng` contexts, innermost last: a `_Counter`, or None for "torch".
 _stack: list[_Counter | None] = []
+_modes = [0]  # how many `_CounterMode`s are entered (one at most: nested contexts share it)
 
 
-def is_counter() -> bool:
-    """Whether the innermost `sl.rng` context is the counter mode."""
-    return bool(_stack) and _stack[-1] is not None
+def is_counter(kwargs: dict | None = None) -> bool:
+    """Whether the innermost `sl.rng` context is the counter mode (and, given an op's
+    keyword arguments, the op draws from it: an explicit ``generator=`` is torch's)."""
+    if not _stack or _stack[-1] is None:
+        return False
+    return kwargs is None or kwargs.get("generator") is None
 
 
 def counter_key() -> int:
@@ -245,8 +251,15 @@ def rng(kind: str = "torch", seed: int | None = None) -> Iterator[None]:
         )
     _stack.append(_Counter(key))
     try:
-        with _CounterMode():
+        if _modes[0]:  # an outer counter context's mode is on: it reads the innermost state
             yield
+        else:
+            _modes[0] += 1
+            try:
+                with _CounterMode():
+                    yield
+            finally:
+                _modes[0] -= 1
     finally:
         _stack.pop()
 
@@ -331,8 +344,6 @@ def _check(func: Any, b: dict[str, Any], dtype: torch.dtype) -> tuple[str, tuple
     spec = _SPECS.get(func)
     if spec is None:
         raise _uncovered(func)
-    if b.get("generator") is not None:
-        raise _uncovered(func, " with an explicit generator= (a request for torch's stream)")
     if dtype.is_complex:
         raise _uncovered(func, f" in the complex dtype {dtype}")
     return spec
@@ -494,7 +505,7 @@ class _CounterMode(TorchDispatchMode):
         if not is_counter() or not _is_random(func):
             return func(*args, **kwargs)
         b = _bind(func, args, kwargs)
-        if not _draws(func, b):
+        if not _draws(func, b) or b.get("generator") is not None:  # torch's, as asked
             return func(*args, **kwargs)
         if func not in _SPECS and func is not aten.native_dropout.default:
             raise _uncovered(func)
