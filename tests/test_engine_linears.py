@@ -184,3 +184,39 @@ def test_search_is_cheapest_over_every_assignment(axes):
     for target in (P(names[0], names[1]), P(names[1], names[0]), P(None, None), P(None, names)):
         choice = _choose("ij,jk->ik", specs, mesh, target, frozenset())
         assert choice.cost[0] == _brute_force(xl, wl, target, ((12, 12),) * 3, mesh)
+
+
+def _layouts_2d(names):
+    """Every non-partial layout of a matrix over `names` (each axis on dim 0, dim 1 or none)."""
+    import itertools
+
+    found = []
+    for choice in itertools.product("01-", repeat=len(names)):
+        for perm in itertools.permutations(names):
+            dims = [tuple(a for a in perm if choice[names.index(a)] == d) for d in "01"]
+            lay = P(dims[0] or None, dims[1] or None)
+            if lay not in found:
+                found.append(lay)
+    return found
+
+
+@pytest.mark.parametrize("axes", [{"a": 2, "b": 3}, {"a": 2, "b": 2, "c": 2}])
+def test_search_matches_brute_force_on_many_layouts(axes):
+    """Best-first search (planner lower bounds, exact plans only while the bound is below
+    the best): over sampled operand and target layouts, uneven shapes included, it finds
+    the bytes of planning every assignment."""
+    import random
+
+    from shardlib.ops._contractions import _choose
+    from shardlib.ops._rules import ArgSpec
+
+    mesh = sl.Mesh.simulated(axes).abstract
+    layouts = _layouts_2d(list(mesh.axis_names))
+    rng = random.Random(0)
+    n = 40 if len(axes) == 3 else 80
+    for _ in range(n):
+        xl, wl, target = (rng.choice(layouts) for _ in range(3))
+        shapes = ((12, 7), (7, 12), (12, 12))
+        specs = (ArgSpec(shapes[0], torch.float32, xl), ArgSpec(shapes[1], torch.float32, wl))
+        choice = _choose("ij,jk->ik", specs, mesh, target, frozenset())
+        assert choice.cost[0] == _brute_force(xl, wl, target, shapes, mesh), (xl, wl, target)

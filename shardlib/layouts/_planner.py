@@ -400,6 +400,20 @@ class _Search:
         raise LayoutError(f"sl.plan: no sequence of steps leads from {src!r} to {self.dst!r}.")
 
 
+def lower_bound(
+    src_layout: Layout, dst_layout: Layout, shape: tuple[int, ...], mesh: AbstractMesh, itemsize: int
+) -> int:
+    """A lower bound on `plan(src, dst, ...).total_bytes`, without searching (the A* bound
+    of `_Search.lower_bound`): for callers that price many candidates and plan only the
+    promising ones (the contraction search)."""
+    if src_layout == dst_layout:
+        return 0
+    search = _Search(dst_layout, tuple(shape), mesh, itemsize)
+    search.q = math.prod(shape) * itemsize // mesh.size
+    search.dst_block = search.numel(dst_layout.dims) * itemsize
+    return search.lower_bound(src_layout.dims, src_layout.partial, src_layout.reduce_op)
+
+
 # == Plans =====================================================================
 @dataclass(frozen=True, slots=True)
 class PlanStep:

@@ -68,15 +68,16 @@ def _read_off(in_labels: list[str], specs: tuple[ArgSpec, ...]) -> list[dict]:
 
 
 @lru_cache(maxsize=4096)
-def _every_assignment(labels: str, axes: tuple[str, ...]) -> tuple[tuple[tuple[str, tuple], ...], ...]:
-    """Every assignment of `axes` to `labels`: each axis to one label or to none, every order
-    within a label (major to minor). (len(labels) + 1) ** len(axes) groupings times the orders."""
+def _assignments(options: tuple[tuple[str, tuple[str, ...]], ...]) -> tuple[tuple, ...]:
+    """Every assignment of axes to labels, each axis to one of its `options` labels or to
+    none ("-"), every order within a label (major to minor)."""
+    axes = [a for a, _ in options]
     found = []
-    for choice in itertools.product(range(len(labels) + 1), repeat=len(axes)):
+    for choice in itertools.product(*(labels for _, labels in options)):
         groups: dict[str, list[str]] = {}
-        for axis, c in zip(axes, choice):
-            if c < len(labels):
-                groups.setdefault(labels[c], []).append(axis)
+        for axis, lab in zip(axes, choice):
+            if lab != "-":
+                groups.setdefault(lab, []).append(axis)
         names = list(groups)
         for orders in itertools.product(*(itertools.permutations(groups[n]) for n in names)):
             found.append(tuple(zip(names, orders)))
@@ -84,42 +85,54 @@ def _every_assignment(labels: str, axes: tuple[str, ...]) -> tuple[tuple[tuple[s
 
 
 def _candidates(
-    in_labels: list[str], out_labels: str, specs: tuple[ArgSpec, ...], mesh: AbstractMesh | None
+    in_labels: list[str],
+    out_labels: str,
+    specs: tuple[ArgSpec, ...],
+    mesh: AbstractMesh | None,
+    target: Layout | None = None,
 ) -> list[dict]:
-    """Label assignments to try: the read-off ones first (they win ties: no moves, today's
-    choices), then, given a mesh, every assignment of its axes (size-1 axes only as read off).
+    """Label assignments to try: the read-off ones first (they win ties: no moves), then,
+    given a mesh, every assignment of its axes (of size > 1) to the equation's labels: each
+    axis to one label or to none, every order within a label.
 
-    The search is what finds SUMMA's, Tesseract's and 3D's assignments (an output axis no
-    operand carries on that label), for every contraction alike.
+    That is what finds SUMMA's, Tesseract's and 3D's assignments (an output axis no operand
+    carries on that label), for every contraction alike. Pricing is the caller's
+    (`_choose`, best first by the planner's lower bound; the dispatcher).
     """
     found: list[dict] = []
     for c in _read_off(in_labels, specs):
         if c not in found:
             found.append(c)
-    if mesh is not None:
-        labels = "".join(dict.fromkeys(out_labels + "".join(in_labels)))
-        axes = tuple(a for a, n in zip(mesh.axis_names, mesh.shape) if n > 1)
-        seen = {tuple(sorted(c.items())) for c in found}
-        for pairs in _every_assignment(labels, axes):
-            key = tuple(sorted(pairs))
-            if key not in seen:
-                seen.add(key)
-                found.append(dict(pairs))
+    if mesh is None:
+        return found
+    labels = tuple(dict.fromkeys(out_labels + "".join(in_labels))) + ("-",)
+    options = [(axis, labels) for axis, n in zip(mesh.axis_names, mesh.shape) if n > 1]
+    seen = {tuple(sorted(c.items())) for c in found}
+    for pairs in _assignments(tuple(options)):
+        key = tuple(sorted(pairs))
+        if key not in seen:
+            seen.add(key)
+            found.append(dict(pairs))
     return found
 
 
-def einsum_strategies(eq: str, specs: tuple[ArgSpec, ...], mesh: AbstractMesh | None = None):
+def einsum_strategies(
+    eq: str,
+    specs: tuple[ArgSpec, ...],
+    mesh: AbstractMesh | None = None,
+    target: Layout | None = None,
+):
     """Strategies for a two- (or one-) operand einsum equation over `specs`.
 
-    Without `mesh`, only the assignments read off the operands; with it, every assignment
-    of its axes to the equation's labels too (read-off ones first)."""
+    Without `mesh`, only the assignments read off the operands; with it, the search of
+    `_candidates` too (towards `target`, when the output layout is known)."""
     lhs, out_labels = eq.split("->")
     in_labels = lhs.split(",")
     if any(len(set(lab)) != len(lab) for lab in in_labels):
         return  # repeated labels (diagonals): no rule
     contracted = {lab for labs in in_labels for lab in labs if lab not in out_labels}
     partial_inputs = [i for i, s in enumerate(specs) if s.layout.partial]
-    for assign in _candidates(in_labels, out_labels, specs, mesh):
+    for assign in _candidates(in_labels, out_labels, specs, mesh, target):
         used = {a for axes in assign.values() for a in axes}
         summed = tuple(a for lab, axes in assign.items() if lab in contracted for a in axes)
         options: list[int | None] = []
@@ -249,24 +262,39 @@ def _choose(
     eq: str, specs: tuple[ArgSpec, ...], mesh: AbstractMesh, target: Layout, free: frozenset[str]
 ) -> _Choice | None:
     """The cheapest assignment of `eq` over `specs` whose result is brought to `target`."""
-    from ..layouts._planner import plan
+    from ..layouts._planner import lower_bound, plan
 
     key = (eq, specs, mesh, target, free)
     if key in _CHOICES:
         return _CHOICES[key]
     out_shape = _out_shape(eq, specs)
     dtype = specs[0].dtype
-    best: _Choice | None = None
-    moves: dict[tuple[int, Layout], tuple[int, int]] = {}
-    for index, (inputs, out) in enumerate(einsum_strategies(eq, specs, mesh)):
-        nbytes = steps = 0
-        for i, (s, want) in enumerate(zip(specs, inputs)):
-            if (i, want) not in moves:
-                p = plan(s.layout, want, s.shape, mesh, s.dtype)
-                moves[i, want] = (p.total_bytes, _steps(p))
-            b, n = moves[i, want]
-            nbytes, steps = nbytes + b, steps + n
+    item = dtype.itemsize
+    # Best first: order candidates by a lower bound of their bytes (no search), plan them
+    # exactly in that order, and stop once the bound passes the best exact cost; the
+    # result is the same as planning all (ties: fewer collectives, then candidate order).
+    bounds: dict[tuple, int] = {}
+
+    def bound(src: Layout, want: Layout, shape: tuple[int, ...]) -> int:
+        if (src, want, shape) not in bounds:
+            bounds[src, want, shape] = lower_bound(src, want, shape, mesh, item)
+        return bounds[src, want, shape]
+
+    ranked = []
+    for index, (inputs, out) in enumerate(einsum_strategies(eq, specs, mesh, target)):
         final = _finish(target, free, out)
+        lb = sum(bound(s.layout, w, s.shape) for s, w in zip(specs, inputs))
+        lb += bound(out, final, out_shape)
+        ranked.append((lb, index, inputs, out, final))
+    ranked.sort(key=lambda r: (r[0], r[1]))
+    best: _Choice | None = None
+    for lb, index, inputs, out, final in ranked:
+        if best is not None and lb > best.cost[0]:
+            break
+        nbytes = steps = 0
+        for s, want in zip(specs, inputs):
+            p = plan(s.layout, want, s.shape, mesh, s.dtype)
+            nbytes, steps = nbytes + p.total_bytes, steps + _steps(p)
         p = plan(out, final, out_shape, mesh, dtype)
         cost = (nbytes + p.total_bytes, steps + _steps(p), index)
         if best is None or cost < best.cost:
