@@ -63,6 +63,12 @@ mode for it. Complex dtypes raise the same way. A call with an explicit
 ``generator=`` asks for that generator's stream and gets it, as outside the
 mode (on sharded tensors: the default mode's global draw).
 
+Values are bitwise equal across layouts and meshes on one device type. Across
+device types (CPU and CUDA) the integer bits and everything derived from them
+by exact arithmetic (uniform, bernoulli, dropout's mask, randint) are equal
+too; values that pass through ``log``/``cos``/``tan``/``exp`` (normal,
+exponential, cauchy, log-normal) may differ in the last bits, as libm does.
+
 Invariants: a block's values depend only on (key, op counter, global index,
 the op's arguments, dtype); no function here allocates more than a few int64 /
 float64 buffers of the block's size (nothing of the global size).
