@@ -132,14 +132,14 @@ class _Composed:
     """The per-dim union of several schemes' maps (see the module invariants)."""
 
     parts: tuple[Scheme, ...]
-    kind: str  # "params" | "compute" | "acts"
+    kind: str  # "params" | "compute" | "acts" | "inputs"
 
     def __call__(self, dims: Dims) -> tuple[Axes, ...]:
         if self.kind == "acts":
             per = [p._entries("acts", dims) for p in self.parts]
             return tuple(sum((e[d] for e in per), ()) for d in range(len(dims)))
-        if self.kind == "compute":
-            per = [p._entries("compute", dims) for p in self.parts]
+        if self.kind in ("compute", "inputs"):
+            per = [p._entries(self.kind, dims) for p in self.parts]
             return tuple(sum((e[d] for e in per), ()) for d in range(len(dims)))
         stored = [p._entries("params", dims) for p in self.parts]
         used = [p._entries("compute", dims) for p in self.parts]
@@ -176,6 +176,10 @@ class Scheme:
     - ``compute``: the layout a weight is used in where it differs from
       storage (FSDP: stored split, computed replicated); None: as stored;
     - ``acts``: an activation's layout at a constraint point;
+    - ``inputs``: the layout an activation is used in at a linear's input, where
+      it differs from ``acts`` (Megatron-SP: the sequence-split residual stream
+      is gathered once for the q, k, v projections, §8 table "X gathered");
+      None: as at the constraint point;
     - ``attention``: ``"local"``, ``"ulysses"`` or ``"ring"``, with
       ``attention_axis`` (the sequence-parallel axis) and ``balance`` (ring's
       token order: ``"zigzag"``, ``"stripe"`` or None);
@@ -200,6 +204,7 @@ class Scheme:
     params: Any = field(default_factory=dict)
     compute: Any = None
     acts: Any = field(default_factory=dict)
+    inputs: Any = None
     attention: str = "local"
     balance: str | None = None
     remat: bool = False
@@ -208,7 +213,7 @@ class Scheme:
     label: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        for name in ("params", "compute", "acts"):
+        for name in ("params", "compute", "acts", "inputs"):
             object.__setattr__(self, name, _as_map(getattr(self, name), f"snn.Scheme({name}=...)"))
         if self.params is None:
             object.__setattr__(self, "params", _NameMap(()))
@@ -237,7 +242,7 @@ class Scheme:
                 f"{self.label or 'snn.Scheme'}: mesh axis {', '.join(map(repr, twice))} is given "
                 f"more than once ({tuple(axes)}); each role of a scheme needs its own mesh axis."
             )
-        for m in (self.params, self.compute, self.acts):
+        for m in (self.params, self.compute, self.acts, self.inputs):
             if isinstance(m, _NameMap):
                 axes += m.used_axes
             elif isinstance(m, _Composed):
@@ -283,8 +288,8 @@ class Scheme:
 
     def _entries(self, kind: str, dims: Dims) -> tuple[Axes, ...]:
         m = getattr(self, kind)
-        if m is None:  # compute as stored
-            m = self.params
+        if m is None:  # compute as stored; linear inputs as at their constraint point
+            m = self.acts if kind == "inputs" else self.params
         if isinstance(m, _NameMap | _Rule | _Composed):
             return m(dims)
         layout = m(dims)
@@ -319,6 +324,16 @@ class Scheme:
             (P(None, 'dp'), P(None, None))
         """
         return self._layout("compute", dims, f"{self!r}.compute_layout({dims!r})")
+
+    def input_layout(self, dims: Dims) -> Layout:
+        """Layout an activation with logical `dims` is used in at a linear's input.
+
+        Examples:
+            >>> from shardlib import nn as snn
+            >>> snn.tp1d("tp", sequence=True).input_layout(("batch", "seq", "embed"))
+            P(None, None, None)
+        """
+        return self._layout("inputs", dims, f"{self!r}.input_layout({dims!r})")
 
     def act_layout(self, dims: Dims) -> Layout:
         """Layout of an activation with logical `dims` at a constraint point.
@@ -365,6 +380,7 @@ class Scheme:
             params=_Composed(parts, "params"),
             compute=_Composed(parts, "compute") if any(p.moves_weights for p in parts) else None,
             acts=_Composed(parts, "acts"),
+            inputs=_Composed(parts, "inputs") if any(p.inputs is not None for p in parts) else None,
             attention=attn.attention,
             balance=attn.balance,
             remat=self.remat or other.remat,
@@ -749,7 +765,9 @@ def tp1d(axis: str, sequence: bool = False) -> Scheme:
     """
     acts = _Rule(_megatron_sp, (axis,)) if sequence else _wide_names(axis)
     label = f"tp1d({axis!r}, sequence=True)" if sequence else f"tp1d({axis!r})"
-    return Scheme(params=_wide_names(axis), acts=acts, axes=(axis,), label=label)
+    # SP: a linear's input is the residual stream gathered over seq (once for q, k, v)
+    inputs = _wide_names(axis) if sequence else None
+    return Scheme(params=_wide_names(axis), acts=acts, inputs=inputs, axes=(axis,), label=label)
 
 
 def tp2d(row: str, col: str) -> Scheme:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from .._errors import LayoutError, MeshMismatchError
 from ..layouts._layout import Layout
 from ..ops._api import reshard, shard, with_layout
-from ..ops._contractions import einsum
+from ..ops._contractions import _shared_move, einsum
 from ..ops._tensor import ShardedTensor
 from ._scheme import Scheme
 
@@ -210,6 +210,18 @@ def _to_compute(w: torch.Tensor, scheme: Scheme, dims: Any, what: str) -> torch.
     return reshard(w, target, remat=True) if scheme.remat else reshard(w, target)
 
 
+def _to_input(x: torch.Tensor, w: torch.Tensor, scheme: Scheme, out_dims: Any, w_dims: Any):
+    """`x` in the scheme's linear-input layout where it has one (Megatron-SP's gather), moved
+    once per activation and layout (`sl.einsum`'s shared move: q, k, v share one gather)."""
+    if scheme.inputs is None or not isinstance(x, ShardedTensor):
+        return x
+    dims = w_dims if w_dims is not None else recorded_dims(w)
+    if dims is None:
+        return x
+    want = scheme.input_layout((*out_dims[:-1], dims[0]))
+    return x if want == x.spec else _shared_move(x, want)
+
+
 def linear(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -253,6 +265,7 @@ def linear(
         y = torch.matmul(x, w)
         return y if b is None else y + b
     scheme = active[0]
+    x = _to_input(x, w, scheme, out_dims, w_dims)
     w = _to_compute(w, scheme, w_dims, "the weight")
     if b is not None:
         b = _to_compute(b, scheme, None if w_dims is None else w_dims[1:], "the bias")

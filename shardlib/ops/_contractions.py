@@ -348,19 +348,25 @@ def _remat_source(x):
 
 
 class _Contract(torch.autograd.Function):
-    """A two-operand contraction with a known output layout (see the section comment)."""
+    """A two-operand contraction whose operands are already in `choice.inputs`: each
+    device multiplies its blocks, the result goes to `choice.final` (see the section
+    comment). The operand moves are autograd-visible reshards before it (`_shared_move`)."""
 
     @staticmethod
-    def forward(ctx, eq, target, x, w):
-        y, (xm, wm) = _contract(eq, (x, w), target, frozenset(), "forward")
+    def forward(ctx, eq, choice, x, w):
+        from ._tensor import ShardedTensor
+
+        for t in (x, w):
+            sync(t)
+        shards = [torch.einsum(eq, a, b) for a, b in zip(x._shards, w._shards)]
+        y = ShardedTensor(shards, x._mesh, choice.out, _out_shape(eq, (_spec(x), _spec(w))))
         ctx.eq, ctx.layouts = eq, (x._layout, w._layout)
-        saved = []
-        for orig, m in zip((x, w), (xm, wm)):
-            src = _remat_source(orig)
-            # a re-gathered operand keeps only its source; the move is redone in backward
-            saved.append((src[0], m._layout) if src is not None else m)
-        ctx.kept = saved
-        return y
+        # an operand from `sl.reshard(..., remat=True)` keeps only its source; the move is
+        # redone in backward (cause "regather")
+        ctx.kept = [
+            (src[0], t._layout) if (src := _remat_source(t)) is not None else t for t in (x, w)
+        ]
+        return _moved(y, choice.final, "forward")
 
     @staticmethod
     def backward(ctx, dy):
@@ -372,24 +378,75 @@ class _Contract(torch.autograd.Function):
         for item in ctx.kept:
             if isinstance(item, tuple):
                 src, layout = item
-                item = src if src._layout == layout else _reshard_impl(src, layout, "regather", "backward")
+                if src._layout != layout:
+                    item = _reshard_impl(src, layout, "regather", "backward")
+                else:
+                    item = src
             kept.append(item)
         xm, wm = kept
         dy = _as_sharded(dy, xm._mesh, tuple(dy.shape))
         memo: dict = {}
         grads = []
-        for i, (labels, other, layout) in enumerate(((a, wm, ctx.layouts[0]), (b, xm, ctx.layouts[1]))):
+        for i, (labels, other, other_labels) in enumerate(((a, wm, b), (b, xm, a))):
             if not ctx.needs_input_grad[2 + i]:
                 grads.append(None)
                 continue
-            target = layout.without_partial()
+            target = ctx.layouts[i].without_partial()
             used = {ax for axes in target.dims for ax in axes}
             free = frozenset(ax for ax in xm._mesh.axis_names if ax not in used)
-            other_labels = b if i == 0 else a
             eq = f"{out_labels},{other_labels}->{labels}"
             g, _ = _contract(eq, (dy, other), target, free, "backward", memo)
             grads.append(g)
         return None, None, *grads
+
+
+def _stamp(x) -> tuple:
+    return (x._version, x._writes, tuple(t._version for t in x._shards))
+
+
+class _Move(torch.autograd.Function):
+    """An operand move of a contraction (cause "einsum"). Its backward brings the gradient
+    to the source's layout, keeping partial axes the source is replicated on (reduced
+    lazily, as a DDP gradient: Tesseract's dW all-reduce over depth is the optimizer's)."""
+
+    @staticmethod
+    def forward(ctx, x, layout):
+        from ._api import _reshard_impl
+
+        ctx.src_layout, ctx.mesh = x._layout, x._mesh
+        return _reshard_impl(x, layout, "einsum", "forward")
+
+    @staticmethod
+    def backward(ctx, g):
+        from ._api import _as_sharded
+
+        g = _as_sharded(g, ctx.mesh, tuple(g.shape))
+        target = ctx.src_layout.without_partial()
+        used = {a for axes in target.dims for a in axes}
+        return _moved(g, _finish(target, frozenset(ctx.mesh.axis_names) - used, g._layout), "backward"), None
+
+
+def _shared_move(x, layout: Layout):
+    """`x` moved to `layout` by an autograd-visible move (`_Move`), done once per (tensor,
+    layout) while the tensor is unchanged: the q, k and v projections of one activation
+    gather it once (Megatron-SP), and their three partial gradients are summed before the
+    one reduce-scatter of the move's backward."""
+    if x._layout == layout:
+        return x
+    src = _remat_source(x)
+    if src is not None or x._root is not None:
+        y = _Move.apply(x, layout)
+        if src is not None:
+            y._remat = (src[0], layout)
+        return y
+    moves = x.__dict__.setdefault("_shared_moves", {})
+    hit = moves.get(layout)
+    stamp = _stamp(x)
+    if hit is not None and hit[0] == stamp and hit[1].requires_grad == x.requires_grad:
+        return hit[1]
+    y = _Move.apply(x, layout)
+    moves[layout] = (stamp, y)
+    return y
 
 
 def _differentiable_by_parts(eq: str) -> bool:
@@ -439,7 +496,10 @@ def einsum(eq: str, *xs: torch.Tensor, out_layout: Layout | None = None) -> torc
         if len({x._mesh for x in xs}) != 1:
             torch.einsum(eq, *xs)  # raises the mesh-mismatch error
         if _differentiable_by_parts(eq) and xs[0].dtype == xs[1].dtype:
-            return _Contract.apply(eq, out_layout, *xs)
+            specs = tuple(_spec(x) for x in xs)
+            choice = _choose(eq, specs, xs[0].mesh.abstract, out_layout, frozenset())
+            moved = [_shared_move(x, want) for x, want in zip(xs, choice.inputs)]
+            return _Contract.apply(eq, choice, *moved)
         specs = tuple(_spec(x) for x in xs)
         choice = _choose(eq, specs, xs[0].mesh.abstract, out_layout, frozenset())
         if choice is not None:

@@ -647,6 +647,9 @@ def move(func: Any, a: ShardedTensor, want: Layout) -> ShardedTensor:
     The result is a fresh tensor that lives as long as the op needs it (nothing is
     remembered on `a`).
     """
+    expanded = _expanded_dims(a, want)
+    if expanded:
+        return _move_compact(func, a, want, expanded)
     p = plan(a._layout, want, tuple(a.shape), a._mesh, a.dtype)
     am = a._mesh.abstract
     if all(
@@ -667,6 +670,40 @@ def move(func: Any, a: ShardedTensor, want: Layout) -> ShardedTensor:
 
 
 _move = move  # the name the rule modules import
+
+
+def _expanded_dims(a: ShardedTensor, want: Layout) -> tuple[int, ...]:
+    """Dims of an expanded view (stride 0, size > 1) that neither layout splits."""
+    if a._layout.dims == want.dims and a._layout.partial == want.partial:
+        return ()
+    return tuple(
+        d
+        for d, (n, st) in enumerate(zip(a.shape, a.stride()))
+        if st == 0 and n > 1 and not a._layout.dims[d] and not want.dims[d]
+    )
+
+
+def _move_compact(func: Any, a: ShardedTensor, want: Layout, dims: tuple[int, ...]):
+    """Move an expanded view by moving its compact data (size 1 on `dims`) and expanding
+    each block again: the bytes are those of the data, not of the broadcast."""
+    from ._aliasing import sync
+
+    sync(a)
+    compact_shape = tuple(1 if d in dims else n for d, n in enumerate(a.shape))
+    compact = ShardedTensor([_narrow_all(t, dims) for t in a._shards], a._mesh, a._layout, compact_shape)
+    moved = move(func, compact, want)
+    shards = [
+        t.expand(*(a.shape[d] if d in dims else -1 for d in range(a.ndim))) for t in moved._shards
+    ]
+    return ShardedTensor(shards, a._mesh, want, tuple(a.shape))
+
+
+def _narrow_all(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    for d in dims:
+        t = t.narrow(d, 0, 1)
+    return t
+
+
 
 
 def _cause(func: Any) -> str:

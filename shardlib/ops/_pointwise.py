@@ -19,6 +19,8 @@ elementwise ops:
   (`_cast_commutes`: widening float casts for sums, monotone casts for max/min;
   a cast to bfloat16 of a partial sum reduces first).
 - anything else is nonlinear: partial inputs are reduced first.
+- a partial operand that broadcasts (smaller than the result, or an expanded view) is
+  reduced first too, on its compact data: cheaper than reducing the broadcast result.
 
 Also here: the `*_like` and `new_*` fresh-tensor rules, and `torch.equal` /
 `torch.allclose` (a decomposition into an elementwise test, a count and
@@ -29,6 +31,8 @@ through broadcasting, and their merge); the dispatcher keeps the cheapest.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -186,12 +190,24 @@ def _partial_options(ri: RuleInput) -> list[tuple[tuple[str, ...], str, tuple[bo
     return []
 
 
+def _broadcast_partial(s: ArgSpec, out: ArgSpec) -> bool:
+    """A partial operand that is a broadcast: smaller than the result, or an expanded view
+    (a stride-0 dim of size > 1). It is reduced before the op: reducing its compact data
+    now is cheaper than reducing the broadcast result later (the dispatcher moves an
+    expanded view's compact data, `_dispatch.move`)."""
+    if not s.layout.partial:
+        return False
+    if math.prod(s.shape) < math.prod(out.shape):
+        return True
+    return s.stride is not None and any(n > 1 and st == 0 for n, st in zip(s.shape, s.stride))
+
+
 @register_tag_rule(torch.Tag.pointwise)
 @register_rule(*_ADD, *_UNARY, *_MASKED_FILL, aten._to_copy.default)
 def pointwise_rule(ri: RuleInput):
     out = ri.outputs[0]
     specs = ri.tensors
-    options = _partial_options(ri)
+    options = [] if any(_broadcast_partial(s, out) for s in specs) else _partial_options(ri)
     shifted = _partial_plus_number(ri)
     for dims in candidate_dims(specs, out):
         if shifted is not None and not {a for axes in dims for a in axes} & set(
