@@ -1,0 +1,541 @@
+"""The GPT training step per parallel scheme on gloo ranks, beside DTensor and hand-written Megatron.
+
+For each rank count (``--ranks 4 8``, one process per rank, one intra-op
+thread each, loopback gloo) one ``sl.launch`` runs every variant in the same
+processes, interleaved round-robin (barrier, step, barrier) so machine noise
+hits all alike:
+
+- shardlib: ``gpt.loss`` forward + backward of ``shardlib.nn.gpt`` under each
+  scheme (``snn.shard_params``, ``scheme.shard_batch``, ``snn.use``), then every
+  gradient finished to its parameter's layout (a lazily partial gradient,
+  e.g. a replicated norm weight's or data parallel's, is all-reduced: the
+  step an optimizer would see);
+- DTensor: the same model as a torch ``nn.Module`` (benchmarks/_megatron_ref.py)
+  under ``parallelize_module`` with ColwiseParallel/RowwiseParallel (vocab-split
+  embedding and head, ``loss_parallel``), and with SequenceParallel for SP;
+- Megatron: hand-written, plain per-rank tensors holding the tp shards and
+  explicit ``torch.distributed`` collectives as autograd Functions (f/g, the
+  SP all-gather/reduce-scatter pair, vocab-parallel cross-entropy).
+
+Columns: median ms of a step (after the first step and ``--warmup`` more;
+each rank's median, the slowest rank's reported), the first step's time
+(shardlib's layout decisions and plan caches are made there), ratios of
+shardlib's tp1d (and tp1d SP) to Megatron and DTensor of the same flavour
+(other schemes against the non-SP ones), bytes sent per device forward and
+backward (shardlib's ledger; the same ring-model formulas counted for
+Megatron's collectives and for DTensor's ``_c10d_functional`` ops), the
+step's peak memory per rank (see below), parameter bytes per rank, and the
+loss (every variant's is checked against the unsharded model's before the
+table prints).
+
+Peak memory: the high-water mark, over one extra untimed step, of the bytes
+torch's CPU allocator holds above what was allocated when the step began
+(every tensor allocation and free, from ``torch.profiler`` with
+``profile_memory=True``); parameters and the batch, allocated before, are
+not in it (the param column has them). Buffers gloo allocates outside torch
+are not counted. The slowest rank's (largest) figure is shown.
+
+Last, the 64-device simulated 3D step (``{i: 4, j: 4, k: 4}``,
+``sl.Mesh.simulated``, this process, one thread): the first step (layout
+decisions) and the median of the following steps; ``--batch3d`` sets its
+batch (3D splits the batch 16 ways).
+
+    python benchmarks/schemes.py [--ranks 4 8] [--steps 5] [--schemes tp1d,tp1d_sp]
+        [--dim 256 --heads 8 --layers 2 --seq 128 --batch 4 --vocab 1024]
+        [--skip-dtensor] [--skip-megatron] [--skip-3d] [--profile PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+import shardlib as sl
+from shardlib import nn as snn
+from shardlib.nn import gpt
+
+if __package__ in (None, ""):  # run as a script: benchmarks/ is not a package on the path
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import _megatron_ref as ref
+else:
+    from . import _megatron_ref as ref
+
+MiB = 2**20
+
+
+# == the variants ====================================================================
+def _square(n: int) -> int | None:
+    q = math.isqrt(n)
+    return q if q * q == n and q > 1 else None
+
+
+def _cube(n: int) -> int | None:
+    q = round(n ** (1 / 3))
+    return q if q**3 == n and q > 1 else None
+
+
+def _mesh_tp1d(p):
+    return {"tp": p}
+
+
+def _mesh_dp(p):
+    return {"dp": p}
+
+
+def _mesh_sp(p):
+    return {"sp": p}
+
+
+def _mesh_dp_tp(p):
+    return {"dp": 2, "tp": p // 2} if p % 2 == 0 and p >= 4 else None
+
+
+def _mesh_tp2d(p):
+    q = _square(p)
+    if q:
+        return {"r": q, "c": q}
+    q = _square(p // 2) if p % 2 == 0 else None
+    return {"dp": 2, "r": q, "c": q} if q else None
+
+
+def _mesh_tp2p5d(p):
+    for d in range(2, p + 1):
+        q = _square(p // d) if p % d == 0 else None
+        if q:
+            return {"d": d, "r": q, "c": q}
+    return None
+
+
+def _mesh_tp3d(p):
+    q = _cube(p)
+    return {"i": q, "j": q, "k": q} if q else None
+
+
+def _scheme_tp2d(axes):
+    s = snn.tp2d("r", "c")
+    return snn.dp("dp") + s if "dp" in axes else s
+
+
+# name -> (scheme from the mesh axes, mesh axes for P ranks or None where the scheme can't use P)
+SCHEMES: dict[str, tuple[Callable[[dict], snn.Scheme], Callable[[int], dict | None]]] = {
+    "tp1d": (lambda a: snn.tp1d("tp"), _mesh_tp1d),
+    "tp1d_sp": (lambda a: snn.tp1d("tp", sequence=True), _mesh_tp1d),
+    "dp": (lambda a: snn.dp("dp"), _mesh_dp),
+    "fsdp": (lambda a: snn.fsdp("dp"), _mesh_dp),
+    "dp+tp1d": (lambda a: snn.dp("dp") + snn.tp1d("tp"), _mesh_dp_tp),
+    "tp2d": (_scheme_tp2d, _mesh_tp2d),
+    "tp2p5d": (lambda a: snn.tp2p5d("d", "r", "c"), _mesh_tp2p5d),
+    "tp3d": (lambda a: snn.tp3d("i", "j", "k"), _mesh_tp3d),
+    "ulysses": (lambda a: snn.ulysses("sp"), _mesh_sp),
+    "ring": (lambda a: snn.ring("sp"), _mesh_sp),
+}
+BASELINES = ("megatron", "megatron_sp", "dtensor", "dtensor_sp")
+
+
+@dataclass
+class Measured:
+    """One variant on one rank."""
+
+    first_s: float
+    times_s: list[float]
+    fwd_bytes: float
+    bwd_bytes: float
+    peak_bytes: int
+    param_bytes: int
+    loss: float
+
+
+def make_batch(config: gpt.Config, batch: int, seq: int, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randint(0, config.vocab, (batch, seq), generator=g) for k in ("tokens", "targets")}
+
+
+class _ShardlibVariant:
+    def __init__(self, name: str, config, params, batch, ranks: int):
+        build, axes_of = SCHEMES[name]
+        axes = axes_of(ranks)
+        self.mesh = sl.Mesh.distributed(axes)
+        self.scheme = build(axes)
+        self.config = config
+        self.params = snn.shard_params(params, self.mesh, self.scheme, gpt.DIMS(config))
+        for v in self.params.values():
+            v.requires_grad_()
+        self.batch = self.scheme.shard_batch(batch, self.mesh)
+        self.label = f"{self.scheme!r} {axes}"
+
+    def forward(self):
+        for v in self.params.values():
+            v.grad = None
+        with snn.use(self.scheme, self.mesh):
+            return gpt.loss(self.params, self.batch, self.config)
+
+    def backward(self, loss) -> float:
+        with snn.use(self.scheme, self.mesh):
+            loss.backward()
+        for v in self.params.values():
+            if v.grad.spec != v.spec:  # a lazy partial: finish it as an optimizer would need
+                v.grad = sl.reshard(v.grad, v.spec)
+        return float(loss.full())
+
+    def bytes(self) -> tuple[float, float]:
+        with sl.comm_ledger() as led:
+            self.backward(self.forward())
+        fwd = sum(r.bytes for r in led.records if r.direction == "forward")
+        return fwd, led.total_bytes - fwd
+
+    def param_bytes(self) -> int:
+        return ref.param_bytes(self.params.values())
+
+
+class _MegatronVariant:
+    def __init__(self, config, params, batch, sequence: bool):
+        self.model = ref.MegatronGPT(config, params, sequence=sequence)
+        self.batch = batch
+        self.label = "hand-written Megatron-SP" if sequence else "hand-written Megatron"
+
+    def forward(self):
+        self.model.zero_grads()
+        return self.model.loss(self.batch["tokens"], self.batch["targets"])
+
+    def backward(self, loss) -> float:
+        loss.backward()
+        self.model.finish_grads()
+        return float(loss)
+
+    def bytes(self) -> tuple[float, float]:
+        sent = self.model.sent
+        sent.bytes = 0.0
+        loss = self.forward()
+        fwd = sent.bytes
+        self.backward(loss)
+        return fwd, sent.bytes - fwd
+
+    def param_bytes(self) -> int:
+        return ref.param_bytes(self.model.params.values())
+
+
+class _DTensorVariant:
+    def __init__(self, config, params, batch, sequence: bool):
+        self.model = ref.dtensor_model(config, params, sequence=sequence)
+        self.batch = batch
+        self.label = "DTensor Colwise/Rowwise" + (" + SequenceParallel" if sequence else "")
+
+    def step(self) -> float:
+        return float(ref.dtensor_step(self.model, self.batch["tokens"], self.batch["targets"]))
+
+    def bytes(self) -> tuple[float, float]:
+        import torch.distributed as dist
+
+        with ref.CommBytes(dist.get_world_size()) as counter:
+            ref.dtensor_step(self.model, self.batch["tokens"], self.batch["targets"], counter)
+        return counter.forward, counter.sent - counter.forward
+
+    def param_bytes(self) -> int:
+        return ref.param_bytes(self.model.parameters())
+
+
+def _step_of(v) -> Callable[[], float]:
+    if isinstance(v, _DTensorVariant):
+        return v.step
+    return lambda: v.backward(v.forward())
+
+
+def _peak_bytes(step: Callable[[], float]) -> int:
+    """High-water mark of torch CPU allocations above the start, over one `step` (profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    now = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        now += e.nbytes()
+        peak = max(peak, now)
+    return peak
+
+
+def bench_rank(mesh, spec: dict) -> dict[str, tuple[str, Measured]]:
+    """Every variant of `spec` on this rank, interleaved; per variant (label, Measured)."""
+    import logging
+    import warnings
+
+    import torch.distributed as dist
+
+    logging.getLogger("torch").setLevel(logging.ERROR)
+    warnings.simplefilter("ignore")  # DTensor's experimental-API notices
+    torch.set_num_threads(1)
+    ranks = dist.get_world_size()
+    config = gpt.Config(**spec["config"])
+    params = gpt.init(config)
+    batch = make_batch(config, spec["batch"], config.seq)
+    variants = {}
+    for name in spec["schemes"]:
+        variants[name] = _ShardlibVariant(name, config, params, batch, ranks)
+    for name in spec["baselines"]:
+        sequence = name.endswith("_sp")
+        if name.startswith("megatron"):
+            variants[name] = _MegatronVariant(config, params, batch, sequence)
+        else:
+            variants[name] = _DTensorVariant(config, params, batch, sequence)
+    steps = {name: _step_of(v) for name, v in variants.items()}
+
+    def timed(fn) -> tuple[float, float]:
+        dist.barrier()
+        t0 = time.perf_counter()
+        loss = fn()
+        dist.barrier()
+        return time.perf_counter() - t0, loss
+
+    first, losses = {}, {}
+    for name, fn in steps.items():
+        first[name], losses[name] = timed(fn)
+    for _ in range(spec["warmup"]):
+        for fn in steps.values():
+            timed(fn)
+    times = {name: [] for name in steps}
+    for _ in range(spec["steps"]):
+        for name, fn in steps.items():
+            times[name].append(timed(fn)[0])
+    profiler = None
+    if spec.get("profile") and dist.get_rank() == 0 and "tp1d" in steps:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(spec["profile_steps"]):
+            steps["tp1d"]()
+        profiler.disable()
+        profiler.dump_stats(spec["profile"])
+    elif spec.get("profile") and "tp1d" in steps:
+        for _ in range(spec["profile_steps"]):
+            steps["tp1d"]()
+    out = {}
+    for name, v in variants.items():
+        fwd, bwd = v.bytes()
+        dist.barrier()
+        peak = _peak_bytes(steps[name])
+        dist.barrier()
+        out[name] = (
+            v.label,
+            Measured(first[name], times[name], fwd, bwd, peak, v.param_bytes(), losses[name]),
+        )
+    return out
+
+
+# == the 64-device simulated 3D step ===================================================
+def simulated_3d(config: gpt.Config, batch: int, steps: int, q: int = 4) -> tuple[float, list[float], float]:
+    """First step's seconds, the following steps' seconds, and the loss, on ``{i,j,k: q}``."""
+    torch.set_num_threads(1)
+    mesh = sl.Mesh.simulated({"i": q, "j": q, "k": q})
+    scheme = snn.tp3d("i", "j", "k")
+    params = snn.shard_params(gpt.init(config), mesh, scheme, gpt.DIMS(config))
+    for v in params.values():
+        v.requires_grad_()
+    sbatch = scheme.shard_batch(make_batch(config, batch, config.seq), mesh)
+
+    def step() -> float:
+        for v in params.values():
+            v.grad = None
+        with snn.use(scheme, mesh):
+            loss = gpt.loss(params, sbatch, config)
+            loss.backward()
+        for v in params.values():
+            if v.grad.spec != v.spec:
+                v.grad = sl.reshard(v.grad, v.spec)
+        return float(loss.full())
+
+    t0 = time.perf_counter()
+    loss = step()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return first, times, loss
+
+
+# == the table =========================================================================
+def _merge(per_rank: Sequence[dict]) -> dict[str, tuple[str, dict]]:
+    """Per variant: slowest rank's median and first step, the largest peak, rank 0's bytes."""
+    out = {}
+    for name, (label, m0) in per_rank[0].items():
+        ms = [r[name][1] for r in per_rank]
+        out[name] = (
+            label,
+            {
+                "first_s": max(m.first_s for m in ms),
+                "median_s": max(statistics.median(m.times_s) for m in ms),
+                "fwd": m0.fwd_bytes,
+                "bwd": m0.bwd_bytes,
+                "peak": max(m.peak_bytes for m in ms),
+                "params": max(m.param_bytes for m in ms),
+                "loss": m0.loss,
+            },
+        )
+    return out
+
+
+def _ratio(a: float, b: float | None) -> str:
+    return f"{a / b:.2f}x" if b else "-"
+
+
+def format_table(ranks: int, merged: dict) -> list[str]:
+    head = (
+        f"{'variant':<44}{'ms':>9}{'first s':>9}{'/Megatron':>11}{'/DTensor':>10}"
+        f"{'fwd MiB':>9}{'bwd MiB':>9}{'peak MiB':>10}{'param MiB':>11}{'loss':>9}"
+    )
+    lines = [f"{ranks} gloo ranks:", head]
+    base = {name: merged[name][1]["median_s"] for name in BASELINES if name in merged}
+    for name, (label, m) in merged.items():
+        sp = name.endswith("_sp")
+        vs_meg = vs_dt = None
+        if name in SCHEMES:
+            vs_meg = base.get("megatron_sp" if sp else "megatron")
+            vs_dt = base.get("dtensor_sp" if sp else "dtensor")
+        fwd, bwd = f"{m['fwd'] / MiB:.2f}", f"{m['bwd'] / MiB:.2f}"
+        lines.append(
+            f"{label:<44.44}{m['median_s'] * 1e3:>9.1f}{m['first_s']:>9.2f}"
+            f"{_ratio(m['median_s'], vs_meg):>11}{_ratio(m['median_s'], vs_dt):>10}"
+            f"{fwd:>9}{bwd:>9}{m['peak'] / MiB:>10.2f}{m['params'] / MiB:>11.2f}"
+            f"{m['loss']:>9.4f}"
+        )
+    return lines
+
+
+def _check_losses(merged: dict, want: float, ranks: int) -> None:
+    bad = {
+        name: m["loss"]
+        for name, (_, m) in merged.items()
+        if not math.isfinite(m["loss"]) or abs(m["loss"] - want) > 1e-4 * max(1.0, abs(want))
+    }
+    if bad:
+        raise AssertionError(
+            f"benchmarks/schemes.py on {ranks} ranks: losses {bad} differ from the unsharded "
+            f"model's {want:.6f} by more than 1e-4 relative: a variant computes another model"
+        )
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--ranks", type=int, nargs="+", default=[4, 8], help="gloo rank counts (<= 8)")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per variant")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps after the first")
+    ap.add_argument("--schemes", default="tp1d,tp1d_sp,dp,fsdp,tp2d,tp2p5d,tp3d,ulysses,ring",
+                    help=f"comma-separated subset of {','.join(SCHEMES)}")
+    ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=None)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=1024)
+    ap.add_argument("--mlp", type=int, default=None)
+    ap.add_argument("--skip-dtensor", action="store_true")
+    ap.add_argument("--skip-megatron", action="store_true")
+    ap.add_argument("--skip-3d", action="store_true", help="skip the 64-device simulated 3D step")
+    ap.add_argument("--steps3d", type=int, default=3)
+    ap.add_argument("--batch3d", type=int, default=16)
+    ap.add_argument("--profile", default=None,
+                    help="cProfile rank 0's tp1d steps (after the timed ones) into this file")
+    ap.add_argument("--profile-steps", type=int, default=3)
+    args = ap.parse_args(argv)
+    names = [s for s in args.schemes.split(",") if s]
+    unknown = [s for s in names if s not in SCHEMES]
+    if unknown:
+        ap.error(f"--schemes: unknown {unknown}; choose from {','.join(SCHEMES)}")
+    if any(r < 1 or r > 8 for r in args.ranks):
+        ap.error(f"--ranks {args.ranks}: between 1 and 8 local gloo ranks")
+    args.scheme_names = names
+    return args
+
+
+def command_line(args: argparse.Namespace) -> str:
+    parts = [
+        "python benchmarks/schemes.py",
+        f"--ranks {' '.join(map(str, args.ranks))}",
+        f"--steps {args.steps} --warmup {args.warmup}",
+        f"--schemes {','.join(args.scheme_names)}",
+        f"--dim {args.dim} --heads {args.heads}"
+        + (f" --kv-heads {args.kv_heads}" if args.kv_heads else "")
+        + f" --layers {args.layers} --seq {args.seq} --batch {args.batch} --vocab {args.vocab}"
+        + (f" --mlp {args.mlp}" if args.mlp else ""),
+    ]
+    parts += [f"--{f}" for f in ("skip-dtensor", "skip-megatron", "skip-3d")
+              if getattr(args, f.replace("-", "_"))]
+    if not args.skip_3d:
+        parts.append(f"--steps3d {args.steps3d} --batch3d {args.batch3d}")
+    if args.profile:
+        parts.append(f"--profile {args.profile} --profile-steps {args.profile_steps}")
+    return " ".join(parts)
+
+
+def main(argv: Sequence[str] | None = None) -> list[str]:
+    """Run the benchmark, print the table, return its lines."""
+    args = parse_args(argv)
+    config = gpt.Config(
+        vocab=args.vocab, dim=args.dim, heads=args.heads, layers=args.layers, seq=args.seq,
+        kv_heads=args.kv_heads, mlp=args.mlp,
+    )
+    fields = ("vocab", "dim", "heads", "layers", "seq", "kv_heads", "mlp")
+    cfg = {f: getattr(config, f) for f in fields}
+    want = ref.sanity_loss(config, gpt.init(config), make_batch(config, args.batch, args.seq))
+    lines = [
+        f"# {command_line(args)}",
+        f"# torch {torch.__version__}, CPU, {os.cpu_count()} cores, 1 thread per rank, gloo loopback",
+        f"# model: {config}, batch {args.batch}, float32; unsharded loss {want:.4f}",
+        "# ms: median step (forward+backward+gradients finished), slowest rank; first s: first step;",
+        "# fwd/bwd MiB: bytes sent per device (ring model: shardlib's ledger, the same formulas for the",
+        "# references' collectives); peak MiB:",
+        "# torch.profiler CPU-allocator high-water mark over one step above its start, largest rank",
+        "",
+    ]
+    for ranks in args.ranks:
+        names = [n for n in args.scheme_names if SCHEMES[n][1](ranks) is not None]
+        baselines = []
+        if not args.skip_megatron:
+            baselines += ["megatron", "megatron_sp"]
+        if not args.skip_dtensor:
+            baselines += ["dtensor", "dtensor_sp"]
+        spec = {
+            "config": cfg, "batch": args.batch, "schemes": names, "baselines": baselines,
+            "steps": args.steps, "warmup": args.warmup, "profile": args.profile,
+            "profile_steps": args.profile_steps,
+        }
+        print(f"[schemes.py] {ranks} ranks: {', '.join(names + baselines)} ...", file=sys.stderr,
+              flush=True)
+        t0 = time.perf_counter()
+        per_rank = sl.launch(bench_rank, {"tp": ranks}, args=(spec,), timeout=3600)
+        merged = _merge(per_rank)
+        _check_losses(merged, want, ranks)
+        skipped = [n for n in args.scheme_names if n not in names]
+        lines += format_table(ranks, merged)
+        if skipped:
+            lines.append(f"(not on {ranks} ranks: {', '.join(skipped)}: no mesh of that size fits)")
+        lines.append(f"({time.perf_counter() - t0:.0f} s)")
+        lines.append("")
+    if not args.skip_3d:
+        print("[schemes.py] 64-device simulated 3D step ...", file=sys.stderr, flush=True)
+        first, times, loss = simulated_3d(config, args.batch3d, args.steps3d)
+        want3 = ref.sanity_loss(config, gpt.init(config), make_batch(config, args.batch3d, args.seq))
+        if abs(loss - want3) > 1e-4 * max(1.0, abs(want3)):
+            raise AssertionError(f"simulated 3D loss {loss} != unsharded {want3}")
+        lines.append(
+            f"64-device simulated 3D step (tp3d on {{i: 4, j: 4, k: 4}}, batch {args.batch3d}, "
+            f"one process, one thread): first step {first:.2f} s (layout decisions), "
+            f"then median {statistics.median(times):.2f} s of {len(times)}; loss {loss:.4f}"
+        )
+    print("\n".join(lines), flush=True)
+    return lines
+
+
+if __name__ == "__main__":
+    main()
