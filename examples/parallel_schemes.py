@@ -453,13 +453,18 @@ def measure(
     )
     e = torch.empty((), dtype=dtype).element_size()
     param_bytes = sum(
-        max(math.prod(local_shape(tuple(p.shape), p.spec, mesh.abstract, d)) for d in range(mesh.size))
+        max(
+            math.prod(local_shape(tuple(p.shape), p.spec, mesh.abstract, d))
+            for d in range(mesh.size)
+        )
         * e
         for p in sparams.values()
     )
     shape = (batch, config.seq, config.dim)
     act = scheme.act_layout(RESIDUAL)
-    act_bytes = max(math.prod(local_shape(shape, act, mesh.abstract, d)) for d in range(mesh.size)) * e
+    act_bytes = (
+        max(math.prod(local_shape(shape, act, mesh.abstract, d)) for d in range(mesh.size)) * e
+    )
     z = sizes(config, batch, e)
     paper_fwd, paper_bwd = case.paper(z, dict(mesh.axes), config)
     return Row(
@@ -572,8 +577,14 @@ class _Progress:
 # == command line =================================================================================
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--devices", "--mesh-size", type=int, default=4, dest="devices",
-                   help="device count P each scheme's mesh is built from (default 4)")
+    p.add_argument(
+        "--devices",
+        "--mesh-size",
+        type=int,
+        default=4,
+        dest="devices",
+        help="device count P each scheme's mesh is built from (default 4)",
+    )
     p.add_argument("--vocab", type=int, default=512)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--heads", type=int, default=8)
@@ -583,8 +594,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--mlp", type=int, default=None, help="MLP width (default 4 * dim)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    p.add_argument("--schemes", default=",".join(BY_NAME),
-                   help=f"comma-separated subset of {','.join(BY_NAME)}")
+    p.add_argument(
+        "--schemes",
+        default=",".join(BY_NAME),
+        help=f"comma-separated subset of {','.join(BY_NAME)}",
+    )
     p.add_argument("--out", default="parallel_schemes.png", help="bar chart PNG path")
     p.add_argument("--backend", choices=("sim", "gloo"), default="sim")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -646,7 +660,11 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
              f"layers={config.layers} seq={config.seq} batch={args.batch} ({args.backend})")  # fmt: skip
     plot(rows, args.out, title)
     print(f"chart: {args.out}")
-    command = ["python", "examples/parallel_schemes.py", *(argv if argv is not None else sys.argv[1:])]
+    command = [
+        "python",
+        "examples/parallel_schemes.py",
+        *(argv if argv is not None else sys.argv[1:]),
+    ]
     print("reproduce: " + shlex.join(command))
     return rows
 

@@ -9,7 +9,7 @@ and, per scheme, our bytes forward and backward are at or below the paper's
 figure (the engine cross-check). Schemes where the engine is known to send
 more than the textbook plan are strict xfails that name the gap (they fail
 once it is fixed, so the mark gets removed). A `dist` run on 4 gloo ranks
-measures the same bytes as the simulated mesh.
+measures the same bytes as the simulated mesh (slow tier: two launches).
 """
 
 from __future__ import annotations
@@ -78,7 +78,9 @@ def test_table_has_every_scheme_and_the_command(run):
     assert set(rows) == set(ps.BY_NAME)
     table_names = {line.split()[0] for line in text.splitlines()[2:] if line[:1].isalpha()}
     assert set(ps.BY_NAME) <= table_names
-    assert text.rstrip().splitlines()[-1].startswith("reproduce: python examples/parallel_schemes.py")
+    assert (
+        text.rstrip().splitlines()[-1].startswith("reproduce: python examples/parallel_schemes.py")
+    )
     assert str(out) in text.rstrip().splitlines()[-1]
 
 
@@ -91,7 +93,11 @@ def test_meshes_follow_the_device_count(run):
 
 def test_loss_and_gradients_equal_unsharded_float64(run):
     rows, _, _ = run
-    bad = {n: (r.loss_err, r.grad_err) for n, r in rows.items() if r.loss_err > 1e-12 or r.grad_err > 1e-9}
+    bad = {
+        n: (r.loss_err, r.grad_err)
+        for n, r in rows.items()
+        if r.loss_err > 1e-12 or r.grad_err > 1e-9
+    }
     assert not bad
 
 
@@ -141,6 +147,7 @@ def test_bytes_at_or_below_the_paper(run, name):
     )
 
 
+@pytest.mark.slow  # ~60-90 s: two 4-rank launches on top of the simulated run
 @pytest.mark.dist
 def test_gloo_measures_what_the_simulated_mesh_does(run, tmp_path):
     sim = run[0]
