@@ -608,8 +608,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> list[Row]:
     """Run every chosen scheme, print the table and the reproducing command, write the chart.
 
-    Returns the rows (one per scheme run). Exits with status 2 on an unknown
-    scheme name.
+    Returns the rows (one per scheme run); an unknown scheme name raises
+    SystemExit with the valid names.
     """
     args = parse_args(argv)
     names = [n.strip() for n in args.schemes.split(",") if n.strip()]
