@@ -82,7 +82,7 @@ MESHES = {
 # multiple, so its uneven case keeps the odd vocab / heads / batch with a cuttable sequence.
 CONFIGS = {
     "even": (gpt.Config(vocab=12, dim=8, heads=4, layers=2, seq=8, kv_heads=2, dropout=0.1), 4, 8),
-    "uneven": (gpt.Config(vocab=11, dim=12, heads=3, layers=1, seq=7, kv_heads=1, mlp=18), 3, 7),
+    "uneven": (gpt.Config(vocab=11, dim=12, heads=3, layers=1, seq=7, mlp=18), 3, 7),
     "uneven_ring": (gpt.Config(vocab=11, dim=12, heads=3, layers=1, seq=8, kv_heads=1), 3, 8),
 }
 
@@ -132,6 +132,12 @@ def run_scheme(mesh, name: str, shape: str, dtype=F64):
         if not isinstance(v.grad, sl.ShardedTensor)
         or [t.shape for t in v.grad.local_shards()] != [t.shape for t in v.local_shards()]
     }
+    split = [  # the scheme splits something (a no-op scheme would pass the value checks)
+        k
+        for k, v in [*sparams.items(), ("tokens", sbatch["tokens"])]
+        if any(t.numel() < v.numel() for t in v.local_shards())
+    ]
+    assert split, f"{name}: neither the params nor the tokens are split on {mesh}"
     plain_batch = {k: v.full() if isinstance(v, sl.ShardedTensor) else v for k, v in sbatch.items()}
     grads = {k: v.grad.full() for k, v in sparams.items()}
     return value.full(), grads, plain_batch, mismatched
@@ -157,8 +163,15 @@ def _compare(got, want, rtol, atol):
 # ----------------------------------------------------------------------------- simulated
 
 
+# dp+tp3d (16 simulated devices) is slow: the contraction search over four mesh axes takes
+# over 90 s for its first linear (reported to the lead); it runs in the slow tier.
+SLOW = {"dp+tp3d"}
+
+
 @pytest.mark.parametrize("shape", ["even", "uneven"])
-@pytest.mark.parametrize("name", list(SCHEMES))
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in SCHEMES]
+)
 def test_scheme_matches_unsharded_float64(name, shape):
     c, b, s = CONFIGS[_config_for(name, shape)]
     loss, grads, plain_batch, mismatched = run_scheme(sl.Mesh.simulated(MESHES[name]), name, shape)
