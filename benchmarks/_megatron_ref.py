@@ -336,14 +336,18 @@ class _Sent:
     def __init__(self, p: int):
         self.p = p
         self.bytes = 0.0
+        self.count = 0
 
     def all_reduce(self, t: torch.Tensor) -> None:
+        self.count += 1
         self.bytes += 2 * (self.p - 1) / self.p * t.numel() * t.element_size()
 
     def gather(self, t_local: torch.Tensor) -> None:
+        self.count += 1
         self.bytes += (self.p - 1) * t_local.numel() * t_local.element_size()
 
     def scatter(self, t_full: torch.Tensor) -> None:
+        self.count += 1
         self.bytes += (self.p - 1) / self.p * t_full.numel() * t_full.element_size()
 
 

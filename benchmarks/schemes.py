@@ -28,12 +28,14 @@ step's peak memory per rank (see below), parameter bytes per rank, and the
 loss (every variant's is checked against the unsharded model's before the
 table prints).
 
-Peak memory: the high-water mark, over one extra untimed step, of the bytes
-torch's CPU allocator holds above what was allocated when the step began
-(every tensor allocation and free, from ``torch.profiler`` with
-``profile_memory=True``); parameters and the batch, allocated before, are
-not in it (the param column has them). Buffers gloo allocates outside torch
-are not counted. The slowest rank's (largest) figure is shown.
+Peak memory: over one extra untimed step, the high-water mark of the bytes
+torch's CPU allocator handed out during the step and had not yet taken back
+(every allocation and free of the step, from ``torch.profiler`` with
+``profile_memory=True``). Memory live before the step (parameters, the
+batch, the previous step's gradients) is not in it, nor are its frees, so
+dropping old gradients never lowers the figure; the param column has the
+parameters. Buffers gloo allocates outside torch are not counted. The
+largest rank's figure is shown.
 
 Last, the 64-device simulated 3D step (``{i: 4, j: 4, k: 4}``,
 ``sl.Mesh.simulated``, this process, one thread): the first step (layout
@@ -42,7 +44,8 @@ batch (3D splits the batch 16 ways).
 
     python benchmarks/schemes.py [--ranks 4 8] [--steps 5] [--schemes tp1d,tp1d_sp]
         [--dim 256 --heads 8 --layers 2 --seq 128 --batch 4 --vocab 1024]
-        [--skip-dtensor] [--skip-megatron] [--skip-3d] [--profile PATH]
+        [--baselines megatron,megatron_sp,dtensor,dtensor_sp] [--skip-dtensor] [--skip-megatron]
+        [--skip-3d] [--steps3d 3 --batch3d 16] [--profile PATH]
 """
 
 from __future__ import annotations
@@ -148,6 +151,7 @@ class Measured:
     times_s: list[float]
     fwd_bytes: float
     bwd_bytes: float
+    collectives: int
     peak_bytes: int
     param_bytes: int
     loss: float
@@ -183,13 +187,13 @@ class _ShardlibVariant:
         for v in self.params.values():
             if v.grad.spec != v.spec:  # a lazy partial: finish it as an optimizer would need
                 v.grad = sl.reshard(v.grad, v.spec)
-        return float(loss.full())
+        return float(loss.detach().full())
 
-    def bytes(self) -> tuple[float, float]:
+    def bytes(self) -> tuple[float, float, int]:
         with sl.comm_ledger() as led:
             self.backward(self.forward())
         fwd = sum(r.bytes for r in led.records if r.direction == "forward")
-        return fwd, led.total_bytes - fwd
+        return fwd, led.total_bytes - fwd, len(led.records)
 
     def param_bytes(self) -> int:
         return ref.param_bytes(self.params.values())
@@ -210,13 +214,13 @@ class _MegatronVariant:
         self.model.finish_grads()
         return float(loss)
 
-    def bytes(self) -> tuple[float, float]:
+    def bytes(self) -> tuple[float, float, int]:
         sent = self.model.sent
-        sent.bytes = 0.0
+        sent.bytes, sent.count = 0.0, 0
         loss = self.forward()
         fwd = sent.bytes
         self.backward(loss)
-        return fwd, sent.bytes - fwd
+        return fwd, sent.bytes - fwd, sent.count
 
     def param_bytes(self) -> int:
         return ref.param_bytes(self.model.params.values())
@@ -231,12 +235,12 @@ class _DTensorVariant:
     def step(self) -> float:
         return float(ref.dtensor_step(self.model, self.batch["tokens"], self.batch["targets"]))
 
-    def bytes(self) -> tuple[float, float]:
+    def bytes(self) -> tuple[float, float, int]:
         import torch.distributed as dist
 
         with ref.CommBytes(dist.get_world_size()) as counter:
             ref.dtensor_step(self.model, self.batch["tokens"], self.batch["targets"], counter)
-        return counter.forward, counter.sent - counter.forward
+        return counter.forward, counter.sent - counter.forward, sum(counter.counts.values())
 
     def param_bytes(self) -> int:
         return ref.param_bytes(self.model.parameters())
@@ -319,13 +323,13 @@ def bench_rank(mesh, spec: dict) -> dict[str, tuple[str, Measured]]:
             steps["tp1d"]()
     out = {}
     for name, v in variants.items():
-        fwd, bwd = v.bytes()
+        fwd, bwd, n = v.bytes()
         dist.barrier()
         peak = _peak_bytes(steps[name])
         dist.barrier()
         out[name] = (
             v.label,
-            Measured(first[name], times[name], fwd, bwd, peak, v.param_bytes(), losses[name]),
+            Measured(first[name], times[name], fwd, bwd, n, peak, v.param_bytes(), losses[name]),
         )
     return out
 
@@ -350,7 +354,7 @@ def simulated_3d(config: gpt.Config, batch: int, steps: int, q: int = 4) -> tupl
         for v in params.values():
             if v.grad.spec != v.spec:
                 v.grad = sl.reshard(v.grad, v.spec)
-        return float(loss.full())
+        return float(loss.detach().full())
 
     t0 = time.perf_counter()
     loss = step()
@@ -376,6 +380,7 @@ def _merge(per_rank: Sequence[dict]) -> dict[str, tuple[str, dict]]:
                 "median_s": max(statistics.median(m.times_s) for m in ms),
                 "fwd": m0.fwd_bytes,
                 "bwd": m0.bwd_bytes,
+                "colls": m0.collectives,
                 "peak": max(m.peak_bytes for m in ms),
                 "params": max(m.param_bytes for m in ms),
                 "loss": m0.loss,
@@ -391,7 +396,7 @@ def _ratio(a: float, b: float | None) -> str:
 def format_table(ranks: int, merged: dict) -> list[str]:
     head = (
         f"{'variant':<44}{'ms':>9}{'first s':>9}{'/Megatron':>11}{'/DTensor':>10}"
-        f"{'fwd MiB':>9}{'bwd MiB':>9}{'peak MiB':>10}{'param MiB':>11}{'loss':>9}"
+        f"{'fwd MiB':>9}{'bwd MiB':>9}{'colls':>7}{'peak MiB':>10}{'param MiB':>11}{'loss':>9}"
     )
     lines = [f"{ranks} gloo ranks:", head]
     base = {name: merged[name][1]["median_s"] for name in BASELINES if name in merged}
@@ -405,7 +410,7 @@ def format_table(ranks: int, merged: dict) -> list[str]:
         lines.append(
             f"{label:<44.44}{m['median_s'] * 1e3:>9.1f}{m['first_s']:>9.2f}"
             f"{_ratio(m['median_s'], vs_meg):>11}{_ratio(m['median_s'], vs_dt):>10}"
-            f"{fwd:>9}{bwd:>9}{m['peak'] / MiB:>10.2f}{m['params'] / MiB:>11.2f}"
+            f"{fwd:>9}{bwd:>9}{m['colls']:>7}{m['peak'] / MiB:>10.2f}{m['params'] / MiB:>11.2f}"
             f"{m['loss']:>9.4f}"
         )
     return lines
@@ -439,6 +444,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--mlp", type=int, default=None)
+    ap.add_argument("--baselines", default=",".join(BASELINES),
+                    help=f"comma-separated subset of {','.join(BASELINES)}")
     ap.add_argument("--skip-dtensor", action="store_true")
     ap.add_argument("--skip-megatron", action="store_true")
     ap.add_argument("--skip-3d", action="store_true", help="skip the 64-device simulated 3D step")
@@ -452,6 +459,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     unknown = [s for s in names if s not in SCHEMES]
     if unknown:
         ap.error(f"--schemes: unknown {unknown}; choose from {','.join(SCHEMES)}")
+    bases = [s for s in args.baselines.split(",") if s]
+    unknown = [s for s in bases if s not in BASELINES]
+    if unknown:
+        ap.error(f"--baselines: unknown {unknown}; choose from {','.join(BASELINES)}")
+    args.baseline_names = [
+        b for b in bases
+        if not (args.skip_dtensor and b.startswith("dtensor"))
+        and not (args.skip_megatron and b.startswith("megatron"))
+    ]
     if any(r < 1 or r > 8 for r in args.ranks):
         ap.error(f"--ranks {args.ranks}: between 1 and 8 local gloo ranks")
     args.scheme_names = names
@@ -463,14 +479,14 @@ def command_line(args: argparse.Namespace) -> str:
         "python benchmarks/schemes.py",
         f"--ranks {' '.join(map(str, args.ranks))}",
         f"--steps {args.steps} --warmup {args.warmup}",
-        f"--schemes {','.join(args.scheme_names)}",
+        f"--schemes {','.join(args.scheme_names)} --baselines {','.join(args.baseline_names)}",
         f"--dim {args.dim} --heads {args.heads}"
         + (f" --kv-heads {args.kv_heads}" if args.kv_heads else "")
         + f" --layers {args.layers} --seq {args.seq} --batch {args.batch} --vocab {args.vocab}"
         + (f" --mlp {args.mlp}" if args.mlp else ""),
     ]
-    parts += [f"--{f}" for f in ("skip-dtensor", "skip-megatron", "skip-3d")
-              if getattr(args, f.replace("-", "_"))]
+    if args.skip_3d:
+        parts.append("--skip-3d")
     if not args.skip_3d:
         parts.append(f"--steps3d {args.steps3d} --batch3d {args.batch3d}")
     if args.profile:
@@ -478,8 +494,17 @@ def command_line(args: argparse.Namespace) -> str:
     return " ".join(parts)
 
 
-def main(argv: Sequence[str] | None = None) -> list[str]:
-    """Run the benchmark, print the table, return its lines."""
+@dataclass
+class Report:
+    """What `main` printed (`lines`), per rank count the merged rows, and the 3D step."""
+
+    lines: list[str]
+    tables: dict[int, dict[str, tuple[str, dict]]]
+    sim3d: dict[str, float] | None
+
+
+def main(argv: Sequence[str] | None = None) -> Report:
+    """Run the benchmark, print the table (each rank count's as it completes), return a `Report`."""
     args = parse_args(argv)
     config = gpt.Config(
         vocab=args.vocab, dim=args.dim, heads=args.heads, layers=args.layers, seq=args.seq,
@@ -488,23 +513,26 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     fields = ("vocab", "dim", "heads", "layers", "seq", "kv_heads", "mlp")
     cfg = {f: getattr(config, f) for f in fields}
     want = ref.sanity_loss(config, gpt.init(config), make_batch(config, args.batch, args.seq))
-    lines = [
+    report = Report([], {}, None)
+
+    def emit(new: list[str]) -> None:
+        report.lines.extend(new)
+        print("\n".join(new), flush=True)
+
+    emit([
         f"# {command_line(args)}",
         f"# torch {torch.__version__}, CPU, {os.cpu_count()} cores, 1 thread per rank, gloo loopback",
         f"# model: {config}, batch {args.batch}, float32; unsharded loss {want:.4f}",
         "# ms: median step (forward+backward+gradients finished), slowest rank; first s: first step;",
         "# fwd/bwd MiB: bytes sent per device (ring model: shardlib's ledger, the same formulas for the",
-        "# references' collectives); peak MiB:",
-        "# torch.profiler CPU-allocator high-water mark over one step above its start, largest rank",
+        "# references' collectives); colls: collectives per step; peak MiB: high-water mark of",
+        "# the bytes torch's CPU allocator handed out in one step, not yet freed (torch.profiler",
+        "# profile_memory), largest rank; param MiB: parameters per rank",
         "",
-    ]
+    ])
     for ranks in args.ranks:
         names = [n for n in args.scheme_names if SCHEMES[n][1](ranks) is not None]
-        baselines = []
-        if not args.skip_megatron:
-            baselines += ["megatron", "megatron_sp"]
-        if not args.skip_dtensor:
-            baselines += ["dtensor", "dtensor_sp"]
+        baselines = args.baseline_names
         spec = {
             "config": cfg, "batch": args.batch, "schemes": names, "baselines": baselines,
             "steps": args.steps, "warmup": args.warmup, "profile": args.profile,
@@ -516,25 +544,30 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
         per_rank = sl.launch(bench_rank, {"tp": ranks}, args=(spec,), timeout=3600)
         merged = _merge(per_rank)
         _check_losses(merged, want, ranks)
+        report.tables[ranks] = merged
         skipped = [n for n in args.scheme_names if n not in names]
-        lines += format_table(ranks, merged)
+        table = format_table(ranks, merged)
         if skipped:
-            lines.append(f"(not on {ranks} ranks: {', '.join(skipped)}: no mesh of that size fits)")
-        lines.append(f"({time.perf_counter() - t0:.0f} s)")
-        lines.append("")
+            table.append(f"(not on {ranks} ranks: {', '.join(skipped)}: no mesh of that size fits)")
+        emit([*table, f"({time.perf_counter() - t0:.0f} s)", ""])
     if not args.skip_3d:
         print("[schemes.py] 64-device simulated 3D step ...", file=sys.stderr, flush=True)
         first, times, loss = simulated_3d(config, args.batch3d, args.steps3d)
         want3 = ref.sanity_loss(config, gpt.init(config), make_batch(config, args.batch3d, args.seq))
-        if abs(loss - want3) > 1e-4 * max(1.0, abs(want3)):
-            raise AssertionError(f"simulated 3D loss {loss} != unsharded {want3}")
-        lines.append(
+        if not abs(loss - want3) <= 1e-4 * max(1.0, abs(want3)):
+            raise AssertionError(
+                f"benchmarks/schemes.py: the simulated 3D loss {loss} differs from the unsharded "
+                f"model's {want3} by more than 1e-4 relative"
+            )
+        median = statistics.median(times)
+        report.sim3d = {"first_s": first, "median_s": median, "loss": loss}
+        emit([
             f"64-device simulated 3D step (tp3d on {{i: 4, j: 4, k: 4}}, batch {args.batch3d}, "
-            f"one process, one thread): first step {first:.2f} s (layout decisions), "
-            f"then median {statistics.median(times):.2f} s of {len(times)}; loss {loss:.4f}"
-        )
-    print("\n".join(lines), flush=True)
-    return lines
+            f"one process, one thread): median {median:.2f} s of {len(times)} steps; "
+            f"first step {first:.2f} s (layout decisions, plan caches, lazy imports: "
+            f"~{first - median:.2f} s over a step); loss {loss:.4f}"
+        ])
+    return report
 
 
 if __name__ == "__main__":
