@@ -142,7 +142,7 @@ EXPECTED = {
     ),
     "tp2d": (
         snn.tp2d("r", "c"),
-        {k: (R1 if len(d) == 1 else P("r", "c")) for k, d in PARAMS.items()},
+        {k: (P("c") if len(d) == 1 else P("r", "c")) for k, d in PARAMS.items()},
         None,
         {
             "tokens": P("r", None),
@@ -156,7 +156,7 @@ EXPECTED = {
     ),
     "tp2p5d": (
         snn.tp2p5d("d", "r", "c"),
-        {k: (R1 if len(d) == 1 else P("r", "c")) for k, d in PARAMS.items()},
+        {k: (P("c") if len(d) == 1 else P("r", "c")) for k, d in PARAMS.items()},
         None,
         {
             "tokens": P(("d", "r"), None),
@@ -169,7 +169,7 @@ EXPECTED = {
         snn.tp3d("i", "j", "k"),
         {
             "wte": P(("j", "i"), "k"),
-            "norm": R1,
+            "norm": P("k"),
             "wq": P(("k", "i"), "j"),
             "wk": P(("k", "i"), "j"),
             "wo": P(("j", "i"), "k"),
@@ -494,30 +494,31 @@ CFG = gpt.Config(vocab=16, dim=16, heads=4, layers=2, seq=8, kv_heads=2, mlp=32)
 
 
 @pytest.mark.parametrize(
-    "scheme, axes, divisor",
+    "scheme, axes, divisor, norm_divisor",
     [
-        (snn.tp2d("r", "c"), {"r": 2, "c": 2}, 4),
-        (snn.tp2p5d("d", "r", "c"), {"d": 2, "r": 2, "c": 2}, 4),  # 1/q², replicated over d
-        (snn.tp3d("i", "j", "k"), {"i": 2, "j": 2, "k": 2}, 8),
-        (snn.fsdp("dp"), {"dp": 4}, 4),
-        (snn.fsdp("dp") + snn.tp1d("tp"), {"dp": 2, "tp": 2}, 4),
+        (snn.tp2d("r", "c"), {"r": 2, "c": 2}, 4, 2),  # norms split over col
+        (snn.tp2p5d("d", "r", "c"), {"d": 2, "r": 2, "c": 2}, 4, 2),  # 1/q², replicated over d
+        (snn.tp3d("i", "j", "k"), {"i": 2, "j": 2, "k": 2}, 8, 2),  # norms split over k
+        (snn.fsdp("dp"), {"dp": 4}, 4, 1),  # norms replicated
+        (snn.fsdp("dp") + snn.tp1d("tp"), {"dp": 2, "tp": 2}, 4, 1),
     ],
     ids=repr,
 )
-def test_parameter_bytes_per_device(scheme, axes, divisor):
+def test_parameter_bytes_per_device(scheme, axes, divisor, norm_divisor):
     mesh = sl.Mesh.simulated(axes)
     params = gpt.init(CFG)
     dims = gpt.DIMS(CFG)
     sharded = snn.shard_params(params, mesh, scheme, dims)
     matrices = sum(p.numel() * 4 for p in params.values() if p.ndim == 2)
-    norms = sum(p.numel() * 4 for p in params.values() if p.ndim == 1)  # replicated, as stated
+    norms = sum(p.numel() * 4 for p in params.values() if p.ndim == 1) // norm_divisor  # as stated
     per_device = [0] * mesh.size
     for p in sharded.values():
         for dev, s in enumerate(p.local_shards()):
             per_device[dev] += s.numel() * s.element_size()
     assert per_device == [matrices // divisor + norms] * mesh.size
     text = scheme.explain(sharded, dims, show=False)
-    assert "total" in text and f"{matrices // divisor + norms} of {matrices + norms}" in text
+    whole = matrices + sum(p.numel() * 4 for p in params.values() if p.ndim == 1)
+    assert "total" in text and f"{matrices // divisor + norms} of {whole}" in text
     for key in ("wte", "layers.1.w_down", "head"):
         assert key in text and repr(scheme.param_layout(dims[key])) in text
 

@@ -7,6 +7,7 @@ outside it. Every byte a scheme moves comes from the layouts, the op rules and
 the planner: no scheme has its own autograd functions or process groups.
 """
 
+from . import gpt as gpt  # noqa: E402  (the reference model uses the names above)
 from ._scheme import Scheme as Scheme
 from ._scheme import dp as dp
 from ._scheme import fsdp as fsdp
@@ -21,4 +22,3 @@ from ._use import constrain as constrain
 from ._use import linear as linear
 from ._use import shard_params as shard_params
 from ._use import use as use
-from . import gpt as gpt  # noqa: E402  (the reference model uses the names above)

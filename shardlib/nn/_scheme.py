@@ -665,12 +665,18 @@ def _megatron_sp(dims: Dims, axis: str) -> tuple[Axes, ...]:
 
 
 def _matrix(dims: Dims, row: str, col: str) -> tuple[Axes, ...]:
-    """2D/2.5D weights: any (in, out) matrix P(row, col); vectors replicated."""
-    return ((row,), (col,)) if len(dims) == 2 else ((),) * len(dims)
+    """2D/2.5D weights: any (in, out) matrix P(row, col); vectors (norms, biases) split over
+    col like the activations' last dim, so they are used where they lie and their
+    gradients come out in their layout."""
+    if len(dims) == 2:
+        return ((row,), (col,))
+    return tuple((col,) if i == len(dims) - 1 else () for i in range(len(dims)))
 
 
 def _tp3d_weight(dims: Dims, i: str, j: str, k: str) -> tuple[Axes, ...]:
     """3D weights: (embed, out) -> P((k, i), j); (in, embed) and others -> P((j, i), k)."""
+    if len(dims) == 1:  # norms, biases: split like the activations' last dim
+        return ((j,),) if dims[0] in _WIDE else ((k,),)
     if len(dims) != 2:
         return ((),) * len(dims)
     if dims[0] == "embed" and dims[1] != "embed":
@@ -776,7 +782,7 @@ def tp2d(row: str, col: str) -> Scheme:
     Layouts: every weight (in, out) P(row, col); activations (batch, seq, last)
     P(row, None, col) (tokens on batch, so attention stays local), attention
     tensors (batch, heads, seq, head_dim) P(row, col, None, None); norms and
-    biases replicated. Bytes per linear: forward (q-1)/q²·(bsh + hh'); backward
+    biases split over col (as the activations' last dim). Bytes per linear: forward (q-1)/q²·(bsh + hh'); backward
     the same with kept operands (2x with remat).
 
     Examples:
@@ -798,7 +804,7 @@ def tp2p5d(depth: str, row: str, col: str) -> Scheme:
 
     Layouts: every weight P(row, col), replicated over depth; activations
     batch -> (depth, row), last dim -> col; attention heads -> col; norms and
-    biases replicated. Bytes per linear: forward (q-1)/q²·(bsh/d + hh');
+    biases split over col. Bytes per linear: forward (q-1)/q²·(bsh/d + hh');
     backward the same plus the all-reduce of dW over depth, 2(d-1)/d·hh'/q².
 
     Examples:
@@ -821,7 +827,8 @@ def tp3d(i: str, j: str, k: str) -> Scheme:
     P((j, i), k); activations ending in embed: batch (i, j), embed k; with
     mlp/heads/kv_heads/vocab: batch (i, k), that dim j — so the next linear
     swaps j and k and two chained linears need no reshard between them;
-    norms and biases replicated. Bytes per linear: forward
+    norms and biases split like the activations' last dim (embed k, others j).
+    Bytes per linear: forward
     (q-1)/q³·(bsh + hh' + bsh'); backward the same.
 
     Examples:

@@ -405,5 +405,5 @@ def loss(
         raise ShardlibError(f"gpt.loss: reduction={reduction!r}; use 'mean', 'sum' or 'none'")
     logits_bsv = logits(params, batch, config, training=training)
     targets_bs = batch["targets"]
-    out = F.cross_entropy(logits_bsv.flatten(0, 1), targets_bs.flatten(), reduction=reduction)
-    return out.unflatten(0, tuple(targets_bs.shape)) if reduction == "none" else out
+    # classes on dim 1 (no flatten: merging a split seq dim into the batch would gather)
+    return F.cross_entropy(logits_bsv.transpose(1, 2), targets_bs, reduction=reduction)
