@@ -3,7 +3,7 @@
 The Numerics Must-show of issue 7: for every preset (`dp`, `fsdp` with and
 without remat, `tp1d`, `tp1d(sequence=True)`, `tp2d`, `tp2p5d`, `tp3d`,
 `ulysses`, `ring` with zigzag / stripe / no balance) and the compositions
-dp+tp1d(+sp), dp+tp2d, dp+tp3d, fsdp+tp1d, on simulated meshes: params through
+dp+tp1d(+sp), dp+tp2d, dp+tp3d (slow tier), fsdp+tp1d, dp+ulysses, on simulated meshes: params through
 `snn.shard_params(..., gpt.DIMS(config))`, the batch through
 `scheme.shard_batch`, the loss inside ``with snn.use(scheme, mesh):``, then
 ``.backward()``. The loss and each parameter's gradient (``.full()``) must
@@ -18,6 +18,9 @@ the same gradients as ``.backward()``.
 Also the Memory Must-show "no parameter's .grad is left full-size on a device
 whose parameter shard is smaller": after ``.backward()`` every parameter's
 ``.grad`` has the parameter's local shard shapes on every device.
+
+`gpt.DIMS` as a mapping serves `shard_params` for any layer count; grouped-query
+heads a mesh axis cannot align (kv_heads=1 over tp=2) raise a LayoutError naming the fix.
 
 A zigzag ring needs ``seq % (2 * size) == 0``: a sequence padded to that with
 ``-100`` targets (ignored by the cross-entropy) gives the unpadded loss.
@@ -55,6 +58,7 @@ SCHEMES = {
     "dp+tp2d": lambda: snn.dp("dp") + snn.tp2d("r", "c"),
     "dp+tp3d": lambda: snn.dp("dp") + snn.tp3d("i", "j", "k"),
     "fsdp+tp1d": lambda: snn.fsdp("dp") + snn.tp1d("tp"),
+    "dp+ulysses": lambda: snn.dp("dp") + snn.ulysses("sp"),
 }
 
 MESHES = {
@@ -75,6 +79,7 @@ MESHES = {
     "dp+tp2d": {"dp": 2, "r": 2, "c": 2},
     "dp+tp3d": {"dp": 2, "i": 2, "j": 2, "k": 2},
     "fsdp+tp1d": {"dp": 2, "tp": 2},
+    "dp+ulysses": {"dp": 2, "sp": 2},
 }
 
 # (config, batch, seq): "even" is divided by every mesh axis above (2 layers, GQA, dropout);
@@ -214,9 +219,31 @@ def test_zigzag_ring_on_a_padded_sequence_gives_the_unpadded_loss():
     torch.testing.assert_close(value.full(), gpt.loss(params, batch, c), rtol=1e-9, atol=1e-10)
 
 
+def test_dims_mapping_serves_any_layer_count():
+    """`gpt.DIMS` itself (not only `gpt.DIMS(config)`) gives shard_params every layer's dims."""
+    c = gpt.Config(vocab=11, dim=8, heads=2, layers=3, seq=6)
+    mesh = sl.Mesh.simulated({"tp": 2})
+    params = make_params(c, F64)
+    by_mapping = snn.shard_params(params, mesh, snn.tp1d("tp"), gpt.DIMS)
+    by_config = snn.shard_params(params, mesh, snn.tp1d("tp"), gpt.DIMS(c))
+    assert {k: v.spec for k, v in by_mapping.items()} == {k: v.spec for k, v in by_config.items()}
+    assert by_mapping["layers.2.w_down"].spec == sl.P("tp", None)
+
+
+def test_grouped_query_heads_a_mesh_cannot_align_raise_naming_the_fix():
+    """kv_heads=1 split over tp=2 cannot give each device its query heads' kv head: an error."""
+    c = gpt.Config(vocab=11, dim=12, heads=3, layers=1, seq=6, kv_heads=1)
+    mesh = sl.Mesh.simulated({"tp": 2})
+    scheme = snn.tp1d("tp")
+    sparams = snn.shard_params(make_params(c, F64), mesh, scheme, gpt.DIMS(c))
+    sbatch = scheme.shard_batch(make_batch(c, 2, 6), mesh)
+    with snn.use(scheme, mesh), pytest.raises(sl.LayoutError, match=r"kv_heads=1.*Fix"):
+        gpt.loss(sparams, sbatch, c)
+
+
 # ----------------------------------------------------------------------------- gloo
 
-GLOO4 = ["dp+tp1d", "dp+tp1d_sp", "fsdp+tp1d", "tp2d", "ring_zigzag"]
+GLOO4 = ["fsdp", "dp+tp1d", "dp+tp1d_sp", "fsdp+tp1d", "tp2d", "dp+ulysses", "ring_zigzag"]
 GLOO8 = ["tp3d", "tp2p5d", "dp+tp2d"]
 
 
