@@ -89,6 +89,8 @@ CONFIGS = {
     "even": (gpt.Config(vocab=12, dim=8, heads=4, layers=2, seq=8, kv_heads=2, dropout=0.1), 4, 8),
     "uneven": (gpt.Config(vocab=11, dim=12, heads=3, layers=1, seq=7, mlp=18), 3, 7),
     "uneven_ring": (gpt.Config(vocab=11, dim=12, heads=3, layers=1, seq=8, kv_heads=1), 3, 8),
+    # the slow sweep on size-3 axes: 2 layers, dropout; 12 tokens per sequence (zigzag on 3: 6 | 12)
+    "wide": (gpt.Config(vocab=13, dim=16, heads=4, layers=2, seq=12, dropout=0.1), 4, 12),
 }
 
 
@@ -184,6 +186,29 @@ def test_scheme_matches_unsharded_float64(name, shape):
     if c.dropout == 0:  # the reordering a scheme applies leaves the loss unchanged
         ref_loss, _ = reference(name, shape, make_batch(c, b, s))
         torch.testing.assert_close(loss, ref_loss, rtol=1e-9, atol=1e-10)
+    assert not mismatched, f"grad local shapes != param local shapes (grad, param): {mismatched}"
+
+
+SIZE3 = {
+    "fsdp": {"dp": 3},
+    "tp1d": {"tp": 3},
+    "tp1d_sp": {"tp": 3},
+    "tp2d": {"r": 3, "c": 3},
+    "tp3d": {"i": 3, "j": 3, "k": 3},
+    "ulysses": {"sp": 3},
+    "ring_zigzag": {"sp": 3},
+    "ring_stripe": {"sp": 3},
+    "dp+tp1d_sp": {"dp": 3, "tp": 2},
+    "dp+tp2d": {"dp": 2, "r": 3, "c": 3},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SIZE3))
+def test_scheme_on_size_3_axes_matches_unsharded_float64(name):
+    """Axes of size 3 (27 devices for 3D): batch 4, heads 4, vocab 13, embed 16 divide by none."""
+    loss, grads, plain_batch, mismatched = run_scheme(sl.Mesh.simulated(SIZE3[name]), name, "wide")
+    _compare((loss, grads), reference(name, "wide", plain_batch), rtol=1e-9, atol=1e-10)
     assert not mismatched, f"grad local shapes != param local shapes (grad, param): {mismatched}"
 
 
