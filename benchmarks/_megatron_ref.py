@@ -19,7 +19,8 @@ in ``gpt.init``'s dict, no biases, no dropout):
   forward, identity backward), and for ``sequence=True`` the SP pair
   (all-gather on seq forward / reduce-scatter backward, and the reverse), the
   vocab-parallel cross-entropy (max, sum-exp and target-logit all-reduces),
-  and SP's all-reduce of the norm weights' gradients (`MegatronGPT.finish_grads`).
+  and SP's all-reduce of the norm weights' gradients in one flat buffer
+  (`MegatronGPT.finish_grads`).
   Every collective adds its bytes (ring model, the busiest device's sent
   bytes, as shardlib's ledger counts) to `MegatronGPT.sent`.
 - `CommBytes`: a ``TorchDispatchMode`` that adds up the ring-model bytes of
@@ -305,7 +306,9 @@ class CommBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if any(t is not torch.Tensor for t in types):
-            return NotImplemented  # a DTensor op: let DTensor run it; its collectives come back here
+            return (
+                NotImplemented  # a DTensor op: let DTensor run it; its collectives come back here
+            )
         name = str(func)
         kind = func.overloadpacket.__name__
         if "c10d_functional" in name and kind not in _NOT_COLLECTIVES:
@@ -526,12 +529,16 @@ class MegatronGPT:
             t.grad = None
 
     def finish_grads(self) -> None:
-        """SP: the norm weights saw only this rank's tokens; all-reduce their gradients."""
+        """SP: the norm weights saw only this rank's tokens; all-reduce their gradients, all in
+        one flat buffer (Megatron's ``_allreduce_layernorm_grads``)."""
         if not self.sequence:
             return
-        for key, t in self.params.items():
-            if key.endswith("norm") and t.grad is not None:
-                t.grad = _all_reduce(t.grad, self.sent)
+        norms = [t for key, t in self.params.items() if key.endswith("norm") and t.grad is not None]
+        if not norms:
+            return
+        flat = _all_reduce(torch.cat([t.grad.flatten() for t in norms]), self.sent)
+        for t, g in zip(norms, flat.split([t.numel() for t in norms])):
+            t.grad = g.view_as(t)
 
 
 _LAYER = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_up", "w_down")
@@ -559,4 +566,3 @@ def sanity_loss(config, params, batch) -> float:
     from shardlib.nn import gpt
 
     return float(gpt.loss(params, batch, config))
-

@@ -37,12 +37,17 @@ dropping old gradients never lowers the figure; the param column has the
 parameters. Buffers gloo allocates outside torch are not counted. The
 largest rank's figure is shown.
 
+Reading it on a small machine: with more ranks than cores (8 ranks on 2
+cores) every collective waits for the other ranks to be scheduled, so a
+step's time follows its collective count (``colls``) more than its bytes;
+cProfile one variant's steps on rank 0 with ``--profile PATH``.
+
 Last, the 64-device simulated 3D step (``{i: 4, j: 4, k: 4}``,
 ``sl.Mesh.simulated``, this process, one thread): the first step (layout
 decisions) and the median of the following steps; ``--batch3d`` sets its
 batch (3D splits the batch 16 ways).
 
-    python benchmarks/schemes.py [--ranks 4 8] [--steps 5] [--schemes tp1d,tp1d_sp]
+    python benchmarks/schemes.py [--ranks 4 8] [--steps 3] [--warmup 0] [--schemes tp1d,tp1d_sp]
         [--dim 256 --heads 8 --layers 2 --seq 128 --batch 4 --vocab 1024]
         [--baselines megatron,megatron_sp,dtensor,dtensor_sp] [--skip-dtensor] [--skip-megatron]
         [--skip-3d] [--steps3d 3 --batch3d 16] [--profile PATH]
@@ -159,7 +164,9 @@ class Measured:
 
 def make_batch(config: gpt.Config, batch: int, seq: int, seed: int = 1) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {k: torch.randint(0, config.vocab, (batch, seq), generator=g) for k in ("tokens", "targets")}
+    return {
+        k: torch.randint(0, config.vocab, (batch, seq), generator=g) for k in ("tokens", "targets")
+    }
 
 
 class _ShardlibVariant:
@@ -189,11 +196,15 @@ class _ShardlibVariant:
                 v.grad = sl.reshard(v.grad, v.spec)
         return float(loss.detach().full())
 
-    def bytes(self) -> tuple[float, float, int]:
-        with sl.comm_ledger() as led:
-            self.backward(self.forward())
-        fwd = sum(r.bytes for r in led.records if r.direction == "forward")
-        return fwd, led.total_bytes - fwd, len(led.records)
+    def measure(self) -> tuple[float, float, int, int]:
+        """One step's forward bytes, backward bytes (gradient finishing included), collectives
+        and peak memory."""
+        with PeakMemory() as pm:
+            with sl.comm_ledger() as fwd:
+                loss = self.forward()
+            with sl.comm_ledger() as bwd:
+                self.backward(loss)
+        return fwd.total_bytes, bwd.total_bytes, len(fwd.records) + len(bwd.records), pm.peak
 
     def param_bytes(self) -> int:
         return ref.param_bytes(self.params.values())
@@ -214,13 +225,14 @@ class _MegatronVariant:
         self.model.finish_grads()
         return float(loss)
 
-    def bytes(self) -> tuple[float, float, int]:
+    def measure(self) -> tuple[float, float, int, int]:
         sent = self.model.sent
         sent.bytes, sent.count = 0.0, 0
-        loss = self.forward()
-        fwd = sent.bytes
-        self.backward(loss)
-        return fwd, sent.bytes - fwd, sent.count
+        with PeakMemory() as pm:
+            loss = self.forward()
+            fwd = sent.bytes
+            self.backward(loss)
+        return fwd, sent.bytes - fwd, sent.count, pm.peak
 
     def param_bytes(self) -> int:
         return ref.param_bytes(self.model.params.values())
@@ -235,12 +247,13 @@ class _DTensorVariant:
     def step(self) -> float:
         return float(ref.dtensor_step(self.model, self.batch["tokens"], self.batch["targets"]))
 
-    def bytes(self) -> tuple[float, float, int]:
+    def measure(self) -> tuple[float, float, int, int]:
         import torch.distributed as dist
 
-        with ref.CommBytes(dist.get_world_size()) as counter:
+        with PeakMemory() as pm, ref.CommBytes(dist.get_world_size()) as counter:
             ref.dtensor_step(self.model, self.batch["tokens"], self.batch["targets"], counter)
-        return counter.forward, counter.sent - counter.forward, sum(counter.counts.values())
+        sent = counter.sent
+        return counter.forward, sent - counter.forward, sum(counter.counts.values()), pm.peak
 
     def param_bytes(self) -> int:
         return ref.param_bytes(self.model.parameters())
@@ -252,18 +265,25 @@ def _step_of(v) -> Callable[[], float]:
     return lambda: v.backward(v.forward())
 
 
-def _peak_bytes(step: Callable[[], float]) -> int:
-    """High-water mark of torch CPU allocations above the start, over one `step` (profiler)."""
-    from torch.profiler import ProfilerActivity, profile
+class PeakMemory:
+    """``with PeakMemory() as pm:`` -> ``pm.peak``: the high-water mark, over the block, of the
+    bytes torch's CPU allocator handed out inside it and had not taken back (torch.profiler
+    ``profile_memory`` events; blocks allocated before it and their frees are not seen)."""
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    now = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        now += e.nbytes()
-        peak = max(peak, now)
-    return peak
+    def __enter__(self) -> PeakMemory:
+        from torch.profiler import ProfilerActivity, profile
+
+        self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._prof.__exit__(*exc)
+        events = [e for e in self._prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+        now = self.peak = 0
+        for e in sorted(events, key=lambda e: e.start_ns()):
+            now += e.nbytes()
+            self.peak = max(self.peak, now)
 
 
 def bench_rank(mesh, spec: dict) -> dict[str, tuple[str, Measured]]:
@@ -308,24 +328,23 @@ def bench_rank(mesh, spec: dict) -> dict[str, tuple[str, Measured]]:
     for _ in range(spec["steps"]):
         for name, fn in steps.items():
             times[name].append(timed(fn)[0])
-    profiler = None
-    if spec.get("profile") and dist.get_rank() == 0 and "tp1d" in steps:
+    for name in spec.get("profile_variants", ()):
+        if name not in steps:
+            continue
         import cProfile
 
         profiler = cProfile.Profile()
+        dist.barrier()
         profiler.enable()
         for _ in range(spec["profile_steps"]):
-            steps["tp1d"]()
+            timed(steps[name])
         profiler.disable()
-        profiler.dump_stats(spec["profile"])
-    elif spec.get("profile") and "tp1d" in steps:
-        for _ in range(spec["profile_steps"]):
-            steps["tp1d"]()
+        if dist.get_rank() == 0:
+            profiler.dump_stats(f"{spec['profile']}.{name}")
     out = {}
     for name, v in variants.items():
-        fwd, bwd, n = v.bytes()
         dist.barrier()
-        peak = _peak_bytes(steps[name])
+        fwd, bwd, n, peak = v.measure()
         dist.barrier()
         out[name] = (
             v.label,
@@ -335,7 +354,9 @@ def bench_rank(mesh, spec: dict) -> dict[str, tuple[str, Measured]]:
 
 
 # == the 64-device simulated 3D step ===================================================
-def simulated_3d(config: gpt.Config, batch: int, steps: int, q: int = 4) -> tuple[float, list[float], float]:
+def simulated_3d(
+    config: gpt.Config, batch: int, steps: int, q: int = 4
+) -> tuple[float, list[float], float]:
     """First step's seconds, the following steps' seconds, and the loss, on ``{i,j,k: q}``."""
     torch.set_num_threads(1)
     mesh = sl.Mesh.simulated({"i": q, "j": q, "k": q})
@@ -416,6 +437,14 @@ def format_table(ranks: int, merged: dict) -> list[str]:
     return lines
 
 
+def _batch_split(name: str, ranks: int) -> int:
+    """How many ways scheme `name` splits the batch on `ranks` ranks."""
+    build, axes_of = SCHEMES[name]
+    axes = axes_of(ranks)
+    split = build(axes).act_layout(("batch", "seq", "embed")).dims[0]
+    return math.prod(axes[a] for a in split)
+
+
 def _check_losses(merged: dict, want: float, ranks: int) -> None:
     bad = {
         name: m["loss"]
@@ -432,10 +461,13 @@ def _check_losses(merged: dict, want: float, ranks: int) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--ranks", type=int, nargs="+", default=[4, 8], help="gloo rank counts (<= 8)")
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per variant")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed steps after the first")
-    ap.add_argument("--schemes", default="tp1d,tp1d_sp,dp,fsdp,tp2d,tp2p5d,tp3d,ulysses,ring",
-                    help=f"comma-separated subset of {','.join(SCHEMES)}")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per variant")
+    ap.add_argument("--warmup", type=int, default=0, help="untimed steps after the first")
+    ap.add_argument(
+        "--schemes",
+        default="tp1d,tp1d_sp,dp,fsdp,tp2d,tp2p5d,tp3d,ulysses,ring",
+        help=f"comma-separated subset of {','.join(SCHEMES)}",
+    )
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--kv-heads", type=int, default=None)
@@ -444,15 +476,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--mlp", type=int, default=None)
-    ap.add_argument("--baselines", default=",".join(BASELINES),
-                    help=f"comma-separated subset of {','.join(BASELINES)}")
+    ap.add_argument(
+        "--baselines",
+        default=",".join(BASELINES),
+        help=f"comma-separated subset of {','.join(BASELINES)}",
+    )
     ap.add_argument("--skip-dtensor", action="store_true")
     ap.add_argument("--skip-megatron", action="store_true")
     ap.add_argument("--skip-3d", action="store_true", help="skip the 64-device simulated 3D step")
     ap.add_argument("--steps3d", type=int, default=3)
     ap.add_argument("--batch3d", type=int, default=16)
-    ap.add_argument("--profile", default=None,
-                    help="cProfile rank 0's tp1d steps (after the timed ones) into this file")
+    ap.add_argument(
+        "--profile",
+        default=None,
+        help="cProfile rank 0's steps of --profile-variants (after the timed ones) "
+        "into PROFILE.<variant>",
+    )
+    ap.add_argument("--profile-variants", default="tp1d,megatron")
     ap.add_argument("--profile-steps", type=int, default=3)
     args = ap.parse_args(argv)
     names = [s for s in args.schemes.split(",") if s]
@@ -464,7 +504,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if unknown:
         ap.error(f"--baselines: unknown {unknown}; choose from {','.join(BASELINES)}")
     args.baseline_names = [
-        b for b in bases
+        b
+        for b in bases
         if not (args.skip_dtensor and b.startswith("dtensor"))
         and not (args.skip_megatron and b.startswith("megatron"))
     ]
@@ -490,7 +531,10 @@ def command_line(args: argparse.Namespace) -> str:
     if not args.skip_3d:
         parts.append(f"--steps3d {args.steps3d} --batch3d {args.batch3d}")
     if args.profile:
-        parts.append(f"--profile {args.profile} --profile-steps {args.profile_steps}")
+        parts.append(
+            f"--profile {args.profile} --profile-steps {args.profile_steps} "
+            f"--profile-variants {args.profile_variants}"
+        )
     return " ".join(parts)
 
 
@@ -507,8 +551,13 @@ def main(argv: Sequence[str] | None = None) -> Report:
     """Run the benchmark, print the table (each rank count's as it completes), return a `Report`."""
     args = parse_args(argv)
     config = gpt.Config(
-        vocab=args.vocab, dim=args.dim, heads=args.heads, layers=args.layers, seq=args.seq,
-        kv_heads=args.kv_heads, mlp=args.mlp,
+        vocab=args.vocab,
+        dim=args.dim,
+        heads=args.heads,
+        layers=args.layers,
+        seq=args.seq,
+        kv_heads=args.kv_heads,
+        mlp=args.mlp,
     )
     fields = ("vocab", "dim", "heads", "layers", "seq", "kv_heads", "mlp")
     cfg = {f: getattr(config, f) for f in fields}
@@ -519,27 +568,38 @@ def main(argv: Sequence[str] | None = None) -> Report:
         report.lines.extend(new)
         print("\n".join(new), flush=True)
 
-    emit([
-        f"# {command_line(args)}",
-        f"# torch {torch.__version__}, CPU, {os.cpu_count()} cores, 1 thread per rank, gloo loopback",
-        f"# model: {config}, batch {args.batch}, float32; unsharded loss {want:.4f}",
-        "# ms: median step (forward+backward+gradients finished), slowest rank; first s: first step;",
-        "# fwd/bwd MiB: bytes sent per device (ring model: shardlib's ledger, the same formulas for the",
-        "# references' collectives); colls: collectives per step; peak MiB: high-water mark of",
-        "# the bytes torch's CPU allocator handed out in one step, not yet freed (torch.profiler",
-        "# profile_memory), largest rank; param MiB: parameters per rank",
-        "",
-    ])
+    emit(
+        [
+            f"# {command_line(args)}",
+            f"# torch {torch.__version__}, CPU, {os.cpu_count()} cores, 1 thread per rank, gloo loopback",
+            f"# model: {config}, batch {args.batch}, float32; unsharded loss {want:.4f}",
+            "# ms: median step (forward+backward+gradients finished), slowest rank; first s: first step;",
+            "# fwd/bwd MiB: bytes sent per device (ring model: shardlib's ledger, the same formulas for the",
+            "# references' collectives); colls: collectives per step; peak MiB: high-water mark of",
+            "# the bytes torch's CPU allocator handed out in one step, not yet freed (torch.profiler",
+            "# profile_memory), largest rank; param MiB: parameters per rank",
+            "",
+        ]
+    )
     for ranks in args.ranks:
         names = [n for n in args.scheme_names if SCHEMES[n][1](ranks) is not None]
         baselines = args.baseline_names
         spec = {
-            "config": cfg, "batch": args.batch, "schemes": names, "baselines": baselines,
-            "steps": args.steps, "warmup": args.warmup, "profile": args.profile,
+            "config": cfg,
+            "batch": args.batch,
+            "schemes": names,
+            "baselines": baselines,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "profile": args.profile,
             "profile_steps": args.profile_steps,
+            "profile_variants": args.profile_variants.split(",") if args.profile else (),
         }
-        print(f"[schemes.py] {ranks} ranks: {', '.join(names + baselines)} ...", file=sys.stderr,
-              flush=True)
+        print(
+            f"[schemes.py] {ranks} ranks: {', '.join(names + baselines)} ...",
+            file=sys.stderr,
+            flush=True,
+        )
         t0 = time.perf_counter()
         per_rank = sl.launch(bench_rank, {"tp": ranks}, args=(spec,), timeout=3600)
         merged = _merge(per_rank)
@@ -549,11 +609,20 @@ def main(argv: Sequence[str] | None = None) -> Report:
         table = format_table(ranks, merged)
         if skipped:
             table.append(f"(not on {ranks} ranks: {', '.join(skipped)}: no mesh of that size fits)")
+        uneven = [n for n in names if args.batch % _batch_split(n, ranks)]
+        if uneven:
+            table.append(
+                f"(batch {args.batch} is split unevenly by {', '.join(uneven)} "
+                f"({', '.join(str(_batch_split(n, ranks)) for n in uneven)} ways): some ranks "
+                "hold no tokens; --batch a multiple for a balanced run)"
+            )
         emit([*table, f"({time.perf_counter() - t0:.0f} s)", ""])
     if not args.skip_3d:
         print("[schemes.py] 64-device simulated 3D step ...", file=sys.stderr, flush=True)
         first, times, loss = simulated_3d(config, args.batch3d, args.steps3d)
-        want3 = ref.sanity_loss(config, gpt.init(config), make_batch(config, args.batch3d, args.seq))
+        want3 = ref.sanity_loss(
+            config, gpt.init(config), make_batch(config, args.batch3d, args.seq)
+        )
         if not abs(loss - want3) <= 1e-4 * max(1.0, abs(want3)):
             raise AssertionError(
                 f"benchmarks/schemes.py: the simulated 3D loss {loss} differs from the unsharded "
@@ -561,12 +630,14 @@ def main(argv: Sequence[str] | None = None) -> Report:
             )
         median = statistics.median(times)
         report.sim3d = {"first_s": first, "median_s": median, "loss": loss}
-        emit([
-            f"64-device simulated 3D step (tp3d on {{i: 4, j: 4, k: 4}}, batch {args.batch3d}, "
-            f"one process, one thread): median {median:.2f} s of {len(times)} steps; "
-            f"first step {first:.2f} s (layout decisions, plan caches, lazy imports: "
-            f"~{first - median:.2f} s over a step); loss {loss:.4f}"
-        ])
+        emit(
+            [
+                f"64-device simulated 3D step (tp3d on {{i: 4, j: 4, k: 4}}, batch {args.batch3d}, "
+                f"one process, one thread): median {median:.2f} s of {len(times)} steps; "
+                f"first step {first:.2f} s (layout decisions, plan caches, lazy imports: "
+                f"~{first - median:.2f} s over a step); loss {loss:.4f}"
+            ]
+        )
     return report
 
 

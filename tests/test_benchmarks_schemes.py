@@ -47,15 +47,31 @@ FLAVOURS = {  # (shardlib scheme, Megatron, DTensor) of one flavour
 
 def _argv(flavour: str) -> list[str]:
     scheme, *baselines = FLAVOURS[flavour]
-    argv = ["--ranks", "4", "--steps", "1", "--warmup", "0", "--schemes", scheme,
-            "--baselines", ",".join(baselines), *[f"--{k}={v}" for k, v in TINY.items()]]
+    argv = [
+        "--ranks",
+        "4",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--schemes",
+        scheme,
+        "--baselines",
+        ",".join(baselines),
+        *[f"--{k}={v}" for k, v in TINY.items()],
+    ]
     return argv + (["--steps3d", "1", "--batch3d", "16"] if flavour == "plain" else ["--skip-3d"])
 
 
 def _f64_loss(batch_size: int) -> float:
     schemes = _schemes()
-    c = gpt.Config(vocab=TINY["vocab"], dim=TINY["dim"], heads=TINY["heads"],
-                   layers=TINY["layers"], seq=TINY["seq"])
+    c = gpt.Config(
+        vocab=TINY["vocab"],
+        dim=TINY["dim"],
+        heads=TINY["heads"],
+        layers=TINY["layers"],
+        seq=TINY["seq"],
+    )
     params = {k: v.double() for k, v in gpt.init(c).items()}
     return float(gpt.loss(params, schemes.make_batch(c, batch_size, c.seq), c))
 
@@ -100,8 +116,9 @@ def _smoke(capsys, flavour: str):
     scheme, megatron, dtensor = FLAVOURS[flavour]
     report = schemes.main(_argv(flavour))
     out = capsys.readouterr().out
-    assert out.startswith(f"# python benchmarks/schemes.py --ranks 4 --steps 1 --warmup 0 "
-                          f"--schemes {scheme}")
+    assert out.startswith(
+        f"# python benchmarks/schemes.py --ranks 4 --steps 1 --warmup 0 --schemes {scheme}"
+    )
     rows = report.tables[4]
     assert set(rows) == {scheme, megatron, dtensor}
     want = _f64_loss(TINY["batch"])
