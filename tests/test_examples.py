@@ -40,10 +40,6 @@ EMBED_GRAD = (
     "reduce-scattered over the vocab axes (cause 'grad'), though forward gathered the token ids "
     "over those axes, so each device could scatter-add into its own vocab rows"
 )
-LOSS_FLATTEN = (
-    "gpt.loss flattens (batch, seq) logits split on seq, which all-gathers the logits and "
-    "targets (cause 'view'); F.cross_entropy(logits.transpose(1, 2), targets) stays local"
-)
 NORM_PARTIAL = (
     "a partial dX pushed through RMSNorm backward: a per-token all-reduce per norm plus "
     "norm-weight gradients partial over tp; Megatron all-reduces dX before the norm"
@@ -53,8 +49,6 @@ GAPS = {
     "tp3d": EMBED_GRAD,
     "dp+tp2d": EMBED_GRAD,
     "fsdp+tp1d": EMBED_GRAD,
-    "ulysses": LOSS_FLATTEN,
-    "ring": LOSS_FLATTEN,
     "dp+tp1d": NORM_PARTIAL,
 }
 

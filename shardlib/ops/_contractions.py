@@ -67,6 +67,16 @@ def _read_off(in_labels: list[str], specs: tuple[ArgSpec, ...]) -> list[dict]:
     return [merged, *each, {}]
 
 
+_FULL_SEARCH_AXES = 3
+# Beyond it, exact plans are costly (4-axis states): the best-first order is cut after this
+# many exact plans (the cheapest lower bounds first). Up to 3 axes the search is exact.
+_PLANS_BEYOND_FULL = 24
+
+
+def _axes_over_one(mesh: AbstractMesh) -> int:
+    return sum(n > 1 for n in mesh.shape)
+
+
 @lru_cache(maxsize=4096)
 def _assignments(options: tuple[tuple[str, tuple[str, ...]], ...]) -> tuple[tuple, ...]:
     """Every assignment of axes to labels, each axis to one of its `options` labels or to
@@ -97,7 +107,11 @@ def _candidates(
 
     That is what finds SUMMA's, Tesseract's and 3D's assignments (an output axis no operand
     carries on that label), for every contraction alike. Pricing is the caller's
-    (`_choose`, best first by the planner's lower bound; the dispatcher).
+    (`_choose`, best first by the planner's lower bound; the dispatcher). On meshes of more
+    than `_FULL_SEARCH_AXES` axes (of size > 1) each axis is tried only on the labels an
+    operand or the requested output carries it on, or on none: the full product grows as
+    (labels + 1) ** axes, and that restriction still holds every scheme's assignment
+    (dp + 3D is four axes).
     """
     found: list[dict] = []
     for c in _read_off(in_labels, specs):
@@ -106,7 +120,18 @@ def _candidates(
     if mesh is None:
         return found
     labels = tuple(dict.fromkeys(out_labels + "".join(in_labels))) + ("-",)
-    options = [(axis, labels) for axis, n in zip(mesh.axis_names, mesh.shape) if n > 1]
+    axes = [axis for axis, n in zip(mesh.axis_names, mesh.shape) if n > 1]
+    if len(axes) <= _FULL_SEARCH_AXES:  # noqa: SIM108
+        options = [(axis, labels) for axis in axes]
+    else:  # (labels + 1) ** axes grows fast: each axis only where something carries it
+        contracted = [lab for lab in labels[:-1] if lab not in out_labels]
+        options = []
+        for axis in axes:
+            near = [lab for labs, s in zip(in_labels, specs) for lab, a in zip(labs, s.layout.dims) if axis in a]
+            if target is not None:
+                near += [lab for lab, a in zip(out_labels, target.dims) if axis in a]
+                near += contracted if axis in target.partial else []
+            options.append((axis, (*dict.fromkeys(near), "-")))
     seen = {tuple(sorted(c.items())) for c in found}
     for pairs in _assignments(tuple(options)):
         key = tuple(sorted(pairs))
@@ -288,9 +313,12 @@ def _choose(
         ranked.append((lb, index, inputs, out, final))
     ranked.sort(key=lambda r: (r[0], r[1]))
     best: _Choice | None = None
+    budget = None if _axes_over_one(mesh) <= _FULL_SEARCH_AXES else _PLANS_BEYOND_FULL
     for lb, index, inputs, out, final in ranked:
-        if best is not None and lb > best.cost[0]:
+        if best is not None and (lb > best.cost[0] or budget is not None and budget <= 0):
             break
+        if budget is not None:
+            budget -= 1
         nbytes = steps = 0
         for s, want in zip(specs, inputs):
             p = plan(s.layout, want, s.shape, mesh, s.dtype)

@@ -83,11 +83,13 @@ class ShardedTensor(torch.Tensor):
         return out
 
     # -- gradients land in the leaf's layout -------------------------------------
-    # A leaf's incoming gradient is moved to the leaf's own layout before it accumulates (a
-    # hook on the leaf), so `.grad` has the leaf's blocks: a full-size partial gradient is
-    # reduce-scattered as it arrives, a split one gathered (ledger cause "grad"). Partial
-    # axes the leaf is replicated on stay partial (same size; reduced lazily, as a DDP
-    # gradient is).
+    # A leaf's incoming gradient whose blocks are larger than the leaf's is moved to the
+    # leaf's own layout before it accumulates (a hook on the leaf), so `.grad` is never
+    # larger than the leaf's block: a full-size partial gradient is reduce-scattered as it
+    # arrives (ledger cause "grad"). Partial axes the leaf is replicated on stay partial
+    # (same size; reduced lazily, as a DDP gradient is). A gradient no larger than the
+    # leaf's blocks is left as it came: gathering it would only add communication (a
+    # vocab-split gradient of a replicated table is cheaper to finish later).
     def requires_grad_(self, requires_grad: bool = True) -> ShardedTensor:
         super().requires_grad_(requires_grad)
         if requires_grad:
@@ -348,10 +350,10 @@ def _hook_leaf(t: ShardedTensor) -> None:
         leaf = ref()
         if leaf is None or not isinstance(g, ShardedTensor):
             return None
+        if max(t.numel() for t in g._shards) <= max(t.numel() for t in leaf._shards):
+            return None  # no larger than the leaf's blocks: left as it came (no communication)
         want = leaf._layout.without_partial()
         used = {a for axes in want.dims for a in axes}
-        if g._layout.dims == want.dims and not used & set(g._layout.partial):
-            return None  # already the leaf's blocks (partial only where the leaf is replicated)
         kept = tuple(a for a in g._layout.partial if a not in used)
         if kept and g._layout.reduce_op == "sum":
             want = Layout(want.dims, kept)
