@@ -160,9 +160,7 @@ def tp1d_bytes(z: Sizes, t: int, a: int = 1) -> tuple[float, float]:
     T = z.T / a
     ce_f, ce_b = _ce(z, T, t)
     fwd = (2 * z.L + 1) * ar(T * z.h, t, z.e) + ce_f + _loss(z, a * t)
-    # backward: the q/k/v (and w_up) input gradients stay partial until one reduction of
-    # their sum; RMSNorm's backward on that partial gradient reduces its per-token statistic
-    bwd = (2 * z.L + 1) * ar(T * z.h, t, z.e) + ce_b + z.norms * ar(T, t, z.e)
+    bwd = (2 * z.L + 1) * ar(T * z.h, t, z.e) + ce_b
     return fwd, bwd
 
 

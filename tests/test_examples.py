@@ -40,16 +40,11 @@ EMBED_GRAD = (
     "reduce-scattered over the vocab axes (cause 'grad'), though forward gathered the token ids "
     "over those axes, so each device could scatter-add into its own vocab rows"
 )
-NORM_PARTIAL = (
-    "a partial dX pushed through RMSNorm backward: a per-token all-reduce per norm plus "
-    "norm-weight gradients partial over tp; Megatron all-reduces dX before the norm"
-)
 GAPS = {
     "tp2p5d": EMBED_GRAD,
     "tp3d": EMBED_GRAD,
     "dp+tp2d": EMBED_GRAD,
     "fsdp+tp1d": EMBED_GRAD,
-    "dp+tp1d": NORM_PARTIAL,
 }
 
 

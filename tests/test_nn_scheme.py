@@ -143,7 +143,7 @@ EXPECTED = {
     "tp2d": (
         snn.tp2d("r", "c"),
         {k: (P("c") if len(d) == 1 else P("r", "c")) for k, d in PARAMS.items()},
-        None,
+        {k: (P("c") if len(d) == 1 else P(None, "c")) for k, d in PARAMS.items()},  # SUMMA's W
         {
             "tokens": P("r", None),
             "resid": P("r", None, "c"),
@@ -157,7 +157,7 @@ EXPECTED = {
     "tp2p5d": (
         snn.tp2p5d("d", "r", "c"),
         {k: (P("c") if len(d) == 1 else P("r", "c")) for k, d in PARAMS.items()},
-        None,
+        {k: (P("c") if len(d) == 1 else P(None, "c")) for k, d in PARAMS.items()},
         {
             "tokens": P(("d", "r"), None),
             "resid": P(("d", "r"), None, "c"),
@@ -177,7 +177,16 @@ EXPECTED = {
             "w_down": P(("j", "i"), "k"),
             "head": P(("k", "i"), "j"),
         },
-        None,
+        {  # computed gathered over i (the 3D table's P(k, j) / P(j, k))
+            "wte": P("j", "k"),
+            "norm": P("k"),
+            "wq": P("k", "j"),
+            "wk": P("k", "j"),
+            "wo": P("j", "k"),
+            "w_up": P("k", "j"),
+            "w_down": P("j", "k"),
+            "head": P("k", "j"),
+        },
         {
             "tokens": P(("i", "j"), None),
             "resid": P(("i", "j"), None, "k"),

@@ -528,9 +528,9 @@ class Scheme:
             >>> from shardlib import nn as snn
             >>> mesh = sl.Mesh.simulated({"r": 2, "c": 2})
             >>> t = snn.tp2d("r", "c").explain({"w": torch.zeros(8, 8)}, {"w": ("embed", "mlp")}, mesh)
-            param  dims             shape   storage      compute      bytes/device
-            w      (embed, mlp)     (8, 8)  P('r', 'c')  P('r', 'c')  64
-            total                                                     64 of 256 (1/4.0)
+            param  dims          shape   storage      compute       bytes/device
+            w      (embed, mlp)  (8, 8)  P('r', 'c')  P(None, 'c')  64
+            total                                                   64 of 256 (1/4.0)
         """
         from ._use import _flatten, _lookup_dims, current
 
@@ -673,6 +673,18 @@ def _matrix(dims: Dims, row: str, col: str) -> tuple[Axes, ...]:
     return tuple((col,) if i == len(dims) - 1 else () for i in range(len(dims)))
 
 
+def _matrix_compute(dims: Dims, row: str, col: str) -> tuple[Axes, ...]:
+    """2D/2.5D weights are used gathered over row (SUMMA's P(None, col)); vectors as stored."""
+    if len(dims) == 2:
+        return ((), (col,))
+    return _matrix(dims, row, col)
+
+
+def _tp3d_compute(dims: Dims, i: str, j: str, k: str) -> tuple[Axes, ...]:
+    """3D weights are used gathered over i: (embed, out) P(k, j), (in, embed) P(j, k)."""
+    return tuple(tuple(a for a in axes if a != i) for axes in _tp3d_weight(dims, i, j, k))
+
+
 def _tp3d_weight(dims: Dims, i: str, j: str, k: str) -> tuple[Axes, ...]:
     """3D weights: (embed, out) -> P((k, i), j); (in, embed) and others -> P((j, i), k)."""
     if len(dims) == 1:  # norms, biases: split like the activations' last dim
@@ -793,6 +805,7 @@ def tp2d(row: str, col: str) -> Scheme:
     """
     return Scheme(
         params=_Rule(_matrix, (row, col)),
+        compute=_Rule(_matrix_compute, (row, col)),
         acts={"batch": row, **_wide_names(col), "embed": col},
         axes=(row, col),
         label=f"tp2d({row!r}, {col!r})",
@@ -814,6 +827,7 @@ def tp2p5d(depth: str, row: str, col: str) -> Scheme:
     """
     return Scheme(
         params=_Rule(_matrix, (row, col)),
+        compute=_Rule(_matrix_compute, (row, col)),
         acts={"batch": (depth, row), **_wide_names(col), "embed": col},
         axes=(depth, row, col),
         label=f"tp2p5d({depth!r}, {row!r}, {col!r})",
@@ -841,6 +855,7 @@ def tp3d(i: str, j: str, k: str) -> Scheme:
     """
     return Scheme(
         params=_Rule(_tp3d_weight, (i, j, k)),
+        compute=_Rule(_tp3d_compute, (i, j, k)),
         acts=_Rule(_tp3d_act, (i, j, k)),
         axes=(i, j, k),
         label=f"tp3d({i!r}, {j!r}, {k!r})",

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from .._errors import LayoutError, MeshMismatchError
 from ..layouts._layout import Layout
 from ..ops._api import reshard, shard, with_layout
-from ..ops._contractions import _shared_move, einsum
+from ..ops._contractions import _shared_move, contract_with_fixed_weight
 from ..ops._tensor import ShardedTensor
 from ._scheme import Scheme
 
@@ -207,7 +207,9 @@ def _to_compute(w: torch.Tensor, scheme: Scheme, dims: Any, what: str) -> torch.
     target = scheme.compute_layout(dims)
     if target == w.spec:
         return w
-    return reshard(w, target, remat=True) if scheme.remat else reshard(w, target)
+    # remat: re-gathered in backward, whose reduce-scatter finishes the gradient; else the
+    # contraction's own move (its gradient kept partial over axes the weight is replicated on)
+    return reshard(w, target, remat=True) if scheme.remat else _shared_move(w, target)
 
 
 def _to_input(x: torch.Tensor, w: torch.Tensor, scheme: Scheme, out_dims: Any, w_dims: Any):
@@ -270,7 +272,9 @@ def linear(
     if b is not None:
         b = _to_compute(b, scheme, None if w_dims is None else w_dims[1:], "the bias")
     lead = _labels(x.ndim - 1)
-    y = einsum(f"{lead}i,io->{lead}o", x, w, out_layout=scheme.act_layout(out_dims))
+    # the weight is used in its compute layout ("computed as", DESIGN §8): only x may move
+    eq = f"{lead}i,io->{lead}o"
+    y = contract_with_fixed_weight(eq, x, w, scheme.act_layout(out_dims))
     return y if b is None else y + b
 
 

@@ -1,10 +1,10 @@
 """Sharded tensors and the dispatch of ops on them."""
 
+from . import _attention as _attention  # registers rules
 from . import _contractions as _contractions  # registers rules
 from . import _fills as _fills  # registers rules
 from . import _foreach as _foreach  # registers rules
 from . import _nn as _nn  # registers rules
-from . import _attention as _attention  # registers rules
 from . import _pointwise as _pointwise  # registers rules
 from . import _reductions as _reductions  # registers rules
 from . import _views as _views  # registers rules

@@ -35,6 +35,7 @@ from ..layouts._mesh import AbstractMesh
 from ._aliasing import sync
 from ._pointwise import _in_dims
 from ._rules import ArgSpec, RuleInput, Strategy, register_rule
+from ._tensor import ShardedTensor
 
 aten = torch.ops.aten
 
@@ -284,12 +285,18 @@ _CHOICES: dict[tuple, _Choice | None] = {}
 
 
 def _choose(
-    eq: str, specs: tuple[ArgSpec, ...], mesh: AbstractMesh, target: Layout, free: frozenset[str]
+    eq: str,
+    specs: tuple[ArgSpec, ...],
+    mesh: AbstractMesh,
+    target: Layout,
+    free: frozenset[str],
+    fixed: tuple[int, ...] = (),
 ) -> _Choice | None:
-    """The cheapest assignment of `eq` over `specs` whose result is brought to `target`."""
+    """The cheapest assignment of `eq` over `specs` whose result is brought to `target`;
+    operands listed in `fixed` are used where they lie (a scheme's weight)."""
     from ..layouts._planner import lower_bound, plan
 
-    key = (eq, specs, mesh, target, free)
+    key = (eq, specs, mesh, target, free, fixed)
     if key in _CHOICES:
         return _CHOICES[key]
     out_shape = _out_shape(eq, specs)
@@ -307,6 +314,8 @@ def _choose(
 
     ranked = []
     for index, (inputs, out) in enumerate(einsum_strategies(eq, specs, mesh, target)):
+        if any(inputs[i] != specs[i].layout for i in fixed):
+            continue
         final = _finish(target, free, out)
         lb = sum(bound(s.layout, w, s.shape) for s, w in zip(specs, inputs))
         lb += bound(out, final, out_shape)
@@ -351,7 +360,15 @@ def _moved(x, layout: Layout, direction: str, memo: dict | None = None):
     return y
 
 
-def _contract(eq: str, xs: tuple, target: Layout, free: frozenset[str], direction: str, memo=None):
+def _contract(
+    eq: str,
+    xs: tuple,
+    target: Layout,
+    free: frozenset[str],
+    direction: str,
+    memo=None,
+    fixed: tuple[int, ...] = (),
+):
     """Run `eq` on sharded `xs` by the cheapest assignment whose result lands in `target`.
 
     Returns (result, the operands as moved)."""
@@ -359,7 +376,7 @@ def _contract(eq: str, xs: tuple, target: Layout, free: frozenset[str], directio
 
     mesh = xs[0]._mesh
     specs = tuple(_spec(x) for x in xs)
-    choice = _choose(eq, specs, mesh.abstract, target, free)
+    choice = _choose(eq, specs, mesh.abstract, target, free, fixed)
     if choice is None:
         raise LayoutError(f"sl.einsum({eq!r}): no label assignment reaches {target!r}.")
     moved = tuple(_moved(x, w, direction, memo) for x, w in zip(xs, choice.inputs))
@@ -381,14 +398,13 @@ class _Contract(torch.autograd.Function):
     comment). The operand moves are autograd-visible reshards before it (`_shared_move`)."""
 
     @staticmethod
-    def forward(ctx, eq, choice, x, w):
-        from ._tensor import ShardedTensor
+    def forward(ctx, eq, choice, x, w, fixed_w=False):
 
         for t in (x, w):
             sync(t)
         shards = [torch.einsum(eq, a, b) for a, b in zip(x._shards, w._shards)]
         y = ShardedTensor(shards, x._mesh, choice.out, _out_shape(eq, (_spec(x), _spec(w))))
-        ctx.eq, ctx.layouts = eq, (x._layout, w._layout)
+        ctx.eq, ctx.layouts, ctx.fixed_w = eq, (x._layout, w._layout), fixed_w
         # an operand from `sl.reshard(..., remat=True)` keeps only its source; the move is
         # redone in backward (cause "regather")
         ctx.kept = [
@@ -423,9 +439,17 @@ class _Contract(torch.autograd.Function):
             used = {ax for axes in target.dims for ax in axes}
             free = frozenset(ax for ax in xm._mesh.axis_names if ax not in used)
             eq = f"{out_labels},{other_labels}->{labels}"
-            g, _ = _contract(eq, (dy, other), target, free, "backward", memo)
+            fixed = (1,) if i == 0 and ctx.fixed_w else ()  # dX uses the weight where it lies
+            # dY as it came, or as already moved for the other gradient (if that is cheaper)
+            starts = [dy, *(v for (key, _), v in memo.items() if key == id(dy))]
+            mesh = xm._mesh.abstract
+            start = min(
+                starts,
+                key=lambda d: _choose(eq, (_spec(d), _spec(other)), mesh, target, free, fixed).cost[:2],
+            )
+            g, _ = _contract(eq, (start, other), target, free, "backward", memo, fixed)
             grads.append(g)
-        return None, None, *grads
+        return None, None, *grads, None
 
 
 def _stamp(x) -> tuple:
@@ -454,6 +478,33 @@ class _Move(torch.autograd.Function):
         return _moved(g, _finish(target, frozenset(ctx.mesh.axis_names) - used, g._layout), "backward"), None
 
 
+_MOVES = ("_MoveBackward", "_ReshardBackward")
+
+
+def _reduce_at_producer(x) -> None:
+    """Reduce the gradient of an activation a contraction consumed, once all its uses have
+    added up and before it enters the producer's backward (a hook on the activation, once).
+
+    Contraction backwards leave input gradients partial over the axes the input is
+    replicated on, so the q, k and v gradients of one activation are summed first; this
+    reduces that sum once (Megatron's one all-reduce), so the producer's backward (a norm's,
+    with its per-token statistics and its weight's gradient) runs on the whole gradient.
+    """
+    if x.is_leaf or not x.requires_grad or x.__dict__.get("_reduce_hooked"):
+        return
+    if type(x.grad_fn).__name__ in _MOVES:  # a move's backward reduces (reduce-scatters) itself
+        return
+    x.__dict__["_reduce_hooked"] = True
+    want = x._layout.without_partial()
+
+    def reduce(g):
+        if not isinstance(g, ShardedTensor) or not g._layout.partial:
+            return None
+        return _moved(g, want if g._layout.dims == want.dims else g._layout.without_partial(), "backward")
+
+    x.register_hook(reduce)
+
+
 def _shared_move(x, layout: Layout):
     """`x` moved to `layout` by an autograd-visible move (`_Move`), done once per (tensor,
     layout) while the tensor is unchanged: the q, k and v projections of one activation
@@ -475,6 +526,24 @@ def _shared_move(x, layout: Layout):
     y = _Move.apply(x, layout)
     moves[layout] = (stamp, y)
     return y
+
+
+def contract_with_fixed_weight(eq: str, x, w, out_layout: Layout):
+    """`sl.einsum(eq, x, w, out_layout=...)` with `w` used where it lies (a scheme's linear:
+    the weight is in its compute layout, DESIGN §8 "computed as"); only `x` may move.
+
+    Same backward as `sl.einsum`'s. For a plain or unsupported case, `sl.einsum`."""
+    if not (isinstance(x, ShardedTensor) and isinstance(w, ShardedTensor)) or not (
+        _differentiable_by_parts(eq) and x.dtype == w.dtype and x._mesh == w._mesh
+    ):
+        return einsum(eq, x, w, out_layout=out_layout)
+    out_layout = out_layout.check(x.mesh.abstract, len(eq.split("->")[1]), "snn.linear(out_dims=...)")
+    _reduce_at_producer(x)
+    specs = (_spec(x), _spec(w))
+    choice = _choose(eq, specs, x.mesh.abstract, out_layout, frozenset(), fixed=(1,))
+    if choice is None:
+        return einsum(eq, x, w, out_layout=out_layout)
+    return _Contract.apply(eq, choice, _shared_move(x, choice.inputs[0]), w, True)
 
 
 def _differentiable_by_parts(eq: str) -> bool:
@@ -524,6 +593,8 @@ def einsum(eq: str, *xs: torch.Tensor, out_layout: Layout | None = None) -> torc
         if len({x._mesh for x in xs}) != 1:
             torch.einsum(eq, *xs)  # raises the mesh-mismatch error
         if _differentiable_by_parts(eq) and xs[0].dtype == xs[1].dtype:
+            for x in xs:
+                _reduce_at_producer(x)
             specs = tuple(_spec(x) for x in xs)
             choice = _choose(eq, specs, xs[0].mesh.abstract, out_layout, frozenset())
             moved = [_shared_move(x, want) for x, want in zip(xs, choice.inputs)]
