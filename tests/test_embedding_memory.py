@@ -24,29 +24,17 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch._C._profiler import _EventType
-from torch.profiler import ProfilerActivity, profile
 
 import shardlib as sl
 from shardlib import P
+
+from ._memory import largest_allocation
 
 aten = torch.ops.aten
 F64 = 8  # bytes per float64 element
 
 
-def _largest_allocation(fn) -> int:
-    """The largest CPU allocation (bytes) made while `fn` runs, from torch.profiler."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-
-    def walk(events):
-        for e in events:
-            yield e
-            yield from walk(e.children)
-
-    tree = prof.profiler.kineto_results.experimental_event_tree()
-    sizes = [e.extra_fields.alloc_size for e in walk(tree) if e.tag == _EventType.Allocation]
-    return max(sizes, default=0)
+_largest_allocation = largest_allocation
 
 
 def _case(vocab: int, hidden: int, batch: int = 2, seq: int = 3, seed: int = 0):

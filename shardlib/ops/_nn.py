@@ -89,6 +89,7 @@ from . import (
 )
 from ._api import _local_blocks
 from ._dispatch import _move
+from ._rng import _bind
 from ._rules import ArgSpec, RuleInput, Strategy, register_rule
 from ._tensor import ShardedTensor
 
@@ -98,19 +99,6 @@ Dims = tuple[tuple[str, ...], ...]
 
 
 # == helpers ===================================================================
-def _bind(op: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
-    """Arguments of an aten call by schema name (defaults filled in)."""
-    out = {}
-    for i, a in enumerate(op._schema.arguments):
-        if i < len(args):
-            out[a.name] = args[i]
-        elif a.name in kwargs:
-            out[a.name] = kwargs[a.name]
-        else:
-            out[a.name] = a.default_value if a.has_default_value() else None
-    return out
-
-
 def _in_order(ri: RuleInput, want: dict[str, Layout]) -> tuple[Layout, ...]:
     """`want` (by argument name) as `Strategy.inputs`: tensor arguments in flat order."""
     names = [a.name for a in ri.op._schema.arguments]
