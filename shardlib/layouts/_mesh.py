@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Any
 
 from .._errors import LayoutError
@@ -108,6 +108,9 @@ class AbstractMesh:
 
     def group(self, flat: int, axes: tuple[str, ...]) -> tuple[int, ...]:
         """Devices that differ from `flat` only along `axes`, ordered by `index_along(axes)`."""
+        return _group(self, flat, tuple(axes))
+
+    def _group(self, flat: int, axes: tuple[str, ...]) -> tuple[int, ...]:
         base = list(self.coords(flat))
         idxs = [self.axis_index(a) for a in axes]
         members = []
@@ -206,3 +209,8 @@ class Mesh:
 
     def __repr__(self) -> str:
         return f"Mesh.{self.backend.kind}({self.axes!r})"
+
+
+@lru_cache(maxsize=65536)
+def _group(mesh: AbstractMesh, flat: int, axes: tuple[str, ...]) -> tuple[int, ...]:
+    return mesh._group(flat, axes)

@@ -42,14 +42,27 @@ def dim_splits(layout: Layout, mesh: AbstractMesh) -> tuple[int, ...]:
     return tuple(mesh.group_size(axes) for axes in layout.dims)
 
 
+_BOUNDS: dict[tuple, tuple[tuple[int, int], ...]] = {}
+
+
 def local_bounds(
     shape: tuple[int, ...], layout: Layout, mesh: AbstractMesh, device: int
 ) -> tuple[tuple[int, int], ...]:
-    """Per dim, the global ``[lo, hi)`` that device `device` (flat index) holds."""
-    return tuple(
+    """Per dim, the global ``[lo, hi)`` that device `device` (flat index) holds (memoized:
+    collectives ask it per device per step)."""
+    key = (tuple(shape), layout, mesh, device)
+    try:
+        return _BOUNDS[key]
+    except KeyError:
+        pass
+    out = tuple(
         chunk_bounds(n, mesh.group_size(axes), mesh.index_along(device, axes)) if axes else (0, n)
         for n, axes in zip(shape, layout.dims)
     )
+    if len(_BOUNDS) > 65536:
+        _BOUNDS.clear()
+    _BOUNDS[key] = out
+    return out
 
 
 def local_shape(
