@@ -219,6 +219,7 @@ def embedding_backward_rule(ri: RuleInput) -> Iterator[Strategy]:
         ((),) * grad.ndim,
     ]
     plain, split = [], []
+    g_used = _axes(g_dims) | set(grad.layout.partial)
     for dims in _unique(choices):
         idd, hidden = dims[:-1], dims[-1]
         if by_freq and _axes(idd):  # frequencies count every id
@@ -229,7 +230,11 @@ def embedding_backward_rule(ri: RuleInput) -> Iterator[Strategy]:
         kept = _kept_partial(grad.layout, _axes(dims), ops)
         inputs = (Layout(dims, kept.partial, kept.reduce_op), Layout(idd))
         out = Layout(((), hidden), batch + kept.partial, kept.reduce_op)
-        plain.append(Strategy(inputs, (out,)))
+        # a partial table gradient over axes the grad is replicated on only comes from
+        # slicing that grad: gathering the ids instead (one int per token) and splitting the
+        # vocabulary is cheaper whenever the ids are smaller than the table's block
+        made = tuple(a for a in batch if a not in g_used)
+        plain.append((Strategy(inputs, (out,)), made))
         # grad and ids replicated over `vocab`: each device keeps only its vocabulary chunk
         taken = _axes(dims) | set(kept.partial)
         vocab = tuple(a for a in ri.mesh.axis_names if a not in taken)
@@ -238,7 +243,19 @@ def embedding_backward_rule(ri: RuleInput) -> Iterator[Strategy]:
             out = Layout((vocab, hidden), batch + kept.partial, kept.reduce_op)
             split.append(Strategy(inputs, (out,), local=local, local_device=True))
     yield from split
-    yield from plain
+    for strategy, made in plain:
+        if split and made and _ids_cheaper(ids, b["num_weights"], grad, made, ri.mesh):
+            continue
+        yield strategy
+
+
+def _ids_cheaper(ids: ArgSpec, vocab: int, grad: ArgSpec, axes: tuple, mesh: Any) -> bool:
+    """Whether gathering the ids over `axes` costs less than reducing a (vocab, hidden) block."""
+    n = mesh.group_size(axes)
+    hidden = grad.shape[-1]
+    ids_bytes = (n - 1) * -(-math.prod(ids.shape) // n) * ids.dtype.itemsize
+    table_bytes = (n - 1) * -(-vocab // n) * hidden * grad.dtype.itemsize
+    return ids_bytes < table_bytes
 
 
 # == nll loss ==================================================================
