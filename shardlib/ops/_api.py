@@ -134,8 +134,8 @@ def reshard(
     made replicated (a summand's gradient is the whole gradient).
 
     With ``remat=True`` the result is not kept for backward: where it is saved
-    (by `sl.einsum(..., out_layout=)`, `snn.linear`, or any op inside
-    `remat_saves()` / `snn.use`), only `x` is kept and the move is redone in
+    (by `sl.einsum(..., out_layout=)` and `snn.linear`, which handle it
+    themselves, or any op inside `sl.remat_saves()`), only `x` is kept and the move is redone in
     backward, recorded with cause ``"regather"`` (FSDP's reshard after forward,
     SUMMA's memory).
 
@@ -184,7 +184,8 @@ def _unpack(saved: Any) -> Any:
 
 def remat_saves() -> Any:
     """A context in which autograd saves of `sl.reshard(..., remat=True)` results keep only
-    their source and redo the move in backward (saved-tensor hooks; `snn.use` enters it).
+    their source and redo the move in backward (saved-tensor hooks, so not inside
+    `torch.func` transforms, which refuse them; `sl.einsum` needs no context).
 
     Examples:
         >>> import shardlib as sl, torch
