@@ -350,9 +350,14 @@ def _hook_leaf(t: ShardedTensor) -> None:
         leaf = ref()
         if leaf is None or not isinstance(g, ShardedTensor):
             return None
-        if max(t.numel() for t in g._shards) <= max(t.numel() for t in leaf._shards):
-            return None  # no larger than the leaf's blocks: left as it came (no communication)
         want = leaf._layout.without_partial()
+        reordered = g._layout.dims != want.dims and all(
+            set(a) == set(b) for a, b in zip(g._layout.dims, want.dims)
+        )  # the same axes per dim in another order: a permute puts it in the leaf's blocks
+        if not reordered and max(t.numel() for t in g._shards) <= max(
+            t.numel() for t in leaf._shards
+        ):
+            return None  # no larger than the leaf's blocks: left as it came (no communication)
         used = {a for axes in want.dims for a in axes}
         kept = tuple(a for a in g._layout.partial if a not in used)
         if kept and g._layout.reduce_op == "sum":
