@@ -122,7 +122,7 @@ def _candidates(
         return found
     labels = tuple(dict.fromkeys(out_labels + "".join(in_labels))) + ("-",)
     axes = [axis for axis, n in zip(mesh.axis_names, mesh.shape) if n > 1]
-    if len(axes) <= _FULL_SEARCH_AXES:  # noqa: SIM108
+    if len(axes) <= _FULL_SEARCH_AXES:
         options = [(axis, labels) for axis in axes]
     else:  # (labels + 1) ** axes grows fast: each axis only where something carries it
         contracted = [lab for lab in labels[:-1] if lab not in out_labels]
@@ -275,6 +275,20 @@ def _finish(target: Layout, free: frozenset[str], out: Layout) -> Layout:
         return target
     kept = tuple(a for a in out.partial if a in free)
     return Layout(target.dims, kept) if kept else target
+
+
+def _free_axes(target: Layout, mesh) -> frozenset[str]:
+    """Mesh axes `target` does not split: where a gradient may stay partial (lazily)."""
+    used = {a for axes in target.dims for a in axes}
+    return frozenset(a for a in mesh.axis_names if a not in used)
+
+
+def gradient_layout(layout: Layout, mesh, g_layout: Layout) -> Layout:
+    """Where a gradient of a `layout` tensor goes: `layout` without partial axes, keeping the
+    gradient's partial axes that `layout` does not split (the same block size; reduced
+    lazily, as a DDP gradient). Used by contraction backwards, their moves and leaves."""
+    target = layout.without_partial()
+    return _finish(target, _free_axes(target, mesh), g_layout)
 
 
 def _steps(p) -> int:
@@ -436,8 +450,7 @@ class _Contract(torch.autograd.Function):
                 grads.append(None)
                 continue
             target = ctx.layouts[i].without_partial()
-            used = {ax for axes in target.dims for ax in axes}
-            free = frozenset(ax for ax in xm._mesh.axis_names if ax not in used)
+            free = _free_axes(target, xm._mesh)
             eq = f"{out_labels},{other_labels}->{labels}"
             fixed = (1,) if i == 0 and ctx.fixed_w else ()  # dX uses the weight where it lies
             # dY as it came, or as already moved for the other gradient (if that is cheaper)
@@ -473,9 +486,7 @@ class _Move(torch.autograd.Function):
         from ._api import _as_sharded
 
         g = _as_sharded(g, ctx.mesh, tuple(g.shape))
-        target = ctx.src_layout.without_partial()
-        used = {a for axes in target.dims for a in axes}
-        return _moved(g, _finish(target, frozenset(ctx.mesh.axis_names) - used, g._layout), "backward"), None
+        return _moved(g, gradient_layout(ctx.src_layout, ctx.mesh, g._layout), "backward"), None
 
 
 _MOVES = ("_MoveBackward", "_ReshardBackward")

@@ -358,12 +358,9 @@ def _hook_leaf(t: ShardedTensor) -> None:
             t.numel() for t in leaf._shards
         ):
             return None  # no larger than the leaf's blocks: left as it came (no communication)
-        used = {a for axes in want.dims for a in axes}
-        kept = tuple(a for a in g._layout.partial if a not in used)
-        if kept and g._layout.reduce_op == "sum":
-            want = Layout(want.dims, kept)
         from ._api import _reshard_impl
+        from ._contractions import gradient_layout
 
-        return _reshard_impl(g, want, "grad", "backward")
+        return _reshard_impl(g, gradient_layout(leaf._layout, leaf._mesh, g._layout), "grad", "backward")
 
     t.register_hook(to_own_layout)
