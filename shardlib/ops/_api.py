@@ -120,6 +120,51 @@ class _Reshard(torch.autograd.Function):
         return _Reshard.apply(g, target, ctx.cause, "backward"), None, None, None
 
 
+# -- dtype= of reshard (issue 8, mixed precision) --
+class _Cast(torch.autograd.Function):
+    """Each device casts its blocks (layout kept, no communication); backward casts the
+    cotangent back to the source dtype, also locally (None for a non-float source)."""
+
+    @staticmethod
+    def forward(ctx, x, dtype):
+        ctx.src_dtype, ctx.mesh = x.dtype, x._mesh
+        return _cast_blocks(x, dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        if not (ctx.src_dtype.is_floating_point or ctx.src_dtype.is_complex):
+            return None, None
+        return _cast_blocks(_as_sharded(g, ctx.mesh, tuple(g.shape)), ctx.src_dtype), None
+
+
+def _cast_blocks(x: ShardedTensor, dtype: torch.dtype) -> ShardedTensor:
+    sync(x)
+    return ShardedTensor([s.to(dtype) for s in x._shards], x._mesh, x._layout, tuple(x.shape))
+
+
+def _check_cast(x: ShardedTensor, dtype: Any) -> ShardedTensor:
+    """A partial `x` may be cast summand by summand only where that is a rounding of the
+    sum (float to float) or exact (`_cast_commutes`): not float to int, nor to bool."""
+    from ._pointwise import _cast_commutes
+
+    if not isinstance(dtype, torch.dtype):
+        raise LayoutError(
+            f"sl.reshard(dtype={dtype!r}): dtype must be a torch.dtype, e.g. torch.bfloat16."
+        )
+    lay = x._layout
+    floats = all(d.is_floating_point or d.is_complex for d in (x.dtype, dtype))
+    if lay.partial and not (floats or _cast_commutes(lay.reduce_op, x.dtype, dtype)):
+        raise LayoutError(
+            f"sl.reshard(x, dtype={dtype}): x is {lay!r} in {x.dtype}; casting each summand "
+            f"to {dtype} would not give the cast of the {lay.reduce_op}. Reduce first: "
+            f"sl.reshard(x, {lay.without_partial()!r}) (in {x.dtype}), then cast."
+        )
+    return x
+
+
+# -- end dtype= of reshard --
+
+
 def reshard(
     x: ShardedTensor,
     layout: Layout,
@@ -139,6 +184,16 @@ def reshard(
     backward, recorded with cause ``"regather"`` (FSDP's reshard after forward,
     SUMMA's memory).
 
+    With ``dtype=`` (mixed precision, DESIGN §9) each device casts its blocks
+    first, so the move communicates in `dtype` (the ledger shows its bytes);
+    ``layout == x.spec`` just casts (no communication). The cast is
+    differentiable: backward moves the cotangent back in the dtype it arrives
+    in (`dtype`: the cheaper way; a partial cotangent is reduced in `dtype`),
+    then casts it to ``x.dtype``. A partial `x` has its summands cast, then
+    summed in `dtype` (rounding each summand; reshard in ``x.dtype`` and cast
+    after for the exactly rounded sum). With ``remat=True`` the cast blocks
+    (`x`'s blocks in `dtype`) are what is kept and re-gathered in backward.
+
     Examples:
         >>> import shardlib as sl, torch
         >>> mesh = sl.Mesh.simulated({"x": 4})
@@ -146,14 +201,24 @@ def reshard(
         >>> y = sl.reshard(x, sl.P(None, "x"))
         >>> y.local_shards()[1].flatten().tolist()
         [1.0, 5.0, 9.0, 13.0]
+        >>> with sl.comm_ledger() as led:
+        ...     z = sl.reshard(x, sl.P(), dtype=torch.bfloat16)
+        >>> z.dtype, [(r.kind, r.dtype, r.bytes) for r in led.records]
+        (torch.bfloat16, [('all_gather', 'bfloat16', 24)])
     """
     _check_sharded(x, "sl.reshard(x=...)")
-    layout = _check_layout(layout, x._mesh, x.ndim, x.dtype, "sl.reshard(layout=...)")
-    if dtype is not None or comm_dtype is not None:
+    # -- dtype= (issue 8, mixed precision): cast the blocks first, then move them --
+    if comm_dtype is not None:
         raise NotImplementedError(
-            "sl.reshard(dtype=..., comm_dtype=...): casting and compressed communication are not "
-            "built yet (issue 8, 10). Cast with x.to(dtype) before sl.reshard for now."
+            f"sl.reshard(comm_dtype={comm_dtype!r}): compressed communication is issue 10's "
+            "(not built yet). Use dtype= to cast before moving, or move in x's dtype."
         )
+    layout = _check_layout(
+        layout, x._mesh, x.ndim, x.dtype if dtype is None else dtype, "sl.reshard(layout=...)"
+    )
+    if dtype is not None and dtype != x.dtype:
+        x = _Cast.apply(_check_cast(x, dtype), dtype)
+    # -- end dtype= --
     if layout == x._layout:
         return x
     y = _Reshard.apply(x, layout, "reshard", "forward")
