@@ -165,7 +165,9 @@ def save(path: str | os.PathLike, tree: Any) -> None:
         for leaf in leaves
     )
     if distributed and not dist.is_initialized():  # a distributed mesh implies a process group
-        raise CheckpointError(f"{where}: a ShardedTensor is on a distributed mesh but no process group is up.")
+        raise CheckpointError(
+            f"{where}: a ShardedTensor is on a distributed mesh but no process group is up."
+        )
     rank = dist.get_rank() if distributed else 0
     coordinator = rank == 0
 
@@ -209,7 +211,11 @@ def save(path: str | os.PathLike, tree: Any) -> None:
             boxes = [Box((0,) * len(shape), _exact(v))] if coordinator else []
             tensors[leaf.key] = SavedTensor(shape, v.dtype, boxes)
             whole.add(leaf.key)
-            entries[leaf.key] = {"kind": "tensor", "shape": list(shape), "dtype": dtype_name(v.dtype)}
+            entries[leaf.key] = {
+                "kind": "tensor",
+                "shape": list(shape),
+                "dtype": dtype_name(v.dtype),
+            }
         else:
             entries[leaf.key] = {"kind": "object", "type": type(v).__name__}
     marker = {"format": FORMAT, "version": VERSION, "entries": entries}
@@ -348,7 +354,9 @@ def load(path: str | os.PathLike, like: Any) -> Any:
         shape, dtype = tuple(md.size), md.properties.dtype
         if isinstance(leaf.value, ShardedTensor) or is_target(leaf.value):
             mesh, layout = (
-                (leaf.value.mesh, leaf.value.spec) if isinstance(leaf.value, ShardedTensor) else leaf.value
+                (leaf.value.mesh, leaf.value.spec)
+                if isinstance(leaf.value, ShardedTensor)
+                else leaf.value
             )
             layout = layout.check(mesh.abstract, len(shape), f"{where}(like=...) at {_shown(leaf)}")
             dest, per_device = _destination(shape, dtype, layout, mesh)
@@ -413,7 +421,11 @@ def _assemble(
     shards = []
     for dev, i in zip(mesh.local_devices, per_device):
         block = dest[i].data
-        zero = layout.partial and layout.reduce_op == "sum" and partial_index(layout, mesh.abstract, dev)
+        zero = (
+            layout.partial
+            and layout.reduce_op == "sum"
+            and partial_index(layout, mesh.abstract, dev)
+        )
         if zero:
             block = torch.zeros_like(block)
         elif i in used:

@@ -91,7 +91,9 @@ class BoxSavePlanner(DefaultSavePlanner):
             for box in saved.boxes
         }
 
-    def set_up_planner(self, state_dict: Any, storage_meta: Any = None, is_coordinator: bool = False) -> None:
+    def set_up_planner(
+        self, state_dict: Any, storage_meta: Any = None, is_coordinator: bool = False
+    ) -> None:
         self.state_dict = {}
         self.is_coordinator = is_coordinator
 
@@ -146,7 +148,9 @@ class BoxLoadPlanner(DefaultLoadPlanner):
         self._objects = objects
         self.values: dict[str, Any] = {}
 
-    def set_up_planner(self, state_dict: Any, metadata: Metadata | None = None, is_coordinator: bool = False) -> None:
+    def set_up_planner(
+        self, state_dict: Any, metadata: Metadata | None = None, is_coordinator: bool = False
+    ) -> None:
         self.original_state_dict = self.state_dict = {}
         self.metadata = metadata
         self.is_coordinator = is_coordinator
