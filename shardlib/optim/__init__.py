@@ -7,5 +7,31 @@ adds the updates. ZeRO is a layout policy (`zero`), not a wrapper class.
 """
 
 # -- transformations, clipping, schedules (shardlib/optim/_transform.py, _schedules.py) --
+from ._transform import EmptyState as EmptyState
+from ._transform import GradientTransformation as GradientTransformation
+from ._transform import OptimError as OptimError
+from ._transform import ScaleByAdamState as ScaleByAdamState
+from ._transform import ScaleByScheduleState as ScaleByScheduleState
+from ._transform import TraceState as TraceState
+from ._transform import adam as adam
+from ._transform import adamw as adamw
+from ._transform import add_decayed_weights as add_decayed_weights
+from ._transform import apply_updates as apply_updates
+from ._transform import chain as chain
+from ._transform import clip_by_global_norm as clip_by_global_norm
+from ._transform import global_norm as global_norm
+from ._transform import identity as identity
+from ._transform import scale as scale
+from ._transform import scale_by_adam as scale_by_adam
+from ._transform import scale_by_learning_rate as scale_by_learning_rate
+from ._transform import sgd as sgd
+from ._transform import trace as trace
+from ._schedules import constant_schedule as constant_schedule
+from ._schedules import cosine_decay_schedule as cosine_decay_schedule
+from ._schedules import exponential_decay as exponential_decay
+from ._schedules import join_schedules as join_schedules
+from ._schedules import linear_schedule as linear_schedule
+from ._schedules import warmup_cosine as warmup_cosine
+from ._schedules import warmup_cosine_decay_schedule as warmup_cosine_decay_schedule
 # -- ZeRO as layouts (shardlib/optim/_zero.py) --
 # -- mixed precision: master weights, loss scaling, accumulation (shardlib/optim/_precision.py) --
