@@ -35,3 +35,7 @@ from ._schedules import warmup_cosine as warmup_cosine
 from ._schedules import warmup_cosine_decay_schedule as warmup_cosine_decay_schedule
 # -- ZeRO as layouts (shardlib/optim/_zero.py) --
 # -- mixed precision: master weights, loss scaling, accumulation (shardlib/optim/_precision.py) --
+from ._precision import DynamicLossScale as DynamicLossScale
+from ._precision import MasterWeightsState as MasterWeightsState
+from ._precision import dynamic_loss_scale as dynamic_loss_scale
+from ._precision import master_weights as master_weights
