@@ -90,7 +90,11 @@ def test_reshard_dtype_backward_returns_source_dtype_near_float64_reference():
     on values of order 1 (the float64 reference uses the unrounded inputs)."""
     mesh = sl.Mesh.simulated({"x": 4})
     g = torch.Generator().manual_seed(3)
-    xf, wf, dyf = torch.randn(8, 6, generator=g), torch.randn(6, 4, generator=g), torch.randn(8, 4, generator=g)
+    xf, wf, dyf = (
+        torch.randn(8, 6, generator=g),
+        torch.randn(6, 4, generator=g),
+        torch.randn(8, 4, generator=g),
+    )
     x = sl.shard(xf, mesh, sl.P("x", None)).requires_grad_()
     w = sl.shard(wf, mesh, sl.P(None, "x")).requires_grad_()
     with sl.comm_ledger() as led:
@@ -101,8 +105,12 @@ def test_reshard_dtype_backward_returns_source_dtype_near_float64_reference():
     assert w.grad.dtype == F32 and x.grad.dtype == F32
     assert w.grad.spec == w.spec and x.grad.spec == x.spec
     tol = 2.0**-5
-    torch.testing.assert_close(w.grad.full().double(), xf.double().T @ dyf.double(), rtol=tol, atol=tol)
-    torch.testing.assert_close(x.grad.full().double(), dyf.double() @ wf.double().T, rtol=tol, atol=tol)
+    torch.testing.assert_close(
+        w.grad.full().double(), xf.double().T @ dyf.double(), rtol=tol, atol=tol
+    )
+    torch.testing.assert_close(
+        x.grad.full().double(), dyf.double() @ wf.double().T, rtol=tol, atol=tol
+    )
     gather = 3 * (6 * 4 // 4) * 2  # bf16 all-gather of W (6 x 4) over 4: (N-1) blocks of 6
     assert [(r.kind, r.dtype, r.direction, r.cause, r.bytes) for r in led.records] == [
         ("all_gather", "bfloat16", "forward", "reshard", gather),
@@ -169,7 +177,9 @@ def test_master_weights_adamw_masters_bitwise_fp32_params_bitwise_cast():
         }
         updates, state = tx.update(grads, state, params)
         params = sl.optim.apply_updates(params, updates)
-        ref_updates, ref_state = ref_tx.update({k: v.float() for k, v in grads_full.items()}, ref_state, ref)
+        ref_updates, ref_state = ref_tx.update(
+            {k: v.float() for k, v in grads_full.items()}, ref_state, ref
+        )
         ref = sl.optim.apply_updates(ref, ref_updates)
         for k, p in torch_p.items():
             p.grad = grads_full[k].float()
@@ -185,11 +195,17 @@ def _exactness_values(n: int, seed: int):
     """Old params (bf16) and new masters (fp32) over many magnitudes: small steps, sign
     crossings, shrinking and growing by up to 2**40 in one step, exact zeros."""
     g = torch.Generator().manual_seed(seed)
-    old = torch.randn(n, generator=g) * torch.exp2(torch.randint(-40, 40, (n,), generator=g).float())
+    old = torch.randn(n, generator=g) * torch.exp2(
+        torch.randint(-40, 40, (n,), generator=g).float()
+    )
     kind = torch.randint(0, 4, (n,), generator=g)
     small = old * (1 + 1e-3 * torch.randn(n, generator=g))
     across = -old * torch.rand(n, generator=g)
-    scaled = old * torch.randn(n, generator=g) * torch.exp2(torch.randint(-40, 40, (n,), generator=g).float())
+    scaled = (
+        old
+        * torch.randn(n, generator=g)
+        * torch.exp2(torch.randint(-40, 40, (n,), generator=g).float())
+    )
     new = torch.where(kind == 0, small, torch.where(kind == 1, across, scaled))
     new[:16] = 0.0
     return old, new
@@ -234,7 +250,11 @@ def test_float32_updates_cannot_be_exact_so_updates_are_float64():
     state = tx.init({"p": p})._replace(master={"p": new})  # a master that moved to 2**-30
     updates, state = tx.update({"p": torch.zeros(1)}, state, {"p": p})
     assert updates["p"].dtype == F64
-    assert sl.optim.apply_updates({"p": p}, updates)["p"].item() == 2.0**-30 == state.master["p"].item()
+    assert (
+        sl.optim.apply_updates({"p": p}, updates)["p"].item()
+        == 2.0**-30
+        == state.master["p"].item()
+    )
 
 
 def test_master_weights_split_state_layouts_and_errors():
@@ -378,7 +398,11 @@ def _grad_scaler_trajectory(script, init, growth, backoff, interval):
     w = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.SGD([w], lr=0.1)
     scaler = torch.amp.GradScaler(
-        "cpu", init_scale=init, growth_factor=growth, backoff_factor=backoff, growth_interval=interval
+        "cpu",
+        init_scale=init,
+        growth_factor=growth,
+        backoff_factor=backoff,
+        growth_interval=interval,
     )
     scales, steps = [], []
     for finite in script:
@@ -413,7 +437,9 @@ def test_loss_scale_trajectory_matches_grad_scaler_and_inf_skips_the_update():
             params, state, ls, ok = ls.step(tx, grads, state, params)
         assert ok == finite and led.count() == led.count("all_reduce") == 1
         if not finite:  # skipped: the very same params and state
-            assert torch.equal(params["w"].full(), before[0]) and torch.equal(params["b"], before[1])
+            assert torch.equal(params["w"].full(), before[0]) and torch.equal(
+                params["b"], before[1]
+            )
             assert state is before[2]
         steps.append(not torch.equal(params["w"].full(), before[0]))
         scales.append(ls.loss_scale)
@@ -438,7 +464,9 @@ def test_unscale_one_all_reduce_for_a_tree_sees_a_partial_summands_inf():
     assert torch.equal(out["a"].full(), torch.full((5, 3), 2.0))
     assert out["c"].spec == grads["c"].spec and torch.equal(out["c"].full(), torch.full((3,), 2.0))
     parts[1] = torch.tensor([1.0, float("inf"), 1.0], dtype=torch.float16)  # one summand
-    grads["c"] = sl.from_local([parts[0], parts[0], parts[1], parts[0]], mesh, sl.P(None, partial="dp"), (3,))
+    grads["c"] = sl.from_local(
+        [parts[0], parts[0], parts[1], parts[0]], mesh, sl.P(None, partial="dp"), (3,)
+    )
     with sl.comm_ledger() as led:
         _, finite = ls.unscale(grads)
     assert not finite and led.count() == 1

@@ -29,14 +29,20 @@ Invariants:
   values of the params' dtype (``new_master.to(p.dtype) - p``): exact whenever
   that difference fits float64's 53 bits -- always for float16 params, and for
   bfloat16 unless an element's magnitude changes by more than 2**44 in one step
-  -- so ``p + u`` is the new value exactly. float32 updates cannot be exact
-  (p = 1, new value 2**-30: no float32 u has ``1 + u`` = 2**-30).
-- `dynamic_loss_scale`: `unscale` is local except its finiteness flag, which is
+  -- so ``p + u`` is the new value exactly, but for the sign of a zero (a nonzero
+  p whose new value is -0 comes out +0: IEEE's ``x + -x = +0``; no update gives
+  -0). float32 updates cannot be exact (p = 1, new value 2**-30: no float32 u
+  has ``1 + u`` = 2**-30). The float64 updates are transient (8 bytes per
+  element while `apply_updates` runs).
+- `dynamic_loss_scale`: a `DynamicLossScale` value (`scale`, `unscale`, `adjust`,
+  and `step`, which skips the update of a non-finite step). `unscale` is local
+  except its finiteness flag, which is
   one all-reduce (max of each device's flag) per mesh for the whole tree
   (ledger cause ``"loss_scale"``). A partial gradient's summands are checked: a
   non-finite summand makes the sum non-finite; finite float32 summands of
   unscaled gradients do not overflow when summed in practice.
-- Nothing here writes its inputs; results carry ``requires_grad=False``.
+- Nothing here writes its inputs; updates, masters and unscaled gradients carry
+  ``requires_grad=False`` (`step`'s new params keep theirs, as `apply_updates`).
 """
 
 from __future__ import annotations
@@ -65,10 +71,14 @@ def _blocks(x: torch.Tensor) -> list[torch.Tensor]:
     return x.local_shards() if isinstance(x, ShardedTensor) else [x]
 
 
-def _like(x: torch.Tensor, blocks: list[torch.Tensor], layout: Layout | None = None) -> torch.Tensor:
+def _like(
+    x: torch.Tensor, blocks: list[torch.Tensor], layout: Layout | None = None
+) -> torch.Tensor:
     """A leaf like `x` (mesh, layout, global shape) made of `blocks`."""
     if isinstance(x, ShardedTensor):
-        return ShardedTensor(blocks, x._mesh, x._layout if layout is None else layout, tuple(x.shape))
+        return ShardedTensor(
+            blocks, x._mesh, x._layout if layout is None else layout, tuple(x.shape)
+        )
     return blocks[0]
 
 
@@ -88,7 +98,9 @@ def _cast_leaf(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return _like(x, [b.detach().to(dtype, copy=True) for b in _blocks(x)])
 
 
-def _same_place(where: str, key: str, a: torch.Tensor, what: str, b: torch.Tensor, fix: str) -> None:
+def _same_place(
+    where: str, key: str, a: torch.Tensor, what: str, b: torch.Tensor, fix: str
+) -> None:
     """`a` and `b` are both plain or both sharded on one mesh in one layout and shape."""
     if isinstance(a, ShardedTensor) != isinstance(b, ShardedTensor):
         raise LayoutError(
@@ -122,7 +134,9 @@ class MasterWeightsState(NamedTuple):
     inner: Any
 
 
-def master_weights(tx: GradientTransformation, dtype: torch.dtype = torch.float32) -> GradientTransformation:
+def master_weights(
+    tx: GradientTransformation, dtype: torch.dtype = torch.float32
+) -> GradientTransformation:
     """Run `tx` on a `dtype` (float32) master copy of low-precision (bf16/fp16) params.
 
     ``init(params)`` keeps ``params`` cast to `dtype` in the state (each leaf in its
@@ -175,7 +189,9 @@ def master_weights(tx: GradientTransformation, dtype: torch.dtype = torch.float3
         master = pytree.tree_map_with_path(cast, params)
         return MasterWeightsState(master, tx.init(master))
 
-    def update(grads: Any, state: MasterWeightsState, params: Any = None) -> tuple[Any, MasterWeightsState]:
+    def update(
+        grads: Any, state: MasterWeightsState, params: Any = None
+    ) -> tuple[Any, MasterWeightsState]:
         if not isinstance(state, MasterWeightsState):
             raise LayoutError(
                 f"{where}: state must be the MasterWeightsState its init returns, got "
@@ -283,7 +299,9 @@ class DynamicLossScale(NamedTuple):
             return self._replace(loss_scale=self.loss_scale * self.backoff, counter=0)
         if self.counter + 1 >= self.interval:
             grown = self.loss_scale * self.growth
-            return self._replace(loss_scale=grown if math.isfinite(grown) else self.loss_scale, counter=0)
+            return self._replace(
+                loss_scale=grown if math.isfinite(grown) else self.loss_scale, counter=0
+            )
         return self._replace(counter=self.counter + 1)
 
 
@@ -337,7 +355,9 @@ def dynamic_loss_scale(
     """
     for name, v in (("init_scale", init_scale), ("growth", growth)):
         if not (math.isfinite(v) and v > 0):
-            raise LayoutError(f"sl.optim.dynamic_loss_scale({name}={v!r}): must be a finite number > 0.")
+            raise LayoutError(
+                f"sl.optim.dynamic_loss_scale({name}={v!r}): must be a finite number > 0."
+            )
     if not 0 < backoff < 1:
         raise LayoutError(
             f"sl.optim.dynamic_loss_scale(backoff={backoff!r}): must be in (0, 1), e.g. 0.5, so "
