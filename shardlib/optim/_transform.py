@@ -189,7 +189,7 @@ class _Leaves:
     reference, each leaf with its template's mesh, layout and shape.
     """
 
-    __slots__ = ("spec", "templates", "blocks", "devices", "where")
+    __slots__ = ("spec", "templates", "blocks", "where")
 
     def __init__(
         self,
@@ -215,31 +215,47 @@ class _Leaves:
             leaves[name] = ls
         self.spec = spec
         self.templates: list[_Template | None] = []
-        self.devices: list[int] = []  # flat device index of each block (-1: plain)
-        blocks: dict[str, list[torch.Tensor]] = {name: [] for name in order}
+        columns = [leaves[name] for name in order]
+        blocks: list[list[torch.Tensor]] = [[] for _ in order]
         bad: list[str] = []
         for i in range(len(ref_leaves)):
-            column = [leaves[name][i] for name in order]
+            column = [c[i] for c in columns]
+            first = column[0]
+            if type(first) is ShardedTensor and not first._layout.partial:
+                # the hot path: every entry a ShardedTensor on one mesh, one layout, one shape
+                mesh, layout, shape = first._mesh, first._layout, first.shape
+                for x in column:
+                    if (
+                        type(x) is not ShardedTensor
+                        or (x._mesh is not mesh and x._mesh != mesh)
+                        or x._layout != layout
+                        or x.shape != shape
+                        or x._root is not None
+                    ):
+                        break
+                else:
+                    self.templates.append((mesh, layout, tuple(shape)))
+                    for b, x in zip(blocks, column):
+                        b.extend(x._shards)
+                    continue
             template = self._template(i, order, column, trees, ref, bad)
             self.templates.append(template)
             if template is None:
-                for name, x in zip(order, column):
-                    blocks[name].append(x)
-                self.devices.append(-1)
+                for b, x in zip(blocks, column):
+                    b.append(x)
                 continue
-            mesh, layout, _ = template
-            for name, x in zip(order, column):
+            layout = template[1]
+            for name, b, x in zip(order, blocks, column):
                 if x._layout != layout:
                     x = self._moved(x, layout, name, i, trees, ref, bad)
                     if x is None:
                         continue
                 if x._root is not None:
                     x.local_shards()  # brings a linked copy up to date
-                blocks[name].extend(x._shards)
-            self.devices.extend(mesh.local_devices)
+                b.extend(x._shards)
         if bad:
             raise bad_error(where, bad)
-        self.blocks = blocks
+        self.blocks = dict(zip(order, blocks))
 
     def _key(self, trees: dict, ref: str, name: str, i: int) -> str:
         paths = [pytree.keystr(p) for p, _ in pytree.tree_flatten_with_path(trees[ref])[0]]
