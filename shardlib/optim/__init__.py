@@ -34,6 +34,9 @@ from ._schedules import linear_schedule as linear_schedule
 from ._schedules import warmup_cosine as warmup_cosine
 from ._schedules import warmup_cosine_decay_schedule as warmup_cosine_decay_schedule
 # -- ZeRO as layouts (shardlib/optim/_zero.py) --
+from ._zero import Zero as Zero
+from ._zero import ZeroLayouts as ZeroLayouts
+from ._zero import zero as zero
 # -- mixed precision: master weights, loss scaling, accumulation (shardlib/optim/_precision.py) --
 from ._precision import DynamicLossScale as DynamicLossScale
 from ._precision import MasterWeightsState as MasterWeightsState
