@@ -313,6 +313,17 @@ def _check_batch(params: Mapping, batch: Mapping, config: Config, call: str) -> 
         )
 
 
+class _LayerParams:
+    """Layer i's weights, each read from `params` where the layer uses it, not all at its
+    start: a lazy `params` (ZeRO-3's `z.compute`) gathers one weight at a time. (h8b, issue 8)"""
+
+    def __init__(self, params: Mapping[str, torch.Tensor], i: int) -> None:
+        self.params, self.prefix = params, f"layers.{i}."
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.params[self.prefix + name]
+
+
 def logits(
     params: Mapping[str, torch.Tensor],
     batch: Mapping[str, torch.Tensor],
@@ -348,7 +359,7 @@ def logits(
 
     x_bse = snn.constrain(F.embedding(tokens_bs, params["wte"]), ACT)
     for i in range(c.layers):
-        p = {name: params[f"layers.{i}.{name}"] for name in _LAYER}
+        p = _LayerParams(params, i)  # h8b (issue 8): each weight read where it is used
         h_bse = _rms_norm(x_bse, p["attn_norm"])
         q_bshd = snn.linear(h_bse, p["wq"], out_dims=("batch", "seq", "heads"))
         k_bskd = snn.linear(h_bse, p["wk"], out_dims=("batch", "seq", "kv_heads"))
