@@ -240,6 +240,16 @@ def test_clip_matches_torch(mesh, norm_type, max_norm):
     assert led.total_bytes == 2 * (k_group - 1) * -(-n_leaves // k_group) * 8
 
 
+def test_clip_of_bf16_gradients_scales_in_float32(mesh):
+    g = torch.randn(7, 3, dtype=F64) * 5
+    grads = {"w": sl.shard(g.to(torch.bfloat16), mesh, sl.P(None, "tp"))}
+    clipped, _ = sl.optim.clip_by_global_norm(1.0).update(grads, sl.optim.EmptyState())
+    norm = g.to(torch.bfloat16).double().norm()
+    coef = (1.0 / (norm + 1e-6)).float()
+    want = (g.to(torch.bfloat16).float() * coef).to(torch.bfloat16)
+    assert clipped["w"].dtype == torch.bfloat16 and torch.equal(clipped["w"].full(), want)
+
+
 def test_clip_of_replicated_leaves_only_has_no_collective(mesh):
     g = {"a": sl.shard(torch.full((3,), 2.0, dtype=F64), mesh, sl.P(None))}
     with sl.comm_ledger() as led:

@@ -540,7 +540,14 @@ def trace(decay: float, nesterov: bool = False) -> GradientTransformation:
 def _adam_direction(
     lv: _Leaves, count: int, b1: float, b2: float, eps: float
 ) -> tuple[list, list, list, float]:
-    """(new mu, new nu, denominator sqrt(nu)/sqrt(bc2) + eps, 1/bc1) on the flat blocks."""
+    """(new mu, new nu, denominator, factor) on the flat blocks, with Adam's direction
+    ``factor * mu / denominator``.
+
+    ``mu_hat / (sqrt(nu_hat) + eps) = mu * (sqrt(bc2) / bc1) / (sqrt(nu) + eps sqrt(bc2))``
+    (bc_i = 1 - b_i^t): the bias corrections fold into two scalars, which saves a pass
+    over the denominator (torch.optim.Adam divides it by sqrt(bc2) first; the results
+    agree to rounding).
+    """
     g, mu, nu = lv.blocks["grads"], lv.blocks["mu"], lv.blocks["nu"]
     if any(a.dtype != b.dtype for a, b in zip(g, mu)):
         g = [a.to(b.dtype) if a.dtype != b.dtype else a for a, b in zip(g, mu)]
@@ -548,10 +555,10 @@ def _adam_direction(
     new_nu = torch._foreach_mul(nu, b2)
     torch._foreach_addcmul_(new_nu, g, g, value=1.0 - b2)
     t = count + 1
+    sqrt_bc2 = math.sqrt(1.0 - b2**t)
     denom = torch._foreach_sqrt(new_nu)
-    torch._foreach_div_(denom, math.sqrt(1.0 - b2**t))
-    torch._foreach_add_(denom, eps)
-    return new_mu, new_nu, denom, 1.0 / (1.0 - b1**t)
+    torch._foreach_add_(denom, eps * sqrt_bc2)
+    return new_mu, new_nu, denom, sqrt_bc2 / (1.0 - b1**t)
 
 
 def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> GradientTransformation:
@@ -573,9 +580,9 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
     def update(grads: Any, state: ScaleByAdamState, params: Any = None) -> tuple[Any, Any]:
         lv = _leaves(where, params, mu=state.mu, nu=state.nu, grads=grads)
         with torch.no_grad():
-            new_mu, new_nu, denom, c1 = _adam_direction(lv, state.count, b1, b2, eps)
+            new_mu, new_nu, denom, factor = _adam_direction(lv, state.count, b1, b2, eps)
             out = torch._foreach_div(new_mu, denom)
-            torch._foreach_mul_(out, c1)
+            torch._foreach_mul_(out, factor)
         new = ScaleByAdamState(state.count + 1, lv.rebuild(new_mu), lv.rebuild(new_nu))
         return lv.rebuild(out), new
 
@@ -681,15 +688,15 @@ def _adam_like(
             lv = _leaves(where, params, mu=state.mu, nu=state.nu, grads=grads)
         lr = _learning_rate(learning_rate, state.count)
         with torch.no_grad():
-            new_mu, new_nu, denom, c1 = _adam_direction(lv, state.count, b1, b2, eps)
+            new_mu, new_nu, denom, factor = _adam_direction(lv, state.count, b1, b2, eps)
             if weight_decay:
                 # updates = -lr * (mu_hat / (sqrt(nu_hat) + eps) + wd * p): torch.optim.AdamW's
                 # p * (1 - lr * wd) followed by its Adam step
                 out = torch._foreach_mul(lv.blocks["params"], -lr * weight_decay)
-                torch._foreach_addcdiv_(out, new_mu, denom, value=-lr * c1)
+                torch._foreach_addcdiv_(out, new_mu, denom, value=-lr * factor)
             else:
                 out = torch._foreach_div(new_mu, denom)
-                torch._foreach_mul_(out, -lr * c1)
+                torch._foreach_mul_(out, -lr * factor)
         new = ScaleByAdamState(state.count + 1, lv.rebuild(new_mu), lv.rebuild(new_nu))
         return lv.rebuild(out), new
 
@@ -911,7 +918,9 @@ def clip_by_global_norm(max_norm: float, norm_type: float = 2.0) -> GradientTran
                 groups.setdefault((b.device, b.dtype), []).append(k)
             out: list[Any] = [None] * len(blocks)
             for (device, dtype), idx in groups.items():
-                c = coef.to(device=device, dtype=dtype)
+                # a 16-bit gradient is scaled by a float32 factor (rounded once, in the product)
+                low = dtype in (torch.float16, torch.bfloat16)
+                c = coef.to(device=device, dtype=torch.float32 if low else dtype)
                 for k, v in zip(idx, torch._foreach_mul([blocks[k] for k in idx], c)):
                     out[k] = v
         return lv.rebuild(out), state
