@@ -245,16 +245,17 @@ class _Leaves:
                     b.append(x)
                 continue
             layout = template[1]
+            target = next(n for n, x in zip(order, column) if isinstance(x, ShardedTensor))
             for name, b, x in zip(order, blocks, column):
                 if x._layout != layout:
-                    x = self._moved(x, layout, name, i, trees, ref, bad)
+                    x = self._moved(x, layout, (name, target), i, trees, ref, bad)
                     if x is None:
                         continue
                 if x._root is not None:
                     x.local_shards()  # brings a linked copy up to date
                 b.extend(x._shards)
         if bad:
-            raise bad_error(where, bad)
+            raise _bad_error(where, bad)
         self.blocks = dict(zip(order, blocks))
 
     def _key(self, trees: dict, ref: str, name: str, i: int) -> str:
@@ -310,10 +311,19 @@ class _Leaves:
         return mesh, layout, shape
 
     def _moved(
-        self, x: ShardedTensor, layout: Layout, name: str, i: int, trees: dict, ref: str, bad: list
+        self,
+        x: ShardedTensor,
+        layout: Layout,
+        names: tuple[str, str],
+        i: int,
+        trees: dict,
+        ref: str,
+        bad: list,
     ) -> ShardedTensor | None:
+        """`x` moved to `layout` (that of the entry named ``names[1]``) if that is free."""
+        name, target = names
         if x._layout.partial:
-            return None  # reported by bad_error
+            return None  # reported by _bad_error
         p = plan(x._layout, layout, tuple(x.shape), x._mesh, x.dtype)
         am = x._mesh.abstract
         if all(not s.step.kind or am.group_size(s.step.axes) == 1 for s in p.steps):
@@ -322,11 +332,11 @@ class _Leaves:
             return _reshard_impl(x, layout, self.where, "forward")  # a local slice: no collective
         steps = ", ".join(str(s.step) for s in p.steps)
         raise LayoutError(
-            f"{self.where}: {self._key(trees, ref, name, i)} has layout {x._layout!r} but the "
-            f"state of that parameter is in {layout!r}; moving it needs communication ({steps}) "
-            "and an update is local. Fix: sl.reshard it to the state's layout first (for ZeRO, "
-            "grads = z.reduce(grads) and pass z.state(params)), or build the state from params "
-            "in the gradients' layouts (tx.init(params))."
+            f"{self.where}: {self._key(trees, ref, name, i)} has layout {x._layout!r} but "
+            f"{self._key(trees, ref, target, i)} is in {layout!r}; moving it needs communication "
+            f"({steps}) and an update is local. Fix: sl.reshard it to {layout!r} first (for "
+            "ZeRO: grads = z.reduce(grads), and pass z.state(params) as params), or build the "
+            "state from params in the gradients' layouts (tx.init(params))."
         )
 
     def rebuild(
@@ -349,7 +359,7 @@ class _Leaves:
         return pytree.tree_unflatten(out, self.spec)
 
 
-def bad_error(where: str, bad: list[str]) -> LayoutError:
+def _bad_error(where: str, bad: list[str]) -> LayoutError:
     return LayoutError(
         f"{where}: partial inputs ({'; '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}). A "
         "partial gradient's value is the sum over devices, which a local update cannot see, and "
