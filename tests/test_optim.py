@@ -322,6 +322,18 @@ def test_mixed_sharded_and_plain_entries_raise(mesh):
         tx.update({"w": "grad"}, tx.init(params), params)
 
 
+def test_none_leaves_pass_through_and_none_gradient_raises(mesh):
+    params = {"w": sl.shard(torch.ones(5), mesh, sl.P("dp")), "frozen": None}
+    tx = sl.optim.chain(sl.optim.clip_by_global_norm(1.0), sl.optim.adamw(0.1))
+    state = tx.init(params)
+    grads = {"w": sl.shard(torch.ones(5), mesh, sl.P("dp")), "frozen": None}
+    updates, state = tx.update(grads, state, params)
+    new = sl.optim.apply_updates(params, updates)
+    assert new["frozen"] is None and updates["frozen"] is None and new["w"].spec == sl.P("dp")
+    with pytest.raises(sl.LayoutError, match=r"grads\['w'\] is NoneType"):
+        tx.update({"w": None, "frozen": None}, state, params)
+
+
 def test_wrong_state_and_arguments_raise(mesh):
     params = {"w": torch.zeros(2)}
     with pytest.raises(sl.optim.OptimError, match="ScaleByAdamState"):

@@ -41,6 +41,8 @@ Invariants:
   `apply_updates`, whose new parameters keep their parameter's
   ``requires_grad`` so ``loss.backward()`` loops work); inputs are never
   written. Runs under ``torch.no_grad()``.
+- A leaf that is None in every tree (params, grads, state) stays None (no
+  parameter there); None beside a tensor raises, naming the key.
 - A state's ``count`` is a Python int (no device sync to read it for a
   schedule or a bias correction).
 """
@@ -137,7 +139,8 @@ class ScaleByScheduleState(NamedTuple):
 
 
 # == leaves and local blocks =====================================================
-_Template = tuple[Mesh, Layout, tuple[int, ...]]
+_Template = tuple[Mesh, Layout, tuple[int, ...]] | str
+_ABSENT = "absent"  # the template of a leaf that is None in every tree (no parameter there)
 
 
 def _describe(x: Any) -> str:
@@ -240,6 +243,8 @@ class _Leaves:
                     continue
             template = self._template(i, order, column, trees, ref, bad)
             self.templates.append(template)
+            if template is _ABSENT:
+                continue
             if template is None:
                 for b, x in zip(blocks, column):
                     b.append(x)
@@ -265,6 +270,8 @@ class _Leaves:
     def _template(
         self, i: int, order: Sequence[str], column: list, trees: dict, ref: str, bad: list
     ) -> _Template | None:
+        if all(x is None for x in column):
+            return _ABSENT
         sharded = [x for x in column if isinstance(x, ShardedTensor)]
         if not sharded:
             for name, x in zip(order, column):
@@ -272,8 +279,9 @@ class _Leaves:
                     raise LayoutError(
                         f"{self.where}: {self._key(trees, ref, name, i)} is {_describe(x)}; every "
                         "leaf of params, grads and state is a tensor (a ShardedTensor or a plain "
-                        "torch.Tensor). Fix: drop non-tensor entries from the trees, or keep them "
-                        "outside what the optimizer sees."
+                        "torch.Tensor), or None in every tree. Fix: give every parameter a "
+                        "gradient (torch.zeros_like(p) where it has none), or keep non-tensor "
+                        "entries out of what the optimizer sees."
                     )
             return None
         first = sharded[0]
@@ -345,6 +353,9 @@ class _Leaves:
         out, o = [], 0
         for i, t in enumerate(self.templates):
             rg = bool(requires_grad[i]) if requires_grad is not None else False
+            if t is _ABSENT:
+                out.append(None)
+                continue
             if t is None:
                 x = flat[o]
                 if rg:
@@ -388,6 +399,8 @@ def _learning_rate(lr: ScalarOrSchedule, count: int) -> float:
 
 def _zeros_like_tree(params: Any) -> Any:
     def zeros(p: Any) -> Any:
+        if p is None:
+            return None
         if isinstance(p, ShardedTensor):
             return ShardedTensor(
                 [torch.zeros_like(s) for s in p.local_shards()],
@@ -789,7 +802,7 @@ def apply_updates(params: Any, updates: Any) -> Any:
                 for a, b in zip(p, u)
             ]
     leaves = pytree.tree_leaves(params)
-    return lv.rebuild(out, [x.requires_grad for x in leaves])
+    return lv.rebuild(out, [x is not None and x.requires_grad for x in leaves])
 
 
 # == clipping ===================================================================
@@ -845,6 +858,8 @@ def _global_norm(lv: _Leaves, ord: float) -> torch.Tensor:
         by_mesh: dict[Mesh, list[tuple[int, Layout, int]]] = {}  # mesh -> (leaf, layout, offset)
         o = 0
         for i, t in enumerate(lv.templates):
+            if t is _ABSENT:
+                continue
             if t is None:
                 totals.append(sums[o])
                 o += 1
