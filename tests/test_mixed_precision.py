@@ -10,12 +10,15 @@ gradient accumulation, dynamic loss scaling.
   the masters equal plain float32 AdamW bitwise (and torch.optim.AdamW at float32
   tolerance) and the params equal the masters cast, bitwise. The float64 updates make
   ``apply_updates`` exact on values of every magnitude (a float32 update can't: shown).
+- Under ZeRO-1 (dp=4) the fp32 masters are split over dp, the step moves bf16 only
+  (reduce-scatter, all-gather), and the masters equal stage 0's bitwise.
 - A bf16 GPT (`shardlib.nn.gpt`) trained under dp+tp1d with master weights follows the fp32
   run's losses (rel 2e-2); fp32 params fed to compute by ``reshard(dtype=bf16)`` give the
   fp32 loss at that tolerance and float32 gradients.
 - Accumulation over 4 micro-batches on ``snn.dp("dp")`` (dp=4, float64): no collective
   during the micro-batches' backward, one all-reduce per gradient per step (the ring
-  bytes), and the step equals the unsharded full-batch step at 1e-10.
+  bytes; ``zero(0).reduce`` coalesces them into one), and the step equals the unsharded
+  full-batch step at 1e-10.
 - `sl.optim.dynamic_loss_scale`: its scale trajectory equals torch.amp.GradScaler's on a
   scripted sequence of finite / inf steps; finiteness is one all-reduce for a whole tree
   of mixed layouts (a partial summand's inf is seen); a non-finite step leaves params and
@@ -375,6 +378,10 @@ def test_accumulation_is_local_then_one_reduction_and_equals_full_batch():
     assert led.count() == led.count("all_reduce") == len(params)
     n = 4  # ring all-reduce: each device sends 2 (N-1)/N of the gradient's bytes
     assert led.total_bytes == sum(2 * (n - 1) * v.numel() * 8 // n for v in plain.values())
+    with sl.comm_ledger() as led:  # ZeRO-0's reduce: the same, coalesced into one all-reduce
+        coalesced = sl.optim.zero(0, "dp").reduce({k: v.grad for k, v in params.items()})
+    assert [r.kind for r in led.records] == ["all_reduce"]
+    assert all(torch.equal(coalesced[k].full(), grads[k].full()) for k in grads)
     # the unsharded float64 model on the whole batch
     ref = {k: v.clone().requires_grad_() for k, v in plain.items()}
     gpt.loss(ref, full_batch, CFG).backward()
@@ -499,3 +506,49 @@ def test_unscale_on_gloo_an_inf_on_one_rank_is_seen_by_all(workers4):
     results = workers4.run(_unscale_on_rank, {"dp": 4})
     assert [r[:2] for r in results] == [(False, True)] * 4
     assert all(r[2] == [("all_reduce", ("dp",))] * 2 for r in results)
+
+
+# ============================================================================ with ZeRO
+def _zero_bf16_run(stage, steps=2):
+    mesh = sl.Mesh.simulated({"dp": 4})
+    scheme, z = snn.dp("dp"), sl.optim.zero(stage, "dp")
+    plain = {k: v.to(BF16) for k, v in gpt.init(CFG, 0).items()}
+    params = z.place(snn.shard_params(plain, mesh, scheme, gpt.DIMS(CFG)))
+    tx = sl.optim.master_weights(sl.optim.adamw(3e-2, weight_decay=0.1))
+    state = tx.init(z.state(params))
+    records = []
+    for step in range(steps):
+        for v in params.values():
+            v.requires_grad_()
+        with snn.use(scheme, mesh):
+            loss = gpt.loss(z.compute(params), scheme.shard_batch(_batch(step), mesh), CFG)
+        loss.backward()
+        with sl.comm_ledger() as led:
+            grads = z.reduce({k: v.grad for k, v in params.items()})
+            updates, state = tx.update(grads, state, z.state(params))
+            params = z.place(sl.optim.apply_updates(z.state(params), updates))
+        records.append(led.records)
+    return plain, params, state, records
+
+
+def test_master_weights_under_zero1_split_masters_bf16_traffic_and_stage0_values():
+    """ZeRO-1 on dp=4 with bf16 params: the fp32 masters (and AdamW's moments) are split over
+    dp (4 bytes x Psi / 4 per device for the masters), the step's traffic is a bf16
+    reduce-scatter plus a bf16 all-gather, and after 2 steps the masters equal stage 0's
+    (all-reduce, replicated masters) and the params are the masters cast, bitwise."""
+    plain, params1, state1, records = _zero_bf16_run(1)
+    _, params0, state0, _ = _zero_bf16_run(0)
+    psi = sum(v.numel() for v in plain.values())
+    per_device = [0] * 4
+    for m in state1.master.values():
+        assert m.dtype == F32
+        for d, s in enumerate(m.local_shards()):
+            per_device[d] += s.numel()
+    assert max(per_device) <= math.ceil(psi / 4) + 4 * len(plain)  # uneven blocks: a row each
+    assert sum(per_device) == psi
+    kinds = sorted({(r.kind, r.dtype) for r in records[-1]})
+    assert kinds == [("all_gather", "bfloat16"), ("reduce_scatter", "bfloat16")], kinds
+    for k in plain:
+        assert _bits_equal(state1.master[k].full(), state0.master[k].full()), k
+        assert _bits_equal(params1[k].full(), state1.master[k].full().to(BF16)), k
+        assert params1[k].spec == params0[k].spec
