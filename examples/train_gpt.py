@@ -82,7 +82,7 @@ import re
 import shlex
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -231,7 +231,9 @@ def layout_for(
     if tp != "none" and "tp" not in has:
         problems.append(f"--tp {tp} needs a tp axis in --mesh (e.g. --mesh dp=2,tp=4)")
     if tp == "none" and "tp" in has:
-        problems.append("--tp none with a tp axis in --mesh: drop the axis or pick --tp 1d|2d|2.5d|3d")
+        problems.append(
+            "--tp none with a tp axis in --mesh: drop the axis or pick --tp 1d|2d|2.5d|3d"
+        )
     if sp == "megatron" and tp != "1d":
         problems.append(
             "--sp megatron is Megatron's sequence parallelism over the tp axis: it needs --tp 1d"
@@ -248,7 +250,8 @@ def layout_for(
     if problems:
         raise TrainConfigError(
             f"--mesh {','.join(f'{a}={n}' for a, n in logical.items()) or 'none'}: "
-            + "; ".join(problems) + "."
+            + "; ".join(problems)
+            + "."
         )
     if not logical:
         return {}, None
@@ -353,7 +356,9 @@ def make_config(args: argparse.Namespace) -> gpt.Config:
             f"--vocab {args.vocab}: the task uses {DIGITS} digits and a separator; --vocab >= {DIGITS + 1}."
         )
     if args.seq < 4:
-        raise TrainConfigError(f"--seq {args.seq}: the task needs --seq >= 4 (digits, SEP, sorted).")
+        raise TrainConfigError(
+            f"--seq {args.seq}: the task needs --seq >= 4 (digits, SEP, sorted)."
+        )
     if args.batch % args.micro_batches:
         raise TrainConfigError(
             f"--batch {args.batch} --micro-batches {args.micro_batches}: the batch is cut into "
@@ -386,7 +391,9 @@ def build(args: argparse.Namespace, mesh: Any = None) -> Setup:
     axes, scheme = layout_for(logical, args.tp, args.sp, args.fsdp)
     stage = resolve_zero(args, logical)
     if not axes and args.backend != "sim":
-        raise TrainConfigError("--mesh none is the unsharded model in one process: use --backend sim.")
+        raise TrainConfigError(
+            "--mesh none is the unsharded model in one process: use --backend sim."
+        )
     config = make_config(args)
     if mesh is None and axes:
         mesh = sl.Mesh.simulated(axes)
@@ -490,7 +497,11 @@ def restore(setup: Setup, path: Path, params: Any, state: Any) -> tuple[Any, Any
     like["config"] = {k: None for k in like["config"]}
     got = sl.checkpoint.load(path, like)
     if got["config"] != asdict(setup.config):
-        diff = {k: (v, asdict(setup.config)[k]) for k, v in got["config"].items() if v != asdict(setup.config)[k]}
+        diff = {
+            k: (v, asdict(setup.config)[k])
+            for k, v in got["config"].items()
+            if v != asdict(setup.config)[k]
+        }
         raise TrainConfigError(
             f"--resume {path}: the checkpoint's model differs from this run's (saved, flags): "
             f"{diff}; pass the model flags it was trained with."
@@ -688,6 +699,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     a = p.add_argument
+    # fmt: off
     a("--mesh", default="dp=2,tp=2", help="logical axes dp, tp, sp with sizes, or none (default dp=2,tp=2)")
     a("--tp", choices=TP_KINDS, default=None, help="tensor-parallel grid the tp axis is factored into (default 1d if tp)")
     a("--sp", choices=SP_KINDS, default="none", help="sequence parallelism (megatron: over tp; ulysses/ring: the sp axis)")
@@ -720,7 +732,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     a("--quiet", action="store_true", help="no progress bar")
     a("--threads", type=int, default=1,
       help="torch intra-op threads (main() sets it; tiny matrices run fastest on one)")
-    args = p.parse_args(argv)  # fmt: skip
+    # fmt: on
+    args = p.parse_args(argv)
     for name in ("steps", "batch", "micro_batches", "ckpt_every", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
