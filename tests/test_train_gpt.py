@@ -48,7 +48,6 @@ import sys
 import pytest
 import torch
 
-import shardlib as sl
 from shardlib.nn import gpt
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -87,7 +86,7 @@ DEFAULT_TIER = {("dp+tp1d", 0), ("dp+tp1d", 1), ("dp+tp1d", 2), ("dp+tp1d", 3),
 
 def _cases():
     out = []
-    for name, flags in PRESETS.items():
+    for name in PRESETS:
         stages = (0, 1, 2, 3) if name == "dp" or name.startswith("dp+") else (None,)
         for z in stages:
             marks = () if (name, z) in DEFAULT_TIER else (pytest.mark.slow,)
@@ -348,7 +347,11 @@ def test_main_prints_the_ledger_the_losses_and_writes_the_png(tmp_path):
     with contextlib.redirect_stdout(text), contextlib.redirect_stderr(io.StringIO()):
         result = tg.main(argv)
     lines = text.getvalue().splitlines()
-    assert lines[0] == result.describe == "mesh {'dp': 2, 'tp': 2}, scheme dp('dp') + tp1d('tp'), ZeRO-1, fp32"
+    assert (
+        lines[0]
+        == result.describe
+        == "mesh {'dp': 2, 'tp': 2}, scheme dp('dp') + tp1d('tp'), ZeRO-1, fp32"
+    )
     assert "ledger of one step (step 4):" in lines
     assert any(line.startswith("total ") and "collectives" in line for line in lines)
     assert any(line.startswith("loss: first 4 steps") for line in lines)
