@@ -213,6 +213,7 @@ class _Decision:
     view: bool = False  # a view op: its outputs are aliases or linked copies (_aliasing)
     # the fast path's result geometry: {} when contiguous at offset 0 (the cheap default)
     geometry: dict | None = None
+    fn: Any = None  # what the fast path runs per device: the op, or the strategy's `local`
 
 
 _DECISIONS: dict[tuple, _Decision] = {}
@@ -254,18 +255,22 @@ def _dispatch(func: Any, args: tuple, kwargs: dict) -> Any:
     if fast is not None:
         for i, want in fast:
             a = args[i]
-            if a._layout is not want or a._root is not None:
+            if (a._layout is not want and a._layout != want) or (
+                a._root is not None and (decision.inplace or a._root._link is not None)
+            ):
                 break
         else:
-            # Hot path: positional sharded inputs already in place and no view family to
-            # keep in step, one tensor output.
+            # Hot path: positional sharded inputs already in place (plain ones replicated
+            # constants, passed as they are), no linked copy to refresh and no write into
+            # a view family, one tensor output.
             first = args[fast[0][0]]
+            fn = decision.fn
             per_device = []
             for j in range(len(first._shards)):
                 a = list(args)
                 for i, _ in fast:
                     a[i] = args[i]._shards[j]
-                per_device.append(func(*a, **kwargs))
+                per_device.append(fn(*a, **kwargs))
             if decision.inplace:
                 first._writes += 1
                 return first
@@ -410,8 +415,12 @@ def _decide(func: Any, args: tuple, kwargs: dict) -> _Decision:
     fast = None
     simple = (
         all(len(p) == 1 and p[0] != "kw" for p in paths)
-        and all(isinstance(t, ShardedTensor) for t in tensors)
-        and best.local is None
+        and any(isinstance(t, ShardedTensor) for t in tensors)
+        and all(
+            isinstance(t, ShardedTensor) or want.is_replicated
+            for t, want in zip(tensors, best.inputs)
+        )
+        and not best.local_device
         and best.decompose is None
         and len(out_specs) == 1
         and out_specs[0] is not None
@@ -420,11 +429,20 @@ def _decide(func: Any, args: tuple, kwargs: dict) -> _Decision:
     if simple:
         # Required layouts are compared by identity on the hot path: use the inputs' own
         # layout objects where they already match.
+        # (plain operands are replicated constants: left in place, as `_constant_blocks` would)
         fast = tuple(
             (p[0], t._layout if t._layout == want else want)
             for p, t, want in zip(paths, tensors, best.inputs)
+            if isinstance(t, ShardedTensor)
         )
-        best = Strategy(tuple(w for _, w in fast), best.outputs)
+        best = Strategy(
+            tuple(
+                t._layout if isinstance(t, ShardedTensor) and t._layout == want else want
+                for t, want in zip(tensors, best.inputs)
+            ),
+            best.outputs,
+            best.local,
+        )
     out_sig, geometry = None, None
     if fast is not None:
         o = out_specs[0]
@@ -432,7 +450,8 @@ def _decide(func: Any, args: tuple, kwargs: dict) -> _Decision:
         out_sig = _SIG_IDS.setdefault(full, len(_SIG_IDS))
         contiguous = o.offset == 0 and o.stride == torch.empty(o.shape, device="meta").stride()
         geometry = {} if contiguous else {"strides": o.stride, "storage_offset": o.offset}
-    return _Decision(best, paths, out_specs, inplace, fast, out_sig, view, geometry)
+    fn = best.local or func
+    return _Decision(best, paths, out_specs, inplace, fast, out_sig, view, geometry, fn)
 
 
 def _current(specs: tuple[ArgSpec, ...]) -> tuple[Layout, ...]:
