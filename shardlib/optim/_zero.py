@@ -609,7 +609,7 @@ def zero(stage: int, axis: str = "dp") -> Zero:
         >>> with torch.no_grad():  # SGD on the shards: the update is local
         ...     params = z.place({k: p - 0.1 * grads[k] for k, p in z.state(params).items()})
     """
-    if isinstance(stage, bool) or stage not in STAGES:
+    if not isinstance(stage, int) or isinstance(stage, bool) or stage not in STAGES:
         raise LayoutError(
             f"sl.optim.zero(stage={stage!r}): stage is one of 0, 1, 2, 3 (0: plain data "
             "parallel; 1: optimizer state split over the axis; 2: and gradients; 3: and "
