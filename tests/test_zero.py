@@ -140,10 +140,15 @@ def with_dims(params: dict, c: gpt.Config) -> dict:
 
 @functools.cache
 def train(setup: str, stage: int, mode: str = "backward"):
+    """STEPS AdamW steps of `stage` on `setup`'s simulated mesh (see `run_training`)."""
+    return run_training(sl.Mesh.simulated(SETUPS[setup][0]), setup, stage, mode)
+
+
+def run_training(mesh, setup: str, stage: int, mode: str = "backward"):
     """STEPS AdamW steps of `stage` on `setup`: (final full params, losses, last step's
     ledger records, the placed params of the last step, the optimizer state)."""
-    axes, make_scheme, c, (b, s) = SETUPS[setup]
-    mesh, scheme = sl.Mesh.simulated(axes), make_scheme()
+    _, make_scheme, c, (b, s) = SETUPS[setup]
+    scheme = make_scheme()
     z = sl.optim.zero(stage, axis="dp")
     tx = sl.optim.adamw(LR, b1=B1, b2=B2, eps=EPS, weight_decay=WD)
     params = z.place(snn.shard_params(make_params(c), mesh, scheme, gpt.DIMS(c)))
