@@ -565,8 +565,15 @@ def format_zero(where: str, n: int, psi: int, rows: dict[int, dict]) -> list[str
 
 
 def zero_notes(config: gpt.Config, n: int, rows: dict[int, dict]) -> list[str]:
-    """Where the measured bytes differ from the formula, why."""
-    notes = []
+    """ZeRO's collectives per stage, and where the measured bytes differ from the formula, why."""
+    notes = [
+        "(ZeRO's collectives per step: "
+        + "; ".join(
+            f"stage {s}: " + ", ".join(f"{k} x{c}" for k, c in sorted(r["kinds"].items()))
+            for s, r in rows.items()
+        )
+        + ")"
+    ]
     if 3 in rows:
         psi = param_bytes(config)
         wte = config.vocab * config.dim * 4
