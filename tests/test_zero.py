@@ -7,7 +7,8 @@ Covers, against independent references:
   (`z.layouts`);
 - numerics: 3 AdamW steps of every stage on dp=4 (uneven GPT sizes) and on
   dp=2 x tp2d(r=2, c=2) equal torch.optim.AdamW on the unsharded float64
-  model (1e-10), with ``loss.backward()`` and with `torch.func.grad`;
+  model (1e-10), with ``loss.backward()`` and with `torch.func.grad` (stages 2
+  and 3 on dp=4 by default; stages 0-1 and dp x tp2d in the slow tier);
 - bytes per device per step from the ledger against closed forms written from
   the parameter shapes: stages 0-2 2Ψ(N-1)/N, stage 3 3Ψ(N-1)/N (uneven: each
   collective pads to its largest chunk, as the ring model counts). On dp=4
@@ -310,6 +311,15 @@ def test_func_grad_steps_equal_single_device_adamw(stage):
         torch.testing.assert_close(full[k], ref[k], rtol=1e-10, atol=1e-12, msg=k)
     if stage == 2:  # the gradient's reduce-scatter runs inside torch.func's backward too
         assert {r.cause for r in records if r.kind == "reduce_scatter"} == {"zero.grad"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_func_grad_steps_on_dp2_tp2d_equal_single_device_adamw(stage):
+    ref, _ = reference_training("dp2_tp2d")
+    full, *_ = train("dp2_tp2d", stage, "func")
+    for k in ref:
+        torch.testing.assert_close(full[k], ref[k], rtol=1e-10, atol=1e-12, msg=k)
 
 
 # == bytes =================================================================================

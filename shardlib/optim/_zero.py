@@ -387,6 +387,18 @@ class Zero:
 
         Returns new leaves (detached) that require grad where the input did; a tensor
         already stored where it belongs is returned as it is.
+
+        Examples:
+            >>> import shardlib as sl, torch
+            >>> mesh = sl.Mesh.simulated({"dp": 4})
+            >>> params = {"w": sl.shard(torch.ones(8, 2), mesh, sl.P()), "b": torch.zeros(2)}
+            >>> placed = sl.optim.zero(3).place(params)
+            >>> placed["w"].spec, placed["b"] is params["b"]  # plain tensors pass through
+            (P('dp', None), True)
+            >>> with sl.comm_ledger() as led:
+            ...     back = sl.optim.zero(1).place(placed)  # L+dp -> L: one all-gather
+            >>> back["w"].spec, [r.kind for r in led.records]
+            (P(None, None), ['all_gather'])
         """
         paths, leaves, spec = _flatten(params)
         out = list(leaves)
@@ -432,6 +444,15 @@ class Zero:
 
         Under `torch.func` transforms (first order) the same moves run, but saved-tensor
         hooks are refused there, so ops keep the gathered weights for backward (no re-gather).
+
+        Examples:
+            >>> import shardlib as sl, torch
+            >>> mesh = sl.Mesh.simulated({"dp": 2})
+            >>> z = sl.optim.zero(3)
+            >>> params = z.place({"w": sl.shard(torch.ones(4, 4), mesh, sl.P())})
+            >>> seen = z.compute(params)
+            >>> "w" in seen, seen["w"].spec  # gathered when read
+            (True, P(None, None))
         """
         if self.stage < 2:
             return params
@@ -460,6 +481,15 @@ class Zero:
         Coalesced: one all-reduce per (mesh, partial axes, dtype) and one reduce-scatter
         per (mesh, dtype) over a flat buffer, not one per tensor. A gradient in another
         layout is moved by its own plan. `None` leaves pass through.
+
+        Examples:
+            >>> import shardlib as sl, torch
+            >>> mesh = sl.Mesh.simulated({"dp": 2})
+            >>> grads = {k: sl.shard(torch.ones(4, n), mesh, sl.P(partial="dp")) for k, n in [("a", 3), ("b", 5)]}
+            >>> with sl.comm_ledger() as led:
+            ...     out = sl.optim.zero(1).reduce(grads)
+            >>> out["a"].spec, out["b"].spec, [r.kind for r in led.records]  # one for both
+            (P('dp', None), P(None, 'dp'), ['reduce_scatter'])
         """
         paths, leaves, spec = _flatten(grads)
         out = list(leaves)
@@ -498,7 +528,17 @@ class Zero:
 
     def state(self, params: Any) -> Any:
         """`params` in the optimizer state's layout (L+dp at stages >= 1): a local slice of
-        each device's block, no communication; detached."""
+        each device's block, no communication; detached.
+
+        Examples:
+            >>> import shardlib as sl, torch
+            >>> mesh = sl.Mesh.simulated({"dp": 2})
+            >>> params = {"w": sl.shard(torch.arange(8.0).reshape(4, 2), mesh, sl.P())}
+            >>> with sl.comm_ledger() as led:
+            ...     st = sl.optim.zero(1).state(params)
+            >>> st["w"].spec, st["w"].local_shards()[1].tolist(), led.count()
+            (P('dp', None), [[4.0, 5.0], [6.0, 7.0]], 0)
+        """
         paths, leaves, spec = _flatten(params)
         out = list(leaves)
         with torch.no_grad():
