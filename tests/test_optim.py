@@ -413,3 +413,17 @@ def test_adamw_clip_on_gloo_equals_simulated(workers4):
         for k, got in shards.items():
             ref = want[k][rank] if k in LAYOUTS else want[k][0]
             torch.testing.assert_close(got[0], ref, rtol=1e-12, atol=1e-12, msg=f"{k} rank {rank}")
+
+
+def test_apply_updates_keeps_recorded_logical_dims():
+    """snn.linear reads a weight's logical dims from shard_params' record; an update makes
+    new tensors, which must carry the record (a tp2d step after an update needs it)."""
+    from shardlib.nn._use import record_dims, recorded_dims
+
+    mesh = sl.Mesh.simulated({"x": 2})
+    w = record_dims(sl.shard(torch.ones(5, 2), mesh, sl.P("x", None)), ("embed", "mlp"))
+    params = {"w": w, "plain": torch.ones(3)}
+    updates = {"w": sl.shard(torch.full((5, 2), 0.5), mesh, sl.P("x", None)), "plain": torch.ones(3)}
+    new = sl.optim.apply_updates(params, updates)
+    assert new["w"] is not w and recorded_dims(new["w"]) == ("embed", "mlp")
+    assert recorded_dims(new["plain"]) is None

@@ -313,17 +313,6 @@ def _check_batch(params: Mapping, batch: Mapping, config: Config, call: str) -> 
         )
 
 
-class _LayerParams:
-    """Layer i's weights, each read from `params` where the layer uses it, not all at its
-    start: a lazy `params` (ZeRO-3's `z.compute`) gathers one weight at a time. (h8b, issue 8)"""
-
-    def __init__(self, params: Mapping[str, torch.Tensor], i: int) -> None:
-        self.params, self.prefix = params, f"layers.{i}."
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self.params[self.prefix + name]
-
-
 def logits(
     params: Mapping[str, torch.Tensor],
     batch: Mapping[str, torch.Tensor],
@@ -357,13 +346,20 @@ def logits(
     pos = positions if positions is not None else torch.arange(seq)
     cos, sin = _rotary(pos, c.head_dim, dtype)
 
+    def linear(x: torch.Tensor, key: str, out_dims: tuple[str, ...]) -> torch.Tensor:
+        # the weight's dims from DIMS, not from a record on the tensor: a functional update
+        # (sl.optim.apply_updates, z.place, a checkpoint load) makes new tensors
+        return snn.linear(x, params[key], out_dims=out_dims, w_dims=DIMS[key])
+
+    # each weight is read from `params` where it is used, not all at a layer's start: a lazy
+    # `params` (ZeRO-3's `z.compute`) then gathers one weight at a time
     x_bse = snn.constrain(F.embedding(tokens_bs, params["wte"]), ACT)
     for i in range(c.layers):
-        p = _LayerParams(params, i)  # h8b (issue 8): each weight read where it is used
-        h_bse = _rms_norm(x_bse, p["attn_norm"])
-        q_bshd = snn.linear(h_bse, p["wq"], out_dims=("batch", "seq", "heads"))
-        k_bskd = snn.linear(h_bse, p["wk"], out_dims=("batch", "seq", "kv_heads"))
-        v_bskd = snn.linear(h_bse, p["wv"], out_dims=("batch", "seq", "kv_heads"))
+        p = f"layers.{i}."
+        h_bse = _rms_norm(x_bse, params[p + "attn_norm"])
+        q_bshd = linear(h_bse, p + "wq", ("batch", "seq", "heads"))
+        k_bskd = linear(h_bse, p + "wk", ("batch", "seq", "kv_heads"))
+        v_bskd = linear(h_bse, p + "wv", ("batch", "seq", "kv_heads"))
         q_bshd = _rotate(q_bshd.unflatten(-1, (c.heads, c.head_dim)), cos, sin)
         k_bskd = _rotate(k_bskd.unflatten(-1, (c.kv_heads, c.head_dim)), cos, sin)
         v_bskd = v_bskd.unflatten(-1, (c.kv_heads, c.head_dim))
@@ -372,14 +368,14 @@ def logits(
         v_bksd = snn.constrain(v_bskd.transpose(1, 2), KV)
         a_bhsd = snn.attention(q_bhsd, k_bksd, v_bksd, causal=True, positions=positions)
         a_bse = a_bhsd.transpose(1, 2).flatten(-2)
-        o_bse = snn.linear(a_bse, p["wo"], out_dims=ACT)
+        o_bse = linear(a_bse, p + "wo", ACT)
         x_bse = x_bse + _dropout(o_bse, c.dropout, training)
-        h_bse = _rms_norm(x_bse, p["mlp_norm"])
-        u_bsf = snn.linear(h_bse, p["w_up"], out_dims=("batch", "seq", "mlp"))
-        m_bse = snn.linear(F.gelu(u_bsf), p["w_down"], out_dims=ACT)
+        h_bse = _rms_norm(x_bse, params[p + "mlp_norm"])
+        u_bsf = linear(h_bse, p + "w_up", ("batch", "seq", "mlp"))
+        m_bse = linear(F.gelu(u_bsf), p + "w_down", ACT)
         x_bse = snn.constrain(x_bse + _dropout(m_bse, c.dropout, training), ACT)
     x_bse = _rms_norm(x_bse, params["norm"])
-    return snn.constrain(snn.linear(x_bse, params["head"], out_dims=LOGITS), LOGITS)
+    return snn.constrain(linear(x_bse, "head", LOGITS), LOGITS)
 
 
 def loss(

@@ -802,7 +802,20 @@ def apply_updates(params: Any, updates: Any) -> Any:
                 for a, b in zip(p, u)
             ]
     leaves = pytree.tree_leaves(params)
-    return lv.rebuild(out, [x is not None and x.requires_grad for x in leaves])
+    new = lv.rebuild(out, [x is not None and x.requires_grad for x in leaves])
+    return _carry_dims(leaves, new)
+
+
+def _carry_dims(old_leaves: list[Any], new: Any) -> Any:
+    """The logical dims `snn.shard_params` recorded on each old parameter, on its new one
+    (`snn.linear` reads them where a model passes no ``w_dims``)."""
+    from ..nn._use import record_dims, recorded_dims  # nn stands on optim's layer
+
+    for a, b in zip(old_leaves, pytree.tree_leaves(new)):
+        dims = recorded_dims(a) if isinstance(a, torch.Tensor) else None
+        if dims is not None:
+            record_dims(b, dims)
+    return new
 
 
 # == clipping ===================================================================
