@@ -24,6 +24,7 @@ first (the CPU kernels give addmv of a (1,) bias and a (0, m) block the shape
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -33,6 +34,8 @@ from .._errors import LayoutError
 from ..layouts._layout import Layout
 from ..layouts._mesh import AbstractMesh
 from ._aliasing import sync
+from ._api import _as_sharded, _reshard_impl
+from ._dispatch import _sig_of
 from ._pointwise import _in_dims
 from ._rules import ArgSpec, RuleInput, Strategy, register_rule
 from ._tensor import ShardedTensor
@@ -360,11 +363,73 @@ def _spec(x) -> ArgSpec:
     return ArgSpec(tuple(x.shape), x.dtype, x._layout)
 
 
+# == the hot path: cached per signature ==========================================
+# A linear's forward and backward repeat every step with the same operand signatures
+# (`_dispatch._sig_of`: layout, shape, dtype, mesh, strides), so the choice of assignment,
+# the result's shape and the local product are looked up once per signature tuple; the
+# search (`_choose`) runs on the first step only.
+
+
+@lru_cache(maxsize=1024)
+def _local_product(eq: str) -> Callable:
+    """Each device's product for a two-operand equation: a matmul where the equation is one
+    (``x @ w``, ``dY @ w.T``, and ``x.T @ dY`` over the flattened leading dims, a linear's
+    three products), else torch's einsum."""
+    lhs, out = eq.split("->")
+    labels = lhs.split(",")
+    if len(labels) == 2:
+        a, b = labels
+        if a and len(b) == 2 and b[0] != b[1]:
+            lead, k = a[:-1], a[-1]
+            if b[0] == k and b[1] not in a and out == lead + b[1]:  # "Lk,kn->Ln"
+                return torch.matmul
+            if b[1] == k and b[0] not in a and out == lead + b[0]:  # "Lk,nk->Ln"
+                return _times_transposed
+        if len(a) == len(b) >= 2 and a[:-1] == b[:-1] and a[-1] != b[-1]:
+            if out == b[-1] + a[-1]:  # "Lo,Li->io": the weight gradient, dY first
+                return _leading_product_swapped
+            if out == a[-1] + b[-1]:  # "Li,Lo->io"
+                return _leading_product
+    return lambda *xs: torch._VF.einsum(eq, xs)  # torch.einsum without its Python wrapper
+
+
+def _times_transposed(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.matmul(x, w.t())
+
+
+def _leading_product(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x (L..., i), y (L..., o) -> (i, o): the sum over the leading dims of outer products."""
+    m = x.numel() // x.shape[-1] if x.shape[-1] else y.numel() // max(y.shape[-1], 1)
+    return torch.mm(x.reshape(m, x.shape[-1]).t(), y.reshape(m, y.shape[-1]))
+
+
+def _leading_product_swapped(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return _leading_product(x, y)
+
+
+_HOT: dict[tuple, tuple] = {}
+
+
+def _choose_for(
+    eq: str, xs: tuple, target: Layout, free: frozenset[str], fixed: tuple[int, ...] = ()
+) -> tuple:
+    """(`_choose`'s choice, the result's global shape, the local product) for sharded `xs`,
+    keyed by their interned signatures: one dict lookup after the first call."""
+    key = (eq, *[_sig_of(x) for x in xs], target, free, fixed)
+    hit = _HOT.get(key)
+    if hit is None:
+        specs = tuple(_spec(x) for x in xs)
+        choice = _choose(eq, specs, xs[0]._mesh.abstract, target, free, fixed)
+        hit = (choice, _out_shape(eq, specs), _local_product(eq))
+        if len(_HOT) > 16384:
+            _HOT.clear()
+        _HOT[key] = hit
+    return hit
+
+
 def _moved(x, layout: Layout, direction: str, memo: dict | None = None):
     """`x` in `layout` (the planner's cheapest moves, cause "einsum"); `memo` shares moves."""
-    from ._api import _reshard_impl
-
-    if x._layout == layout:
+    if x._layout is layout or x._layout == layout:
         return x
     if memo is not None and (id(x), layout) in memo:
         return memo[id(x), layout]
@@ -382,22 +447,22 @@ def _contract(
     direction: str,
     memo=None,
     fixed: tuple[int, ...] = (),
+    found: tuple | None = None,
 ):
-    """Run `eq` on sharded `xs` by the cheapest assignment whose result lands in `target`.
+    """Run `eq` on sharded `xs` by the cheapest assignment whose result lands in `target`
+    (`found`: `_choose_for`'s answer for them, when the caller has it).
 
     Returns (result, the operands as moved)."""
-    from ._tensor import ShardedTensor
-
     mesh = xs[0]._mesh
-    specs = tuple(_spec(x) for x in xs)
-    choice = _choose(eq, specs, mesh.abstract, target, free, fixed)
+    choice, out_shape, product = found or _choose_for(eq, xs, target, free, fixed)
     if choice is None:
         raise LayoutError(f"sl.einsum({eq!r}): no label assignment reaches {target!r}.")
     moved = tuple(_moved(x, w, direction, memo) for x, w in zip(xs, choice.inputs))
     for x in moved:
-        sync(x)
-    shards = [torch.einsum(eq, *blocks) for blocks in zip(*(x._shards for x in moved))]
-    y = ShardedTensor(shards, mesh, choice.out, _out_shape(eq, specs))
+        if x._root is not None:
+            sync(x)
+    shards = [product(*blocks) for blocks in zip(*(x._shards for x in moved))]
+    y = ShardedTensor(shards, mesh, choice.out, out_shape)
     return _moved(y, choice.final, direction), moved
 
 
@@ -406,18 +471,30 @@ def _remat_source(x):
     return getattr(x, "_remat", None)
 
 
+@lru_cache(maxsize=1024)
+def _backward_equations(eq: str) -> tuple[tuple[str, str], tuple[str, str]]:
+    """For each operand of `eq`: (its gradient's equation, its labels)."""
+    lhs, out_labels = eq.split("->")
+    a, b = lhs.split(",")
+    return (f"{out_labels},{b}->{a}", a), (f"{out_labels},{a}->{b}", b)
+
+
+_BACKWARD: dict[tuple, tuple] = {}
+
+
 class _Contract(torch.autograd.Function):
     """A two-operand contraction whose operands are already in `choice.inputs`: each
     device multiplies its blocks, the result goes to `choice.final` (see the section
     comment). The operand moves are autograd-visible reshards before it (`_shared_move`)."""
 
     @staticmethod
-    def forward(ctx, eq, choice, x, w, fixed_w=False):
-
+    def forward(ctx, eq, found, x, w, fixed_w=False):
+        choice, out_shape, product = found
         for t in (x, w):
-            sync(t)
-        shards = [torch.einsum(eq, a, b) for a, b in zip(x._shards, w._shards)]
-        y = ShardedTensor(shards, x._mesh, choice.out, _out_shape(eq, (_spec(x), _spec(w))))
+            if t._root is not None:
+                sync(t)
+        shards = [product(a, b) for a, b in zip(x._shards, w._shards)]
+        y = ShardedTensor(shards, x._mesh, choice.out, out_shape)
         ctx.eq, ctx.layouts, ctx.fixed_w = eq, (x._layout, w._layout), fixed_w
         # an operand from `sl.reshard(..., remat=True)` keeps only its source; the move is
         # redone in backward (cause "regather")
@@ -428,10 +505,6 @@ class _Contract(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        from ._api import _as_sharded, _reshard_impl
-
-        lhs, out_labels = ctx.eq.split("->")
-        a, b = lhs.split(",")
         kept = []
         for item in ctx.kept:
             if isinstance(item, tuple):
@@ -443,26 +516,61 @@ class _Contract(torch.autograd.Function):
             kept.append(item)
         xm, wm = kept
         dy = _as_sharded(dy, xm._mesh, tuple(dy.shape))
+        needs = ctx.needs_input_grad
+        key = (ctx.eq, ctx.layouts, ctx.fixed_w, needs[2], needs[3])
+        key += (_sig_of(dy), _sig_of(xm), _sig_of(wm))
+        steps = _BACKWARD.get(key)
+        if steps is None:
+            steps = _BACKWARD[key] = _backward_steps(ctx, dy, xm, wm)
+            if len(_BACKWARD) > 16384:
+                _BACKWARD.clear()
+                _BACKWARD[key] = steps
         memo: dict = {}
         grads = []
-        for i, (labels, other, other_labels) in enumerate(((a, wm, b), (b, xm, a))):
-            if not ctx.needs_input_grad[2 + i]:
+        for step in steps:
+            if step is None:
                 grads.append(None)
                 continue
-            target = ctx.layouts[i].without_partial()
-            free = _free_axes(target, xm._mesh)
-            eq = f"{out_labels},{other_labels}->{labels}"
-            fixed = (1,) if i == 0 and ctx.fixed_w else ()  # dX uses the weight where it lies
-            # dY as it came, or as already moved for the other gradient (if that is cheaper)
-            starts = [dy, *(v for (key, _), v in memo.items() if key == id(dy))]
-            mesh = xm._mesh.abstract
-            start = min(
-                starts,
-                key=lambda d: _choose(eq, (_spec(d), _spec(other)), mesh, target, free, fixed).cost[:2],
-            )
-            g, _ = _contract(eq, (start, other), target, free, "backward", memo, fixed)
+            eq, start, other_index, target, free, fixed, found = step
+            other = kept[other_index]
+            d = dy if start is None else memo[id(dy), start]
+            g, _ = _contract(eq, (d, other), target, free, "backward", memo, fixed, found)
             grads.append(g)
         return None, None, *grads, None
+
+
+def _backward_steps(ctx, dy, xm, wm) -> tuple:
+    """How `_Contract.backward` computes each gradient, decided once per signature: per
+    operand, None (no gradient wanted) or (equation, which dY to start from, the other
+    operand's index, target, free axes, fixed operands, `_choose_for`'s answer).
+
+    dX towards x's layout and dW towards w's, each searched as a contraction of its own;
+    dY as it came, or as already moved for the other gradient where that is cheaper."""
+    steps = []
+    moved_dy: list[Layout] = []  # layouts dY is moved to by earlier gradients
+    for i, ((eq, _labels), other_index) in enumerate(zip(_backward_equations(ctx.eq), (1, 0))):
+        if not ctx.needs_input_grad[2 + i]:
+            steps.append(None)
+            continue
+        other = (xm, wm)[other_index]
+        target = ctx.layouts[i].without_partial()
+        free = _free_axes(target, xm._mesh)
+        fixed = (1,) if i == 0 and ctx.fixed_w else ()  # dX uses the weight where it lies
+        options = [(None, dy)]
+        for lay in moved_dy:
+            options.append((lay, ShardedTensor(dy._shards, dy._mesh, lay, tuple(dy.shape))))
+        best = None
+        for start, d in options:
+            found = _choose_for(eq, (d, other), target, free, fixed)
+            if best is None or found[0].cost[:2] < best[1][0].cost[:2]:
+                best = (start, found)
+        start, found = best
+        want = found[0].inputs[0]
+        current = dy._layout if start is None else start
+        if want != current and want not in moved_dy:
+            moved_dy.append(want)
+        steps.append((eq, start, other_index, target, free, fixed, found))
+    return tuple(steps)
 
 
 def _stamp(x) -> tuple:
@@ -548,15 +656,33 @@ def contract_with_fixed_weight(eq: str, x, w, out_layout: Layout):
         _differentiable_by_parts(eq) and x.dtype == w.dtype and x._mesh == w._mesh
     ):
         return einsum(eq, x, w, out_layout=out_layout)
-    out_layout = out_layout.check(x.mesh.abstract, len(eq.split("->")[1]), "snn.linear(out_dims=...)")
+    out_layout = _checked(out_layout, x._mesh, eq, "snn.linear(out_dims=...)")
     _reduce_at_producer(x)
-    specs = (_spec(x), _spec(w))
-    choice = _choose(eq, specs, x.mesh.abstract, out_layout, frozenset(), fixed=(1,))
-    if choice is None:
+    found = _choose_for(eq, (x, w), out_layout, _NO_AXES, (1,))
+    if found[0] is None:
         return einsum(eq, x, w, out_layout=out_layout)
-    return _Contract.apply(eq, choice, _shared_move(x, choice.inputs[0]), w, True)
+    return _Contract.apply(eq, found, _shared_move(x, found[0].inputs[0]), w, True)
 
 
+_NO_AXES: frozenset[str] = frozenset()
+_CHECKED: dict[tuple, Layout] = {}
+
+
+def _checked(layout: Layout, mesh, eq: str, where: str) -> Layout:
+    """`layout.check` for the output of `eq` on `mesh`, remembered (a failing check raises
+    every time)."""
+    ndim = len(eq) - eq.index(">") - 1
+    key = (layout, mesh, ndim)
+    hit = _CHECKED.get(key)
+    if hit is None:
+        hit = layout.check(mesh.abstract, ndim, where)
+        if len(_CHECKED) > 4096:
+            _CHECKED.clear()
+        _CHECKED[key] = hit
+    return hit
+
+
+@lru_cache(maxsize=1024)
 def _differentiable_by_parts(eq: str) -> bool:
     """Whether each operand's labels all appear in the other operand or the output (then
     its gradient is one contraction of the same kind)."""
@@ -606,10 +732,11 @@ def einsum(eq: str, *xs: torch.Tensor, out_layout: Layout | None = None) -> torc
         if _differentiable_by_parts(eq) and xs[0].dtype == xs[1].dtype:
             for x in xs:
                 _reduce_at_producer(x)
-            specs = tuple(_spec(x) for x in xs)
-            choice = _choose(eq, specs, xs[0].mesh.abstract, out_layout, frozenset())
-            moved = [_shared_move(x, want) for x, want in zip(xs, choice.inputs)]
-            return _Contract.apply(eq, choice, *moved)
+            found = _choose_for(eq, xs, out_layout, _NO_AXES)
+            if found[0] is None:
+                raise LayoutError(f"sl.einsum({eq!r}): no label assignment reaches {out_layout!r}.")
+            moved = [_shared_move(x, want) for x, want in zip(xs, found[0].inputs)]
+            return _Contract.apply(eq, found, *moved)
         specs = tuple(_spec(x) for x in xs)
         choice = _choose(eq, specs, xs[0].mesh.abstract, out_layout, frozenset())
         if choice is not None:
