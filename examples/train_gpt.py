@@ -60,7 +60,9 @@ RNG state and the data position are saved (`sl.checkpoint.save`) to
 ``DIR/step_NNNNNN`` every ``--ckpt-every`` steps and at the end.
 ``--resume`` continues from the newest checkpoint in DIR (``--resume PATH``:
 that one) on whatever mesh, scheme, ZeRO stage and backend this run uses
-(`sl.checkpoint.load` reshards on read); the model config must match.
+(`sl.checkpoint.load` reshards on read); the model config and --seed must
+match, and the learning-rate schedule spans --steps (keep it to continue the
+same run: then steps after the checkpoint are the uninterrupted run's).
 
 Output: a tqdm progress bar with the loss and tokens/s (plain lines when tqdm
 is missing), the ledger summary of one step (the last), the first and last
@@ -386,7 +388,12 @@ def make_tx(args: argparse.Namespace, bf16: bool) -> sl.optim.GradientTransforma
 
 def build(args: argparse.Namespace, mesh: Any = None) -> Setup:
     """Check the flags and build the run: `mesh` (a distributed mesh inside a worker) or a
-    simulated one of the flags' axes (none for ``--mesh none``)."""
+    simulated one of the flags' axes (none for ``--mesh none``).
+
+    Examples:
+        >>> build(parse_args(["--mesh", "dp=2,tp=4", "--tp", "2d", "--zero", "3"])).describe()
+        "mesh {'dp': 2, 'r': 2, 'c': 2}, scheme dp('dp') + tp2d('r', 'c'), ZeRO-3, fp32"
+    """
     logical = parse_mesh(args.mesh)
     axes, scheme = layout_for(logical, args.tp, args.sp, args.fsdp)
     stage = resolve_zero(args, logical)
@@ -467,6 +474,12 @@ def _checkpoint_tree(setup: Setup, params: Any, state: Any, step: int) -> dict[s
 
 
 def checkpoint_path(directory: str | os.PathLike, step: int) -> Path:
+    """Where step `step`'s checkpoint goes under --ckpt `directory`.
+
+    Examples:
+        >>> checkpoint_path("runs/a", 25).as_posix()
+        'runs/a/step_000025'
+    """
     return Path(directory) / f"step_{step:06d}"
 
 
@@ -633,6 +646,12 @@ def train(args: argparse.Namespace, mesh: Any = None) -> Result:
     `mesh` given: run on it (a worker's distributed mesh). Otherwise ``--backend sim``
     builds a simulated mesh here, ``--backend gloo`` launches one local process per
     device (`sl.launch`), and under torchrun each process runs on `sl.Mesh.distributed`.
+
+    Examples:
+        >>> tiny = ["--dim", "16", "--layers", "1", "--seq", "8", "--batch", "4", "--quiet"]
+        >>> r = train(parse_args([*tiny, "--mesh", "dp=2", "--steps", "2"]))
+        >>> r.steps, r.describe, sorted({rec.cause for rec in r.records if "zero" in rec.cause})
+        ([1, 2], "mesh {'dp': 2}, scheme dp('dp'), ZeRO-1, fp32", ['zero.place', 'zero.reduce'])
     """
     if mesh is not None:
         return run(build(args, mesh))
@@ -695,6 +714,13 @@ def report(result: Result, args: argparse.Namespace, argv: Sequence[str]) -> Non
 
 # == command line =================================================================================
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The flags (see the module docstring); `argv` None reads ``sys.argv``.
+
+    Examples:
+        >>> a = parse_args(["--mesh", "tp=8", "--tp", "3d", "--resume"])
+        >>> a.mesh, a.tp, a.zero, a.resume, a.steps
+        ('tp=8', '3d', None, True, 300)
+    """
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
