@@ -94,7 +94,6 @@ import torch
 import shardlib as sl
 from shardlib import nn as snn
 from shardlib.nn import gpt
-from shardlib.nn._use import record_dims  # README "Schemes": a tensor made later from a weight
 
 DIGITS = 10  # tokens 0..9 are digits, SEP separates the digits from their sorted copy
 SEP = DIGITS
@@ -425,12 +424,9 @@ def initial_state(setup: Setup) -> tuple[dict[str, Any], Any]:
 
 
 def _trainable(params: dict[str, Any]) -> dict[str, Any]:
-    """Leaves that require grad, each sharded one with its logical dims recorded (new tensors
-    from an update lack them; `snn.linear` reads them to find a weight's compute layout)."""
-    for k, p in params.items():
+    """Leaves that require grad (the model passes each linear its weight's dims itself)."""
+    for p in params.values():
         p.requires_grad_(True)
-        if isinstance(p, sl.ShardedTensor):
-            record_dims(p, gpt.DIMS[k])
     return params
 
 
