@@ -392,3 +392,30 @@ def test_fused_step_with_plain_state_for_a_sharded_parameter_raises_with_fix():
             amsgrad=False,
             maximize=False,
         )
+
+
+def test_grouped_reductions_of_tensors_split_over_an_axis_they_are_not_partial_over():
+    """A group of partial tensors (same partial axes) where some are split over a third
+    axis and some replicated there: the flat bucket of the group must not claim to be
+    replicated over that axis (the planner would then take one device's buffer for
+    another's). In-place reduction (`_foreach_add_`) and `_foreach_norm` on
+    {dp: 2, r: 2, c: 2} equal float64 torch on the global values; uneven sizes."""
+    axes = {"dp": 2, "r": 2, "c": 2}
+    mesh = sl.Mesh.simulated(axes)
+    gen = torch.Generator().manual_seed(7)
+    cases = [((7,), sl.P("c", partial=("dp", "r"))), ((5, 3), sl.P(None, None, partial=("dp", "r"))),
+             ((6, 4), sl.P(None, "c", partial=("dp", "r"))), ((9,), sl.P("c", partial="dp"))]
+    values = [torch.randn(*s, generator=gen, dtype=torch.float64) for s, _ in cases]
+    def sharded():
+        return [sl.from_local(make_summands(v, lay, axes), mesh, lay, tuple(v.shape))
+                for v, (_, lay) in zip(values, cases)]
+    norms = torch._foreach_norm(sharded())
+    for n, v in zip(norms, values):
+        torch.testing.assert_close(n.full(), torch.linalg.vector_norm(v), rtol=1e-12, atol=1e-12)
+    xs = sharded()
+    with sl.comm_ledger() as led:
+        torch._foreach_exp_(xs)
+    assert len(led.records) == 2  # one all-reduce per partial group: (dp, r) and (dp,)
+    for x, v in zip(xs, values):
+        assert not x.spec.partial
+        torch.testing.assert_close(x.full(), v.exp(), rtol=1e-12, atol=1e-12)

@@ -676,3 +676,28 @@ def test_bad_input_errors():
     ok = {"w": sl.shard(torch.ones(8, 4), mesh, sl.P("dp", None))}
     assert sl.optim.zero(3).place(ok)["w"].spec == sl.P("dp", None)
     assert sl.optim.zero(1).place(ok)["w"].spec == sl.P(None, None)
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_reduce_coalesces_gradients_partial_over_dp_and_another_axis(stage):
+    """Under dp + a sequence or tensor-parallel axis, norm gradients are partial over both
+    axes: `reduce` still moves the whole tree in one collective per axis group (stage 0: one
+    all-reduce over both; stage 1: one reduce-scatter over dp, then one all-reduce over sp
+    of the scattered bucket), not one per tensor; values equal the float64 sums."""
+    mesh = sl.Mesh.simulated({"dp": 2, "sp": 2})
+    gen = torch.Generator().manual_seed(3)
+    shapes = {"a": (6, 3), "b": (5,), "c": (4, 7)}
+    parts = [{k: torch.randn(*s, generator=gen, dtype=torch.float64) for k, s in shapes.items()}
+             for _ in range(4)]
+    grads = {
+        k: sl.from_local([p[k] for p in parts], mesh, sl.P(*([None] * len(s)), partial=("dp", "sp")), s)
+        for k, s in shapes.items()
+    }
+    with sl.comm_ledger() as led:
+        out = sl.optim.zero(stage, "dp").reduce(grads)
+    want = [("all_reduce", ("dp", "sp"))] if stage == 0 else [
+        ("reduce_scatter", ("dp",)), ("all_reduce", ("sp",))]
+    assert [(r.kind, r.axes) for r in led.records] == want
+    for k in shapes:
+        assert not out[k].spec.partial
+        torch.testing.assert_close(out[k].full(), sum(p[k] for p in parts), rtol=1e-12, atol=1e-12)

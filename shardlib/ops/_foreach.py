@@ -218,16 +218,22 @@ def _flat_bucket(func: Any, group: list[ShardedTensor]) -> tuple[ShardedTensor, 
 
     The members share mesh, partial axes, reduce op and dtype; their split axes are
     disjoint from the partial ones, so the devices of one reduction group hold shards
-    of equal shapes and the offsets agree. Each device's buffer is zero-padded to the
-    longest so the bucket has one global length. Returns it and, per local device,
-    each member's offset.
+    of equal shapes and the offsets agree. Each device's buffer is zero-padded to one
+    length (a multiple of the reduction group's size, so a reduce-scatter's chunks are
+    even). The bucket is split over every mesh axis that is not partial (`_bucket_free`):
+    devices that differ there hold different data, and a layout replicated over them
+    would let the planner take one device's buffer for another's. Returns it and, per
+    local device, each member's offset.
     """
     first = group[0]
     mesh, am = first._mesh, first._mesh.abstract
+    partial = first._layout.partial
     longest = max(
         sum(_numel(local_shape(tuple(t.shape), t._layout, am, dev)) for t in group)
         for dev in range(am.size)
     )
+    k = am.group_size(partial)
+    longest = -(-longest // k) * k
     bufs, offsets = [], []
     for j in range(len(mesh.local_devices)):
         pieces = [t._shards[j].reshape(-1) for t in group]
@@ -240,8 +246,14 @@ def _flat_bucket(func: Any, group: list[ShardedTensor]) -> tuple[ShardedTensor, 
             pieces.append(pieces[0].new_zeros(pad))
         bufs.append(torch.cat(pieces) if pieces else first._shards[j].new_zeros(0))
         offsets.append(offs)
-    layout = Layout(((),), first._layout.partial, first._layout.reduce_op)
-    return ShardedTensor(bufs, mesh, layout, (longest,)), offsets
+    free = _bucket_free(mesh, partial)
+    layout = Layout((free,), partial, first._layout.reduce_op)
+    return ShardedTensor(bufs, mesh, layout, (longest * am.group_size(free),)), offsets
+
+
+def _bucket_free(mesh: Mesh, partial: tuple[str, ...]) -> tuple[str, ...]:
+    """The mesh axes a flat bucket partial over `partial` is split over: all the others."""
+    return tuple(a for a in mesh.axis_names if a not in partial)
 
 
 def _partial_groups(tensors: list[Any]) -> list[list[ShardedTensor]]:
@@ -297,7 +309,7 @@ def reduce_in_place(func: Any, tensors: list[Any]) -> None:
             roots.append(root)
     for group in _partial_groups(roots):
         bucket, offsets = _flat_bucket(func, group)
-        reduced = _move(func, bucket, Layout(((),)))
+        reduced = _move(func, bucket, Layout((_bucket_free(bucket._mesh, bucket._layout.partial),)))
         with torch.no_grad():
             for t, blocks in zip(group, _flat_pieces(group, reduced, offsets)):
                 for s, b in zip(t._shards, blocks):
@@ -312,7 +324,7 @@ def reduced_copies(func: Any, tensors: list[ShardedTensor]) -> dict[int, Sharded
     out = {}
     for group in _partial_groups(tensors):
         bucket, offsets = _flat_bucket(func, group)
-        reduced = _move(func, bucket, Layout(((),)))
+        reduced = _move(func, bucket, Layout((_bucket_free(bucket._mesh, bucket._layout.partial),)))
         for t, blocks in zip(group, _flat_pieces(group, reduced, offsets)):
             out[id(t)] = ShardedTensor(
                 [b.clone() for b in blocks], t._mesh, t._layout.without_partial(), tuple(t.shape)
@@ -498,9 +510,12 @@ def _mesh_norms(func: Any, mesh: Mesh, xs: list[ShardedTensor], ord: float, root
     for group in _partial_groups(xs):
         bucket, offsets = _flat_bucket(func, group)
         partial = group[0]._layout.partial
-        scattered = _move(func, bucket, Layout((partial,)))  # reduce-scatter
+        free = _bucket_free(mesh, partial)
+        scattered = _move(func, bucket, Layout((free + partial,)))  # reduce-scatter
         for j, (dev, offs) in enumerate(zip(devs, offsets)):
+            base = local_bounds(tuple(bucket.shape), bucket._layout, am, dev)[0][0]
             (c0, c1) = local_bounds(tuple(bucket.shape), scattered._layout, am, dev)[0]
+            c0, c1 = c0 - base, c1 - base
             chunk = scattered._shards[j]
             for t, o in zip(group, offs):
                 lo, hi = max(o, c0), min(o + t._shards[j].numel(), c1)

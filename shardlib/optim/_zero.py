@@ -214,14 +214,20 @@ def _segment_size(members: list[_Member], am: AbstractMesh, n_axis: int) -> int:
 
 
 def _bucket_reduce_scatter(
-    tensors: list[ShardedTensor], members: list[_Member], axis: str
+    tensors: list[ShardedTensor],
+    members: list[_Member],
+    axis: str,
+    partial: tuple[str, ...] | None = None,
 ) -> list[ShardedTensor]:
-    """Partial-over-`axis` tensors in L -> reduced in L+dp: one reduce-scatter in all.
+    """Tensors in L partial over `partial` (`axis` and maybe others) -> reduced in L+dp: one
+    reduce-scatter over `axis` in all, then one all-reduce of the scattered bucket over the
+    other axes (the planner's order: the all-reduce moves the smaller piece).
 
     Each device lays out its L blocks as N segments of C elements, segment i holding
     every member's piece for the device of dp index i (zero-padded to C); the
     reduce-scatter of that buffer leaves each device its own segment, summed.
     """
+    partial = partial or (axis,)
     first = tensors[0]
     mesh, am = first._mesh, first._mesh.abstract
     n_axis = am.axis_size(axis)
@@ -237,8 +243,12 @@ def _bucket_reduce_scatter(
             used = sum(p.numel() for p in seg)
             flat += seg + ([first._shards[j].new_zeros(size - used)] if size > used else [])
         bufs.append(torch.cat(flat) if flat else first._shards[j].new_zeros(0))
-    bucket = ShardedTensor(bufs, mesh, Layout(((),), (axis,)), (n_axis * size,))
-    out = _reshard_impl(bucket, Layout(((axis,),)), "zero.reduce", current_direction())
+    # split over the other axes (devices there hold different blocks: a bucket replicated
+    # over them would let the planner take one device's buffer for another's), dp minor
+    free = tuple(a for a in mesh.axis_names if a not in partial)
+    length = n_axis * size * am.group_size(free)
+    bucket = ShardedTensor(bufs, mesh, Layout((free,), partial), (length,))
+    out = _reshard_impl(bucket, Layout((free + (axis,),)), "zero.reduce", current_direction())
     results = []
     offsets = [0] * len(mesh.local_devices)
     for m in members:
@@ -267,8 +277,10 @@ def _bucket_all_gather(
         if size > used:
             flat.append(first._shards[j].new_zeros(size - used))
         bufs.append(torch.cat(flat) if flat else first._shards[j].new_zeros(0))
-    bucket = ShardedTensor(bufs, mesh, Layout(((axis,),)), (n_axis * size,))
-    whole = _reshard_impl(bucket, Layout(((),)), "zero.place", current_direction())
+    free = tuple(a for a in mesh.axis_names if a != axis)  # as in _bucket_reduce_scatter
+    length = n_axis * size * am.group_size(free)
+    bucket = ShardedTensor(bufs, mesh, Layout((free + (axis,),)), (length,))
+    whole = _reshard_impl(bucket, Layout((free,)), "zero.place", current_direction())
     results = []
     offsets = [[i * size for i in range(n_axis)] for _ in mesh.local_devices]
     for m in members:
@@ -504,24 +516,31 @@ class Zero:
                 layout = g._layout
                 if layout == want:
                     continue
-                partial_here = layout == Layout(base.dims, (self.axis,))
+                # partial over dp, and maybe over other axes too (sp, a tp axis: a norm's
+                # gradient), summed: coalesced with the other tensors partial over the same axes
+                partial_here = (
+                    layout.dims == base.dims
+                    and self.axis in layout.partial
+                    and layout.reduce_op == "sum"
+                )
                 if partial_here and want == base:
                     alls.append(i)
                 elif partial_here and want == split:
                     m = _Member(tuple(g.shape), base, split, split.dim_of(self.axis))
-                    scatters.setdefault((g._mesh, g.dtype), []).append((i, m))
+                    scatters.setdefault((g._mesh, g.dtype, layout.partial), []).append((i, m))
                 else:
                     out[i] = _reshard_impl(g, want, "zero.reduce", current_direction())
             if alls:
                 copies = reduced_copies("zero.reduce", [leaves[i] for i in alls])
                 for i in alls:
                     out[i] = copies[id(leaves[i])]
-            for group in scatters.values():
+            for (_, _, partial), group in scatters.items():
                 tensors = [leaves[i] for i, _ in group]
                 for t in tensors:
                     sync(t)
+                members = [m for _, m in group]
                 for (i, _), t in zip(
-                    group, _bucket_reduce_scatter(tensors, [m for _, m in group], self.axis)
+                    group, _bucket_reduce_scatter(tensors, members, self.axis, partial)
                 ):
                     out[i] = t
         return pytree.tree_unflatten(out, spec)
