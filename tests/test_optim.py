@@ -23,6 +23,17 @@ replicated P(None), a replicated scalar and a plain tensor, uneven shapes
   to reduce first), a layout that only communication could fix.
 - one gloo test (4 ranks, ``dist``): adamw + clip on `Mesh.distributed` equals
   the simulated run.
+- donation and fused steps: with the state and params donated
+  (`sl.optim.donate`) sgd/adam/adamw/chain equal torch.optim (1e-10) and the
+  undonated run (adam family bitwise); `sl.optim.step` (fused, donated or not,
+  with clipping) equals torch.optim.AdamW, is bitwise torch's fused kernel on
+  each local block and torch's foreach AdamW on bf16; donated results are new
+  objects over the old buffers (requires_grad, dims kept); undonated calls
+  never write an input (versions and values); a consumed tensor is refused and
+  a pending backward through it fails; tied weights; parameter-sized
+  allocations (torch.profiler) against torch's foreach AdamW: donated update +
+  apply as many, donated step none, undonated four per block; donation
+  through master_weights and a ZeRO stage 0/1 step.
 """
 
 from __future__ import annotations
@@ -423,7 +434,340 @@ def test_apply_updates_keeps_recorded_logical_dims():
     mesh = sl.Mesh.simulated({"x": 2})
     w = record_dims(sl.shard(torch.ones(5, 2), mesh, sl.P("x", None)), ("embed", "mlp"))
     params = {"w": w, "plain": torch.ones(3)}
-    updates = {"w": sl.shard(torch.full((5, 2), 0.5), mesh, sl.P("x", None)), "plain": torch.ones(3)}
+    updates = {
+        "w": sl.shard(torch.full((5, 2), 0.5), mesh, sl.P("x", None)),
+        "plain": torch.ones(3),
+    }
     new = sl.optim.apply_updates(params, updates)
     assert new["w"] is not w and recorded_dims(new["w"]) == ("embed", "mlp")
     assert recorded_dims(new["plain"]) is None
+
+
+# == donation and fused steps ===================================================
+def _donated_run(tx, mesh, steps=STEPS, params=None):
+    """`_run_sharded` with the state and the parameters donated every step."""
+    params = _shard(_globals(0), mesh) if params is None else params
+    state = tx.init(params)
+    for step in range(steps):
+        grads = _shard(_globals(100 + step), mesh)
+        updates, state = tx.update(grads, sl.optim.donate(state), params)
+        params = sl.optim.apply_updates(sl.optim.donate(params), updates)
+    return params, state
+
+
+def _stepped_run(tx, mesh, donate, steps=STEPS):
+    params = _shard(_globals(0), mesh)
+    state = tx.init(params)
+    for step in range(steps):
+        grads = _shard(_globals(100 + step), mesh)
+        params, state = sl.optim.step(tx, grads, state, params, donate=donate)
+    return params, state
+
+
+def _blocks(x) -> list[torch.Tensor]:
+    return x.local_shards() if isinstance(x, sl.ShardedTensor) else [x]
+
+
+def _tensor_leaves(tree) -> list[torch.Tensor]:
+    return [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+
+DONATED = ["sgd_momentum", "sgd_nesterov", "adam", "adamw", "chain_adamw"]
+
+
+@pytest.mark.parametrize("name", DONATED)
+def test_donated_steps_match_torch_and_the_undonated_run(mesh, name):
+    ours, theirs = OPTIMIZERS[name]
+    params, state = _donated_run(ours(), mesh)
+    _assert_close(params, _run_torch(theirs))
+    plain, plain_state = _run_sharded(ours(), mesh)
+    for k in plain:  # the same values: the same kernels (sgd's in-place momentum rounds as torch's)
+        torch.testing.assert_close(_value(params[k]), _value(plain[k]), rtol=1e-13, atol=1e-13)
+        if name.startswith("adam"):
+            assert torch.equal(_value(params[k]), _value(plain[k])), k
+    for a, b in zip(_tensor_leaves(state), _tensor_leaves(plain_state)):
+        torch.testing.assert_close(_value(a), _value(b), rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("donate", [False, True])
+@pytest.mark.parametrize("clip", [False, True])
+def test_step_matches_torch(mesh, donate, clip):
+    adamw = sl.optim.adamw(0.01, weight_decay=0.1)
+    tx = sl.optim.chain(sl.optim.clip_by_global_norm(1.0), adamw) if clip else adamw
+    with sl.comm_ledger() as led:
+        params, state = _stepped_run(tx, mesh, donate)
+    want = _run_torch(
+        lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1), clip=(1.0,) if clip else None
+    )
+    _assert_close(params, want)
+    assert [r.kind for r in led.records] == ["all_reduce"] * (STEPS if clip else 0)
+    assert (state[1] if clip else state).count == STEPS
+
+
+def test_step_is_torch_fused_adamw_on_each_local_block(mesh):
+    """float64 blocks run torch._fused_adamw_: bitwise torch.optim.AdamW(fused=True) on the
+    same local blocks as plain tensors (on the global tensors it agrees to rounding: the
+    kernel's vector/tail split depends on the block length)."""
+    params, _ = _stepped_run(sl.optim.adamw(0.01, weight_decay=0.1), mesh, donate=True)
+    start = _shard(_globals(0), mesh)
+    blocks = [b.clone().requires_grad_() for k in start for b in _blocks(start[k])]
+    opt = torch.optim.AdamW(blocks, lr=0.01, weight_decay=0.1, fused=True)
+    for step in range(STEPS):
+        g = _shard(_globals(100 + step), mesh)
+        for b, gb in zip(blocks, [gb for k in g for gb in _blocks(g[k])]):
+            b.grad = gb.clone()
+        opt.step()
+    got = [b for k in params for b in _blocks(params[k])]
+    assert len(got) == len(blocks)
+    for a, b in zip(got, blocks):
+        assert torch.equal(a, b.detach())
+
+
+def test_step_on_16_bit_blocks_is_torch_foreach_bitwise():
+    """Blocks the fused kernel does not take (bf16 here) run torch's foreach sequence."""
+    mesh = sl.Mesh.simulated({"x": 2})
+    g = torch.Generator().manual_seed(5)
+    p0 = torch.randn(6, 5, generator=g).to(torch.bfloat16)
+    grads = [torch.randn(6, 5, generator=g).to(torch.bfloat16) for _ in range(3)]
+    tx = sl.optim.adamw(0.05, weight_decay=0.1)
+    params = {"w": sl.shard(p0, mesh, sl.P(None, "x"))}
+    state = tx.init(params)
+    for gr in grads:
+        params, state = sl.optim.step(tx, {"w": sl.shard(gr, mesh, sl.P(None, "x"))}, state, params)
+    ref = p0.clone().requires_grad_()
+    opt = torch.optim.AdamW([ref], lr=0.05, weight_decay=0.1, foreach=True)
+    for gr in grads:
+        ref.grad = gr.clone()
+        opt.step()
+    assert params["w"].dtype == torch.bfloat16 and torch.equal(params["w"].full(), ref.detach())
+
+
+def test_donated_results_reuse_the_buffers_as_new_objects(mesh):
+    from shardlib.nn._use import record_dims, recorded_dims
+
+    params = _shard(_globals(0), mesh)
+    params["rows"].requires_grad_()
+    params["plain"].requires_grad_()
+    record_dims(params["cols"], ("embed", "mlp"))
+    tx = sl.optim.adamw(0.01, weight_decay=0.1)
+    state = tx.init(params)
+    ptrs = {
+        name: [[b.data_ptr() for b in _blocks(t)] for t in _tensor_leaves(tree)]
+        for name, tree in (("params", params), ("state", state))
+    }
+    grads = _shard(_globals(1), mesh)
+    updates, new_state = tx.update(grads, sl.optim.donate(state), params)
+    new = sl.optim.apply_updates(sl.optim.donate(params), updates)
+    for name, old, tree in (("params", params, new), ("state", state, new_state)):
+        for k, (a, b) in enumerate(zip(_tensor_leaves(old), _tensor_leaves(tree))):
+            assert a is not b, (name, k)
+            assert [x.data_ptr() for x in _blocks(b)] == ptrs[name][k], (name, k)
+    for k, p in new.items():
+        assert p.is_leaf and p.requires_grad == (k in ("rows", "plain")), k
+    assert recorded_dims(new["cols"]) == ("embed", "mlp") and new["cols"].spec == LAYOUTS["cols"][1]
+
+
+def _snapshot(*trees):
+    """Every block of every tensor leaf: (the tensor, its version, a copy of its value)."""
+    return [
+        (b, b._version, b.clone())
+        for tree in trees
+        for t in _tensor_leaves(tree)
+        for b in _blocks(t)
+    ]
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam", "sgd_nesterov", "chain_adamw"])
+def test_undonated_calls_never_write_their_inputs(mesh, name):
+    tx = OPTIMIZERS[name][0]()
+    params, grads = _shard(_globals(0), mesh), _shard(_globals(1), mesh)
+    state = tx.init(params)
+    updates, state = tx.update(grads, state, params)  # a state with nonzero moments
+    before = _snapshot(params, grads, state)
+    updates, _ = tx.update(grads, state, params)
+    after_update = _snapshot(updates)
+    sl.optim.apply_updates(params, updates)
+    sl.optim.step(tx, grads, state, params)
+    for b, version, value in before + after_update:
+        assert b._version == version and torch.equal(b, value)
+
+
+def test_a_consumed_tensor_is_refused(mesh):
+    tx = sl.optim.adamw(0.01)
+    params, grads = _shard(_globals(0), mesh), _shard(_globals(1), mesh)
+    old_state = tx.init(params)
+    _, state = tx.update(grads, sl.optim.donate(old_state), params)
+    with pytest.raises(sl.optim.OptimError) as e:
+        tx.update(grads, old_state, params)
+    msg = str(e.value)
+    assert "mu['rows']" in msg and "consumed by sl.optim.adamw(...).update" in msg
+    assert "sl.optim.donate(state)" in msg
+    with pytest.raises(sl.optim.OptimError, match=r"tree\.mu\['rows'\]"):
+        sl.optim.donate(old_state)
+    tx.update(grads, state, params)  # the returned state is fine
+    # a parameter donated to the fused step, then used again
+    new, _ = sl.optim.step(tx, grads, state, params, donate=True)
+    with pytest.raises(sl.optim.OptimError, match=r"params\['rows'\] was donated"):
+        sl.optim.apply_updates(params, _shard(_globals(2), mesh))
+    sl.optim.apply_updates(new, _shard(_globals(2), mesh))
+
+
+@pytest.mark.parametrize("sharded", [True, False])
+def test_a_pending_backward_through_a_donated_parameter_fails(mesh, sharded):
+    w0 = torch.randn(4, 3, dtype=F64)
+    w = (sl.shard(w0, mesh, sl.P(None, "tp")) if sharded else w0.clone()).requires_grad_()
+    loss = (w * w).sum()  # saves w
+    u = (
+        sl.shard(torch.ones(4, 3, dtype=F64), mesh, w.spec)
+        if sharded
+        else torch.ones(4, 3, dtype=F64)
+    )
+    new = sl.optim.apply_updates(sl.optim.donate({"w": w}), {"w": u})
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    torch.testing.assert_close(_value(new["w"]), w0 + 1, rtol=0, atol=0)
+
+
+def test_a_parameter_passed_twice_is_written_once(mesh):
+    """Tied weights: the same tensor under two keys; donated, each key gets its own result."""
+    w = sl.shard(torch.ones(6, dtype=F64), mesh, sl.P("dp"))
+    u = {
+        k: sl.shard(torch.full((6,), v, dtype=F64), mesh, sl.P("dp"))
+        for k, v in (("a", 1.0), ("b", 2.0))
+    }
+    new = sl.optim.apply_updates(sl.optim.donate({"a": w, "b": w}), u)
+    assert new["a"].full().tolist() == [2.0] * 6 and new["b"].full().tolist() == [3.0] * 6
+
+
+def _allocations(fn) -> list[int]:
+    """Sizes of every CPU allocation made while `fn` runs (torch.profiler, as tests/_memory.py)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+
+    def walk(events):
+        for e in events:
+            yield e
+            yield from walk(e.children)
+
+    tree = prof.profiler.kineto_results.experimental_event_tree()
+    return [e.extra_fields.alloc_size for e in walk(tree) if e.tag == _EventType.Allocation]
+
+
+def test_donated_steps_allocate_no_more_parameter_sized_buffers_than_torch():
+    """Blocks of 16 KiB and more: torch's foreach AdamW allocates one per parameter block
+    (its denominator); donated update + apply_updates the same (the updates buffer), the
+    donated fused step none, the undonated calls four (new moments, updates, new params)."""
+    mesh = sl.Mesh.simulated({"dp": 2, "tp": 2})
+    g = torch.Generator().manual_seed(0)
+    shapes = {
+        "a": ((128, 96), sl.P("dp", "tp")),
+        "b": ((96, 48), sl.P(None, "tp")),
+        "c": ((48, 64), sl.P()),
+    }
+    full = {k: torch.randn(s, generator=g, dtype=F64) for k, (s, _) in shapes.items()}
+    grad = {k: torch.randn(s, generator=g, dtype=F64) for k, (s, _) in shapes.items()}
+
+    def tree(values):
+        return {k: sl.shard(v, mesh, shapes[k][1]) for k, v in values.items()}
+
+    params, grads = tree(full), tree(grad)
+    blocks = [b for p in params.values() for b in p.local_shards()]
+    small = min(b.numel() * b.element_size() for b in blocks)
+    assert small >= 16 * 1024
+
+    def big(sizes):
+        return sum(s >= small for s in sizes)
+
+    tx = sl.optim.adamw(0.01, weight_decay=0.1)
+    state = tx.init(params)
+    params, state = sl.optim.step(tx, grads, state, params)  # nonzero moments, a warm start
+    plain = [b.clone().requires_grad_() for b in blocks]
+    for p, gb in zip(plain, [b for x in grads.values() for b in x.local_shards()]):
+        p.grad = gb.clone()
+    opt = torch.optim.AdamW(plain, lr=0.01, weight_decay=0.1, foreach=True)
+    opt.step()
+    torch_count = big(_allocations(opt.step))
+    assert torch_count == len(blocks)
+
+    out = {}
+
+    def donated_two_calls():
+        updates, out["state"] = tx.update(grads, sl.optim.donate(state), params)
+        out["params"] = sl.optim.apply_updates(sl.optim.donate(params), updates)
+
+    assert big(_allocations(donated_two_calls)) == torch_count
+    params, state = out["params"], out["state"]
+
+    def donated_step():
+        out["params"], out["state"] = sl.optim.step(tx, grads, state, params, donate=True)
+
+    assert big(_allocations(donated_step)) == 0
+    params, state = out["params"], out["state"]
+
+    def undonated():
+        updates, _ = tx.update(grads, state, params)
+        sl.optim.apply_updates(params, updates)
+
+    assert big(_allocations(undonated)) == 4 * len(blocks)
+
+
+def test_donation_passes_through_master_weights(mesh):
+    """No signature change: master_weights' inner update and its apply_updates see the donated
+    masters and moments, write them in place and give the undonated run's values bitwise."""
+    p0 = torch.randn(8, 4).to(torch.bfloat16)
+    gs = [torch.randn(8, 4).to(torch.bfloat16) for _ in range(3)]
+    runs = []
+    for donate in (False, True):
+        tx = sl.optim.master_weights(sl.optim.adamw(0.01, weight_decay=0.1))
+        params = {"w": sl.shard(p0, mesh, sl.P("dp", None))}
+        state = tx.init(params)
+        master_ptr = state.master["w"].local_shards()[0].data_ptr()
+        for gr in gs:
+            grads = {"w": sl.shard(gr, mesh, sl.P("dp", None))}
+            if donate:
+                params, state = sl.optim.step(tx, grads, state, params, donate=True)
+            else:
+                updates, state = tx.update(grads, state, params)
+                params = sl.optim.apply_updates(params, updates)
+        assert (state.master["w"].local_shards()[0].data_ptr() == master_ptr) == donate
+        runs.append((params["w"].full(), state.master["w"].full(), state.inner.mu["w"].full()))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_donated_zero_step_equals_the_functional_one(stage):
+    """DESIGN §9's ZeRO step with the state and z.state(params) donated (at stage 0
+    z.state(params) aliases params, so params' own buffers are updated)."""
+    mesh = sl.Mesh.simulated(AXES)
+    z = sl.optim.zero(stage)
+    full = {"w": torch.randn(6, 4, dtype=F64), "b": torch.randn(5, dtype=F64)}
+    lay = {"w": sl.P(None, "tp"), "b": sl.P()}
+    results = []
+    for how in ("functional", "donated", "step"):
+        params = z.place({k: sl.shard(v, mesh, lay[k]) for k, v in full.items()})
+        tx = sl.optim.adamw(0.01, weight_decay=0.1)
+        state = tx.init(z.state(params))
+        for step in range(3):
+            g = torch.Generator().manual_seed(step)
+            grads = {
+                k: sl.shard(torch.randn(v.shape, generator=g, dtype=F64), mesh, lay[k])
+                for k, v in full.items()
+            }
+            grads = z.reduce(grads) if stage else grads
+            current = z.state(params)
+            if how == "step":
+                new, state = sl.optim.step(tx, grads, state, current, donate=True)
+            else:
+                give = sl.optim.donate if how == "donated" else (lambda tree: tree)
+                updates, state = tx.update(grads, give(state), current)
+                new = sl.optim.apply_updates(give(current), updates)
+            params = z.place(new)
+        results.append({k: v.full() for k, v in params.items()})
+    for k in full:
+        assert torch.equal(results[0][k], results[1][k]), k
+        # the fused step: p (1 - lr wd) - s, against p + (-lr wd p - s): equal to rounding
+        torch.testing.assert_close(results[2][k], results[0][k], rtol=1e-13, atol=1e-13)

@@ -19,12 +19,14 @@ from ._transform import add_decayed_weights as add_decayed_weights
 from ._transform import apply_updates as apply_updates
 from ._transform import chain as chain
 from ._transform import clip_by_global_norm as clip_by_global_norm
+from ._transform import donate as donate  # h8g: buffer donation
 from ._transform import global_norm as global_norm
 from ._transform import identity as identity
 from ._transform import scale as scale
 from ._transform import scale_by_adam as scale_by_adam
 from ._transform import scale_by_learning_rate as scale_by_learning_rate
 from ._transform import sgd as sgd
+from ._transform import step as step  # h8g: update + apply, fused
 from ._transform import trace as trace
 from ._schedules import constant_schedule as constant_schedule
 from ._schedules import cosine_decay_schedule as cosine_decay_schedule

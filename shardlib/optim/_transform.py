@@ -22,7 +22,22 @@ lists), and the outputs are rebuilt as ShardedTensors with the leaves'
 layouts. No op goes through ShardedTensor dispatch, and no update
 communicates -- except `clip_by_global_norm`, whose global norm is exactly one
 all-reduce per mesh for the whole tree (ledger cause
-``"clip_by_global_norm"``).
+``"clip_by_global_norm"``). Adam's arithmetic is torch.optim.AdamW's: its fused
+kernel (``torch._fused_adamw_``, one pass over parameter, gradient and both
+moments) on contiguous float32/float64 blocks, its foreach sequence on the rest.
+
+Buffer donation (JAX's ``donate_argnums``): `donate` marks a tree's tensors as
+given up by the caller. `update` then writes the new state into the donated
+state's buffers, `apply_updates` adds into donated parameters, and `step` (update
+and apply in one call, fused for adam/adamw and a `chain` ending in one) does
+both, so a donated AdamW step allocates nothing parameter-sized (torch's AdamW
+allocates one buffer). The results are new tensor objects over the donated
+storage with the same values a call without donation gives; a donated tensor
+that was written is *consumed*: passing it to `sl.optim` again raises
+`OptimError`, its autograd version counter is bumped (a pending backward through
+it fails), and reading it elsewhere shows the new values. Transformations
+declare a fused step by an attribute ``update._step(grads, state, params) ->
+(params, state)`` on their update function; `chain` forwards its last one's.
 
 Invariants:
 
@@ -37,10 +52,12 @@ Invariants:
   ``sl.reshard(g, g.spec.without_partial())`` -- so the communication is
   explicit and chosen by the planner (a reduce-scatter where the state is
   split, an all-reduce where it is not).
-- Every output is a fresh tensor with ``requires_grad=False`` (except
-  `apply_updates`, whose new parameters keep their parameter's
-  ``requires_grad`` so ``loss.backward()`` loops work); inputs are never
-  written. Runs under ``torch.no_grad()``.
+- Every output is a new tensor object with ``requires_grad=False`` (except
+  `apply_updates` and `step`, whose new parameters keep their parameter's
+  ``requires_grad`` and recorded dims so ``loss.backward()`` loops work).
+  Inputs are never written unless donated, and then only the donated trees'
+  buffers (state in `update`, params in `apply_updates`, both in `step`), each
+  buffer at most once. Runs under ``torch.no_grad()``.
 - A leaf that is None in every tree (params, grads, state) stays None (no
   parameter there); None beside a tensor raises, naming the key.
 - A state's ``count`` is a Python int (no device sync to read it for a
@@ -77,12 +94,14 @@ __all__ = [
     "apply_updates",
     "chain",
     "clip_by_global_norm",
+    "donate",
     "global_norm",
     "identity",
     "scale",
     "scale_by_adam",
     "scale_by_learning_rate",
     "sgd",
+    "step",
     "trace",
 ]
 
@@ -183,6 +202,50 @@ def _structure_error(where: str, ref_name: str, ref: Any, name: str, other: Any)
     )
 
 
+# A donated tensor carries this attribute: True while donated, then the name of the call
+# that wrote its buffer (consumed). Set by `donate`, read by `_Leaves`.
+_MARK = "_sl_donated"
+
+
+def _consumed_error(where: str, key: str, by: str) -> OptimError:
+    return OptimError(
+        f"{where}: {key} was donated (sl.optim.donate) and consumed by {by}, which wrote its "
+        "result into that tensor's buffer; the tensor no longer holds the value it had. "
+        "A donated tensor is used once. Fix: use the tree that call returned (e.g. "
+        "`updates, state = tx.update(grads, sl.optim.donate(state), params)` rebinds state, "
+        "`params = sl.optim.apply_updates(sl.optim.donate(params), updates)` rebinds params), "
+        "or do not donate what you read again."
+    )
+
+
+def _donation_marks(
+    where: str, trees: dict[str, Any], ref: str, order: Sequence[str], leaves: dict[str, list]
+) -> dict[str, set[int]]:
+    """Per tree, the leaves marked donated; a consumed leaf anywhere raises."""
+    marked: dict[str, set[int]] = {}
+    for name in order:
+        for i, x in enumerate(leaves[name]):
+            mark = getattr(x, _MARK, None)
+            if mark is None:
+                continue
+            if mark is True:
+                marked.setdefault(name, set()).add(i)
+                continue
+            path = pytree.tree_flatten_with_path(trees[ref])[0][i][0]
+            raise _consumed_error(where, f"{name}{pytree.keystr(path)}", mark)
+    return marked
+
+
+def _own_storage(x: Any, blocks: Sequence[torch.Tensor], seen: set[int]) -> bool:
+    """Whether a donated leaf's `blocks` may be written in place (see `_Leaves.writable`)."""
+    if isinstance(x, ShardedTensor) and x._root is not None and x._root._link is not None:
+        return False  # a linked copy: its values must be written back to its base
+    ptrs = [b.data_ptr() for b in blocks if b.numel()]
+    if any(not b.is_contiguous() for b in blocks) or len(set(ptrs)) < len(ptrs):
+        return False
+    return not any(ptr in seen for ptr in ptrs)
+
+
 class _Leaves:
     """Aligned leaves of several trees of one structure, unpacked to local blocks.
 
@@ -192,7 +255,7 @@ class _Leaves:
     reference, each leaf with its template's mesh, layout and shape.
     """
 
-    __slots__ = ("spec", "templates", "blocks", "where")
+    __slots__ = ("spec", "templates", "blocks", "where", "leaves", "marked", "moved", "written")
 
     def __init__(
         self,
@@ -217,6 +280,10 @@ class _Leaves:
                 raise _structure_error(where, ref, trees[ref], name, trees[name])
             leaves[name] = ls
         self.spec = spec
+        self.leaves = leaves
+        self.marked = _donation_marks(where, trees, ref, order, leaves)
+        self.moved: set[tuple[str, int]] = set()
+        self.written: list[tuple[str, int]] = []
         self.templates: list[_Template | None] = []
         columns = [leaves[name] for name in order]
         blocks: list[list[torch.Tensor]] = [[] for _ in order]
@@ -256,6 +323,7 @@ class _Leaves:
                     x = self._moved(x, layout, (name, target), i, trees, ref, bad)
                     if x is None:
                         continue
+                    self.moved.add((name, i))
                 if x._root is not None:
                     x.local_shards()  # brings a linked copy up to date
                 b.extend(x._shards)
@@ -346,6 +414,57 @@ class _Leaves:
             "ZeRO: grads = z.reduce(grads), and pass z.state(params) as params), or build the "
             "state from params in the gradients' layouts (tx.init(params))."
         )
+
+    def writable(self, name: str, always: bool = False) -> list[torch.Tensor] | None:
+        """Blocks of tree `name` that an in-place computation may write: a donated leaf's own
+        blocks (recorded in `written`; `consume` marks it afterwards), a contiguous copy of
+        every other leaf's. None when no leaf of `name` is donated, unless `always`.
+
+        A donated leaf is written only if its blocks are its own storage: not a copy this
+        call made to move it (a layout slice), not a linked copy (shardlib/ops/_aliasing.py:
+        writing one would skip its write-back), contiguous, and no block already taken in
+        this call (a tensor passed twice, tied weights, is written once and copied for its
+        second entry). A plain leaf's block is a detached alias, so the result is a new
+        tensor object.
+        """
+        marked = self.marked.get(name)
+        if not marked and not always:
+            return None
+        blocks, column = self.blocks[name], self.leaves[name]
+        out: list[torch.Tensor] = []
+        seen: set[int] = set()
+        o = 0
+        for i, t in enumerate(self.templates):
+            if t is _ABSENT:
+                continue
+            n = 1 if t is None else len(t[0].local_devices)
+            own = blocks[o : o + n]
+            x = column[i]
+            if (
+                marked
+                and i in marked
+                and (name, i) not in self.moved
+                and _own_storage(x, own, seen)
+            ):
+                seen.update(b.data_ptr() for b in own if b.numel())
+                self.written.append((name, i))
+                out.extend(own if t is not None else [x.detach()])
+            else:
+                out.extend(b.clone(memory_format=torch.contiguous_format) for b in own)
+            o += n
+        return out
+
+    def consume(self, where: str) -> None:
+        """Mark every donated leaf this call wrote as consumed (by `where`) and bump its
+        autograd version (and its alias family root's), so reusing it fails loudly."""
+        for name, i in self.written:
+            x = self.leaves[name][i]
+            setattr(x, _MARK, where)
+            if isinstance(x, ShardedTensor):
+                torch.autograd.graph.increment_version(x)
+                if x._root is not None and x._root is not x:
+                    torch.autograd.graph.increment_version(x._root)
+        self.written = []
 
     def rebuild(
         self, flat: Sequence[torch.Tensor], requires_grad: Sequence[bool] | None = None
@@ -552,36 +671,107 @@ def trace(decay: float, nesterov: bool = False) -> GradientTransformation:
         lv = _leaves(where, params, trace=state.trace, grads=grads)
         g, t = lv.blocks["grads"], lv.blocks["trace"]
         with torch.no_grad():
-            new_t = torch._foreach_add(g, t, alpha=decay)
+            new_t = lv.writable("trace")
+            if new_t is None:
+                new_t = torch._foreach_add(g, t, alpha=decay)
+            else:  # donated: torch.optim.SGD's buf.mul_(momentum).add_(grad)
+                torch._foreach_mul_(new_t, decay)
+                torch._foreach_add_(new_t, g)
             out = torch._foreach_add(g, new_t, alpha=decay) if nesterov else new_t
+        lv.consume(where)
         new_trace = lv.rebuild(new_t)
         return (lv.rebuild(out) if nesterov else new_trace), TraceState(new_trace)
 
     return GradientTransformation(init, update)
 
 
-def _adam_direction(
-    lv: _Leaves, count: int, b1: float, b2: float, eps: float
-) -> tuple[list, list, list, float]:
-    """(new mu, new nu, denominator, factor) on the flat blocks, with Adam's direction
-    ``factor * mu / denominator``.
+_FUSED_DTYPES = (torch.float32, torch.float64)
 
-    ``mu_hat / (sqrt(nu_hat) + eps) = mu * (sqrt(bc2) / bc1) / (sqrt(nu) + eps sqrt(bc2))``
-    (bc_i = 1 - b_i^t): the bias corrections fold into two scalars, which saves a pass
-    over the denominator (torch.optim.Adam divides it by sqrt(bc2) first; the results
-    agree to rounding).
+
+def _adam_kernel(
+    target: list[torch.Tensor],
+    g: list[torch.Tensor],
+    mu: list[torch.Tensor],
+    nu: list[torch.Tensor],
+    t: int,
+    lr: float,
+    b1: float,
+    b2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """torch.optim.AdamW's step ``t`` in place on flat blocks (``target`` in the role of the
+    parameter, `g` already in the moments' dtype):
+
+    ``mu = lerp(mu, g, 1-b1)``, ``nu = b2 nu + (1-b2) g^2``, ``target = target (1 - lr wd)
+    - lr/bc1 * mu / (sqrt(nu)/sqrt(bc2) + eps)`` (bc_i = 1 - b_i^t). Its fused CPU/CUDA
+    kernel ``torch._fused_adamw_`` (one pass, no temporary) runs on each (device, dtype)
+    group of contiguous float32/float64 blocks -- the arithmetic of
+    ``torch.optim.AdamW(fused=True)``; the other blocks (16-bit, strided, other devices)
+    take its foreach sequence (``foreach=True``; one temporary, the denominator).
     """
-    g, mu, nu = lv.blocks["grads"], lv.blocks["mu"], lv.blocks["nu"]
+    groups: dict[tuple, list[int]] = {}
+    rest: list[int] = []
+    for k, (a, gk, m, v) in enumerate(zip(target, g, mu, nu)):
+        dtype, device = m.dtype, m.device
+        if (
+            dtype in _FUSED_DTYPES
+            and a.dtype == dtype
+            and v.dtype == dtype
+            and gk.dtype == dtype
+            and device.type in ("cpu", "cuda")
+            and a.device == device
+            and v.device == device
+            and gk.device == device
+            and a.is_contiguous()
+            and m.is_contiguous()
+            and v.is_contiguous()
+        ):
+            groups.setdefault((device, dtype), []).append(k)
+        else:
+            rest.append(k)
+    for (device, _), idx in groups.items():
+        step_t = torch.full((), float(t), dtype=torch.float32, device=device)
+        torch._fused_adamw_(
+            [target[k] for k in idx],
+            [g[k].contiguous() for k in idx],
+            [mu[k] for k in idx],
+            [nu[k] for k in idx],
+            [],
+            [step_t] * len(idx),
+            lr=lr,
+            beta1=b1,
+            beta2=b2,
+            weight_decay=weight_decay,
+            eps=eps,
+            amsgrad=False,
+            maximize=False,
+        )
+    if rest:
+        a, gr, m, v = ([x[k] for k in rest] for x in (target, g, mu, nu))
+        bc1, bc2 = 1.0 - b1**t, 1.0 - b2**t
+        if weight_decay:
+            torch._foreach_mul_(a, 1.0 - lr * weight_decay)
+        torch._foreach_lerp_(m, gr, 1.0 - b1)
+        torch._foreach_mul_(v, b2)
+        torch._foreach_addcmul_(v, gr, gr, value=1.0 - b2)
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, bc2**0.5)
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(a, m, denom, value=-lr / bc1)
+
+
+def _adam_grads(lv: _Leaves) -> list[torch.Tensor]:
+    """The gradient blocks in the moments' dtype (a 16-bit gradient against fp32 state)."""
+    g, mu = lv.blocks["grads"], lv.blocks["mu"]
     if any(a.dtype != b.dtype for a, b in zip(g, mu)):
         g = [a.to(b.dtype) if a.dtype != b.dtype else a for a, b in zip(g, mu)]
-    new_mu = torch._foreach_lerp(mu, g, 1.0 - b1)
-    new_nu = torch._foreach_mul(nu, b2)
-    torch._foreach_addcmul_(new_nu, g, g, value=1.0 - b2)
-    t = count + 1
-    sqrt_bc2 = math.sqrt(1.0 - b2**t)
-    denom = torch._foreach_sqrt(new_nu)
-    torch._foreach_add_(denom, eps * sqrt_bc2)
-    return new_mu, new_nu, denom, sqrt_bc2 / (1.0 - b1**t)
+    return g
+
+
+def _moments(lv: _Leaves) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """mu and nu blocks to write: the donated ones themselves, copies of the others."""
+    return lv.writable("mu", always=True), lv.writable("nu", always=True)
 
 
 def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> GradientTransformation:
@@ -603,9 +793,12 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
     def update(grads: Any, state: ScaleByAdamState, params: Any = None) -> tuple[Any, Any]:
         lv = _leaves(where, params, mu=state.mu, nu=state.nu, grads=grads)
         with torch.no_grad():
-            new_mu, new_nu, denom, factor = _adam_direction(lv, state.count, b1, b2, eps)
-            out = torch._foreach_div(new_mu, denom)
-            torch._foreach_mul_(out, factor)
+            g = _adam_grads(lv)
+            new_mu, new_nu = _moments(lv)
+            # AdamW's step on a zero "parameter" with learning rate -1 leaves the direction
+            out = [torch.zeros_like(m) for m in new_mu]
+            _adam_kernel(out, g, new_mu, new_nu, state.count + 1, -1.0, b1, b2, eps, 0.0)
+        lv.consume(where)
         new = ScaleByAdamState(state.count + 1, lv.rebuild(new_mu), lv.rebuild(new_nu))
         return lv.rebuild(out), new
 
@@ -648,6 +841,21 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             new_states.append(s)
         return grads, tuple(new_states)
 
+    last = getattr(transforms[-1].update, "_step", None) if transforms else None
+    if last is not None:
+
+        def fused_step(grads: Any, state: tuple, params: Any) -> tuple[Any, tuple]:
+            """The transformations but the last, then the last one's fused step."""
+            if not isinstance(state, tuple) or len(state) != len(transforms):
+                update(grads, state, params)  # raises update's error
+            new_states = []
+            for t, s in zip(transforms[:-1], state[:-1]):
+                grads, s = t.update(grads, s, params)
+                new_states.append(s)
+            params, s = last(grads, state[-1], params)
+            return params, (*new_states, s)
+
+        update._step = fused_step  # type: ignore[attr-defined]  # read by `step`
     return GradientTransformation(init, update)
 
 
@@ -691,19 +899,25 @@ def _adam_like(
     eps: float,
     weight_decay: float,
 ) -> GradientTransformation:
-    """Adam (and AdamW's decoupled decay) as one transformation: the whole step is a few
-    foreach calls with the learning rate, bias corrections and decay folded in."""
+    """Adam (and AdamW's decoupled decay) as one transformation: torch.optim.AdamW's
+    step (`_adam_kernel`) with the learning rate and decay folded in. `update` runs it
+    on an updates buffer that starts as ``-lr * wd * params`` (zeros without decay);
+    the fused `step` runs it on the parameters themselves."""
     where = f"sl.optim.{name}(...).update"
+    step_where = f"sl.optim.step(sl.optim.{name}(...), ...)"
 
     def init(params: Any) -> ScaleByAdamState:
         return ScaleByAdamState(0, _zeros_like_tree(params), _zeros_like_tree(params))
 
-    def update(grads: Any, state: ScaleByAdamState, params: Any = None) -> tuple[Any, Any]:
+    def check_state(state: Any, at: str) -> None:
         if not isinstance(state, ScaleByAdamState):
             raise OptimError(
-                f"{where}: state must be the ScaleByAdamState its init returns, got "
+                f"{at}: state must be the ScaleByAdamState its init returns, got "
                 f"{type(state).__name__}. Fix: state = tx.init(params) with this optimizer."
             )
+
+    def update(grads: Any, state: ScaleByAdamState, params: Any = None) -> tuple[Any, Any]:
+        check_state(state, where)
         if weight_decay:
             _need_params(where, params)
             lv = _leaves(where, mu=state.mu, nu=state.nu, params=params, grads=grads)
@@ -711,18 +925,43 @@ def _adam_like(
             lv = _leaves(where, params, mu=state.mu, nu=state.nu, grads=grads)
         lr = _learning_rate(learning_rate, state.count)
         with torch.no_grad():
-            new_mu, new_nu, denom, factor = _adam_direction(lv, state.count, b1, b2, eps)
+            g = _adam_grads(lv)
+            new_mu, new_nu = _moments(lv)
             if weight_decay:
                 # updates = -lr * (mu_hat / (sqrt(nu_hat) + eps) + wd * p): torch.optim.AdamW's
-                # p * (1 - lr * wd) followed by its Adam step
-                out = torch._foreach_mul(lv.blocks["params"], -lr * weight_decay)
-                torch._foreach_addcdiv_(out, new_mu, denom, value=-lr * factor)
+                # p * (1 - lr * wd) followed by its Adam step, as a difference
+                p = lv.blocks["params"]
+                p = [a if a.dtype == m.dtype else a.to(m.dtype) for a, m in zip(p, new_mu)]
+                out = torch._foreach_mul(p, -lr * weight_decay)
             else:
-                out = torch._foreach_div(new_mu, denom)
-                torch._foreach_mul_(out, -lr * factor)
+                out = [torch.zeros_like(m) for m in new_mu]
+            _adam_kernel(out, g, new_mu, new_nu, state.count + 1, lr, b1, b2, eps, 0.0)
+        lv.consume(where)
         new = ScaleByAdamState(state.count + 1, lv.rebuild(new_mu), lv.rebuild(new_nu))
         return lv.rebuild(out), new
 
+    def fused_step(grads: Any, state: ScaleByAdamState, params: Any) -> tuple[Any, Any]:
+        """`update` then `apply_updates` as one kernel pass on the parameters (no updates
+        tree); `update` + `apply_updates` where a parameter's dtype is not its state's."""
+        check_state(state, step_where)
+        _need_params(step_where, params)
+        lv = _leaves(step_where, mu=state.mu, nu=state.nu, params=params, grads=grads)
+        if any(a.dtype != m.dtype for a, m in zip(lv.blocks["params"], lv.blocks["mu"])):
+            updates, new = update(grads, state, params)
+            return apply_updates(params, updates), new
+        lr = _learning_rate(learning_rate, state.count)
+        with torch.no_grad():
+            g = _adam_grads(lv)
+            new_mu, new_nu = _moments(lv)
+            new_p = lv.writable("params", always=True)
+            _adam_kernel(new_p, g, new_mu, new_nu, state.count + 1, lr, b1, b2, eps, weight_decay)
+        lv.consume(step_where)
+        leaves = pytree.tree_leaves(params)
+        out = lv.rebuild(new_p, [x is not None and x.requires_grad for x in leaves])
+        new = ScaleByAdamState(state.count + 1, lv.rebuild(new_mu), lv.rebuild(new_nu))
+        return _carry_dims(leaves, out), new
+
+    update._step = fused_step  # type: ignore[attr-defined]  # read by `step`
     return GradientTransformation(init, update)
 
 
@@ -794,13 +1033,17 @@ def apply_updates(params: Any, updates: Any) -> Any:
     lv = _leaves(where, params=params, updates=updates)
     p, u = lv.blocks["params"], lv.blocks["updates"]
     with torch.no_grad():
-        if all(a.dtype == b.dtype for a, b in zip(p, u)):
+        out = lv.writable("params")
+        if out is not None:  # donated: in place (a mixed-dtype add_ rounds once, as below)
+            torch._foreach_add_(out, u)
+        elif all(a.dtype == b.dtype for a, b in zip(p, u)):
             out = torch._foreach_add(p, u)
         else:
             out = [
                 torch.add(a, b) if a.dtype == b.dtype else torch.add(a, b).to(a.dtype)
                 for a, b in zip(p, u)
             ]
+    lv.consume(where)
     leaves = pytree.tree_leaves(params)
     new = lv.rebuild(out, [x is not None and x.requires_grad for x in leaves])
     return _carry_dims(leaves, new)
@@ -816,6 +1059,96 @@ def _carry_dims(old_leaves: list[Any], new: Any) -> Any:
         if dims is not None:
             record_dims(b, dims)
     return new
+
+
+# == donation and fused steps ===================================================
+def donate(tree: Any) -> Any:
+    """Mark every tensor of `tree` as donated and return `tree` (the same objects).
+
+    JAX's ``donate_argnums``: the caller gives the tensors up, so the next `sl.optim` call
+    that produces a tensor of the same role may write its result into their buffers --
+    `update` into a donated *state* (new moments, momentum), `apply_updates` (and `step`)
+    into donated *params*; a donated tree in another role (grads, or params passed to
+    `update`) is only read. Results are the values a call without donation returns, as
+    new tensor objects (new parameters keep ``requires_grad`` and recorded dims); a
+    donated tensor that was written is consumed: `sl.optim` refuses it afterwards
+    (`OptimError`), a pending backward through it fails (its version is bumped), and
+    other code reading it sees the new values -- drop it. A donated view donates what it
+    views (at ZeRO stage 0 ``z.state(params)`` is an alias of ``params``). Tensors that
+    cannot be written in place (linked copies, strided blocks, a buffer passed twice)
+    are copied as without donation.
+
+    Examples:
+        >>> import shardlib as sl, torch
+        >>> mesh = sl.Mesh.simulated({"x": 2})
+        >>> params = {"w": sl.shard(torch.ones(4), mesh, sl.P("x"))}
+        >>> tx = sl.optim.adamw(0.1, weight_decay=0.0)
+        >>> state = tx.init(params)
+        >>> grads = {"w": sl.shard(torch.ones(4), mesh, sl.P("x"))}
+        >>> mu = state.mu["w"].local_shards()[0]
+        >>> updates, new = tx.update(grads, sl.optim.donate(state), params)
+        >>> new.mu["w"].local_shards()[0] is mu, mu.tolist()  # written into the old buffer
+        (True, [0.10000000149011612, 0.10000000149011612])
+        >>> params = sl.optim.apply_updates(sl.optim.donate(params), updates)
+        >>> try:
+        ...     tx.update(grads, state, params)  # the old state was consumed
+        ... except sl.optim.OptimError as e:
+        ...     print(str(e)[28:84])
+        mu['w'] was donated (sl.optim.donate) and consumed by sl
+    """
+    return _mark_donated(tree, "sl.optim.donate(tree)", "tree")
+
+
+def _mark_donated(tree: Any, where: str, name: str) -> Any:
+    for path, leaf in pytree.tree_flatten_with_path(tree)[0]:
+        if not isinstance(leaf, torch.Tensor):
+            continue
+        mark = getattr(leaf, _MARK, None)
+        if mark is not None and mark is not True:
+            raise _consumed_error(where, f"{name}{pytree.keystr(path)}", mark)
+        setattr(leaf, _MARK, True)
+    return tree
+
+
+def step(
+    tx: GradientTransformation, grads: Any, state: Any, params: Any, *, donate: bool = False
+) -> tuple[Any, Any]:
+    """One optimizer step: ``updates, state = tx.update(grads, state, params)`` then
+    ``params = apply_updates(params, updates)``; returns ``(params, state)``.
+
+    Fused where `tx` provides it (`adam`, `adamw`, a `chain` ending in one): the updates
+    are never materialized; AdamW's step runs once over parameters, gradients and moments
+    (torch's ``_fused_adamw_`` kernel on float32/float64 blocks, the arithmetic of
+    ``torch.optim.AdamW(fused=True)``). Other transformations run as the two calls (the
+    same values). ``donate=True`` donates `state` and `params` (see `donate`): the step
+    writes into their buffers and allocates nothing parameter-sized; without it nothing
+    given is written.
+
+    Examples:
+        >>> import shardlib as sl, torch
+        >>> mesh = sl.Mesh.simulated({"x": 2})
+        >>> params = {"w": sl.shard(torch.ones(4), mesh, sl.P("x"))}
+        >>> tx = sl.optim.chain(sl.optim.clip_by_global_norm(1.0), sl.optim.adamw(0.1))
+        >>> state = tx.init(params)
+        >>> grads = {"w": sl.shard(torch.ones(4), mesh, sl.P("x"))}
+        >>> params, state = sl.optim.step(tx, grads, state, params, donate=True)
+        >>> [round(v, 4) for v in params["w"].full().tolist()], state[1].count
+        ([0.9, 0.9, 0.9, 0.9], 1)
+    """
+    if not isinstance(tx, GradientTransformation):
+        raise OptimError(
+            f"sl.optim.step(tx={tx!r}, ...): tx must be a GradientTransformation such as "
+            "sl.optim.adamw(1e-3), not its update function or state."
+        )
+    if donate:
+        where = "sl.optim.step(tx, grads, state, params, donate=True)"
+        _mark_donated(state, where, "state")
+        _mark_donated(params, where, "params")
+    fused = getattr(tx.update, "_step", None)
+    if fused is not None:
+        return fused(grads, state, params)
+    updates, state = tx.update(grads, state, params)
+    return apply_updates(params, updates), state
 
 
 # == clipping ===================================================================
