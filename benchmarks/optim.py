@@ -12,8 +12,15 @@ step) so machine noise hits all alike:
 
 - ``plain``: ``torch.optim.AdamW(foreach=True)`` on plain tensors, each this
   rank's local blocks (the same shapes and element count as the sharded ones);
+- ``plain_fused``: ``torch.optim.AdamW(fused=True)`` on the same plain tensors
+  (torch's one-pass kernel, which sl.optim's Adam runs on float32 blocks);
 - ``shardlib``: ``sl.optim.adamw``'s ``update`` then ``sl.optim.apply_updates``
   on ShardedTensors (functional: new moments and parameters every step);
+- ``shardlib_donated``: the same two calls with the state and the parameters
+  donated (``tx.update(grads, sl.optim.donate(state), params)``,
+  ``sl.optim.apply_updates(sl.optim.donate(params), updates)``: written in place);
+- ``shardlib_step``: ``sl.optim.step(tx, grads, state, params, donate=True)``
+  (update and apply fused: one kernel pass, nothing allocated);
 - ``torch_sharded``: ``torch.optim.AdamW(foreach=True)`` on ShardedTensor
   parameters (shardlib's ``_foreach_*`` rules, shardlib/ops/_foreach.py);
 - ``dtensor``: ``torch.optim.AdamW(foreach=True)`` on DTensor parameters of
@@ -56,7 +63,7 @@ update, apply, place). Per device:
   stage's last loss against stage 0's: ZeRO changes no number).
 
     python benchmarks/optim.py [--ranks 1 4] [--steps 20] [--warmup 3]
-        [--variants plain,shardlib,torch_sharded,dtensor]
+        [--variants plain,plain_fused,shardlib,shardlib_donated,shardlib_step,torch_sharded,dtensor]
         [--dim 256 --heads 8 --layers 4 --vocab 1024 --mlp M --kv-heads K]
         [--zero-ranks 4] [--stages 0,1,2,3] [--seq 64 --batch 8] [--zero-steps 3]
         [--zero-on simulated,gloo] [--skip-optim] [--skip-zero]
@@ -87,11 +94,22 @@ else:
     from .schemes import PeakMemory
 
 MiB = 2**20
-VARIANTS = ("plain", "shardlib", "torch_sharded", "dtensor")
+VARIANTS = (
+    "plain",
+    "plain_fused",
+    "shardlib",
+    "shardlib_donated",
+    "shardlib_step",
+    "torch_sharded",
+    "dtensor",
+)
 ZERO_ON = ("simulated", "gloo")
 LABELS = {
     "plain": "torch AdamW(foreach) on plain tensors",
+    "plain_fused": "torch AdamW(fused) on plain tensors",
     "shardlib": "sl.optim.adamw update + apply_updates",
+    "shardlib_donated": "  the same, state and params donated",
+    "shardlib_step": "sl.optim.step(adamw, donate=True)",
     "torch_sharded": "torch AdamW(foreach) on ShardedTensors",
     "dtensor": "torch AdamW(foreach) on DTensor",
 }
@@ -152,14 +170,17 @@ def _dtensor_placements(layout: sl.P, axis_names: Sequence[str]) -> list:
 class _Plain:
     """torch.optim.AdamW(foreach=True) on plain tensors: this rank's local blocks."""
 
+    fused = False
+
     def __init__(self, params: dict, grads: dict, mesh: Any) -> None:
         self.params = [
             p.local_shards()[0].detach().clone().requires_grad_() for p in params.values()
         ]
         for p, g in zip(self.params, grads.values()):
             p.grad = g.local_shards()[0].clone()
+        kind = {"fused": True} if self.fused else {"foreach": True}
         self.opt = torch.optim.AdamW(
-            self.params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, foreach=True
+            self.params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, **kind
         )
 
     def step(self) -> None:
@@ -184,6 +205,44 @@ class _Shardlib:
 
     def local(self) -> list[torch.Tensor]:
         return [p.local_shards()[0] for p in self.params.values()]
+
+
+class _PlainFused(_Plain):
+    """torch.optim.AdamW(fused=True) on plain tensors: this rank's local blocks."""
+
+    fused = True
+
+
+def _own_copy(params: dict) -> dict:
+    """ShardedTensors with blocks of their own (a donated step writes into its parameters)."""
+    return {
+        k: sl.from_local([s.clone() for s in p.local_shards()], p.mesh, p.spec, tuple(p.shape))
+        for k, p in params.items()
+    }
+
+
+class _ShardlibDonated(_Shardlib):
+    """sl.optim.adamw's two calls with the state and the parameters donated."""
+
+    def __init__(self, params: dict, grads: dict, mesh: Any) -> None:
+        super().__init__(_own_copy(params), grads, mesh)
+
+    def step(self) -> None:
+        donate = sl.optim.donate
+        updates, self.state = self.tx.update(self.grads, donate(self.state), self.params)
+        self.params = sl.optim.apply_updates(donate(self.params), updates)
+
+
+class _ShardlibStep(_Shardlib):
+    """sl.optim.step(adamw, donate=True): update and apply fused, in place."""
+
+    def __init__(self, params: dict, grads: dict, mesh: Any) -> None:
+        super().__init__(_own_copy(params), grads, mesh)
+
+    def step(self) -> None:
+        self.params, self.state = sl.optim.step(
+            self.tx, self.grads, self.state, self.params, donate=True
+        )
 
 
 class _TorchOnSharded:
@@ -246,7 +305,10 @@ class _DTensor:
 
 OPTIMIZERS: dict[str, Callable[..., Any]] = {
     "plain": _Plain,
+    "plain_fused": _PlainFused,
     "shardlib": _Shardlib,
+    "shardlib_donated": _ShardlibDonated,
+    "shardlib_step": _ShardlibStep,
     "torch_sharded": _TorchOnSharded,
     "dtensor": _DTensor,
 }

@@ -11,9 +11,11 @@ split for fp32 AdamW, and the losses equal the unsharded float64 model's.
 Bad flags raise.
 
 On 4 gloo ranks (the session's ``workers4`` pool, ~15 s once it is up): the
-AdamW table (plain foreach, shardlib, torch on ShardedTensors, DTensor) with
-positive times, ns per local element equal to the time over the local
-elements counted here from the dp+tp1d block shapes, and the ratio column;
+AdamW table (plain foreach and fused, shardlib functional, donated and fused
+`sl.optim.step`, torch on ShardedTensors, DTensor) with positive times, every
+variant's parameters equal to plain's after the steps, ns per local element
+equal to the time over the local elements counted here from the dp+tp1d block
+shapes, and the ratio column;
 the gloo ZeRO table with the same byte formulas and peak memory
 per rank at least the model memory (the gradients are allocated inside the step).
 """

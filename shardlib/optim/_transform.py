@@ -236,14 +236,21 @@ def _donation_marks(
     return marked
 
 
-def _own_storage(x: Any, blocks: Sequence[torch.Tensor], seen: set[int]) -> bool:
-    """Whether a donated leaf's `blocks` may be written in place (see `_Leaves.writable`)."""
-    if isinstance(x, ShardedTensor) and x._root is not None and x._root._link is not None:
-        return False  # a linked copy: its values must be written back to its base
-    ptrs = [b.data_ptr() for b in blocks if b.numel()]
-    if any(not b.is_contiguous() for b in blocks) or len(set(ptrs)) < len(ptrs):
-        return False
-    return not any(ptr in seen for ptr in ptrs)
+def _own_pointers(x: Any, blocks: Sequence[torch.Tensor], seen: set[int]) -> list[int] | None:
+    """The data pointers of a donated leaf's `blocks` if they may be written in place (see
+    `_Leaves.writable`), else None."""
+    if type(x) is ShardedTensor and x._root is not None and x._root._link is not None:
+        return None  # a linked copy: its values must be written back to its base
+    ptrs: list[int] = []
+    for b in blocks:
+        if not b.is_contiguous():
+            return None
+        if b.numel():
+            ptr = b.data_ptr()
+            if ptr in seen or ptr in ptrs:
+                return None
+            ptrs.append(ptr)
+    return ptrs
 
 
 class _Leaves:
@@ -298,7 +305,7 @@ class _Leaves:
                     if (
                         type(x) is not ShardedTensor
                         or (x._mesh is not mesh and x._mesh != mesh)
-                        or x._layout != layout
+                        or (x._layout is not layout and x._layout != layout)
                         or x.shape != shape
                         or x._root is not None
                     ):
@@ -440,13 +447,11 @@ class _Leaves:
             n = 1 if t is None else len(t[0].local_devices)
             own = blocks[o : o + n]
             x = column[i]
-            if (
-                marked
-                and i in marked
-                and (name, i) not in self.moved
-                and _own_storage(x, own, seen)
-            ):
-                seen.update(b.data_ptr() for b in own if b.numel())
+            ptrs = None
+            if marked and i in marked and (name, i) not in self.moved:
+                ptrs = _own_pointers(x, own, seen)
+            if ptrs is not None:
+                seen.update(ptrs)
                 self.written.append((name, i))
                 out.extend(own if t is not None else [x.detach()])
             else:
@@ -1100,11 +1105,13 @@ def donate(tree: Any) -> Any:
 
 
 def _mark_donated(tree: Any, where: str, name: str) -> Any:
-    for path, leaf in pytree.tree_flatten_with_path(tree)[0]:
+    leaves = pytree.tree_leaves(tree)
+    for i, leaf in enumerate(leaves):
         if not isinstance(leaf, torch.Tensor):
             continue
         mark = getattr(leaf, _MARK, None)
         if mark is not None and mark is not True:
+            path = pytree.tree_flatten_with_path(tree)[0][i][0]
             raise _consumed_error(where, f"{name}{pytree.keystr(path)}", mark)
         setattr(leaf, _MARK, True)
     return tree
