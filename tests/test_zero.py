@@ -36,14 +36,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch._C._profiler import _EventType
-from torch.profiler import ProfilerActivity, profile
 
 import shardlib as sl
 from shardlib import nn as snn
 from shardlib.nn import gpt
 from shardlib.nn._use import record_dims
 from shardlib.optim._zero import split_layout
+from tests._memory import peak_live_bytes
 
 F64 = torch.float64
 LR, B1, B2, EPS, WD = 0.05, 0.9, 0.999, 1e-8, 1e-4
@@ -73,27 +72,6 @@ def chunk_len(n: int, k: int, c: int) -> int:
     """Length of torch.chunk-style chunk c of n items cut in k (ceil-sized, possibly empty)."""
     s = -(-n // k)
     return max(0, min(n, (c + 1) * s) - min(n, c * s))
-
-
-def peak_live_bytes(fn) -> int:
-    """Peak of live CPU bytes allocated while `fn` runs, above the start (torch.profiler)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-
-    def walk(events):
-        for e in events:
-            yield e
-            yield from walk(e.children)
-
-    tree = prof.profiler.kineto_results.experimental_event_tree()
-    events = sorted(
-        (e for e in walk(tree) if e.tag == _EventType.Allocation), key=lambda e: e.start_time_ns
-    )
-    live = peak = 0
-    for e in events:
-        live += e.extra_fields.alloc_size
-        peak = max(peak, live)
-    return peak
 
 
 def make_params(c: gpt.Config) -> dict[str, torch.Tensor]:
