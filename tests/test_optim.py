@@ -45,6 +45,8 @@ import torch
 
 import shardlib as sl
 
+from ._memory import _allocations
+
 F64 = torch.float64
 AXES = {"dp": 2, "tp": 2}
 LAYOUTS = {
@@ -639,21 +641,9 @@ def test_a_parameter_passed_twice_is_written_once(mesh):
     assert new["a"].full().tolist() == [2.0] * 6 and new["b"].full().tolist() == [3.0] * 6
 
 
-def _allocations(fn) -> list[int]:
-    """Sizes of every CPU allocation made while `fn` runs (torch.profiler, as tests/_memory.py)."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-
-    def walk(events):
-        for e in events:
-            yield e
-            yield from walk(e.children)
-
-    tree = prof.profiler.kineto_results.experimental_event_tree()
-    return [e.extra_fields.alloc_size for e in walk(tree) if e.tag == _EventType.Allocation]
+def _allocation_sizes(fn) -> list[int]:
+    """Sizes of every CPU allocation made while `fn` runs (frees negative; torch.profiler)."""
+    return [e.extra_fields.alloc_size for e in _allocations(fn)]
 
 
 def test_donated_steps_allocate_no_more_parameter_sized_buffers_than_torch():
@@ -689,7 +679,7 @@ def test_donated_steps_allocate_no_more_parameter_sized_buffers_than_torch():
         p.grad = gb.clone()
     opt = torch.optim.AdamW(plain, lr=0.01, weight_decay=0.1, foreach=True)
     opt.step()
-    torch_count = big(_allocations(opt.step))
+    torch_count = big(_allocation_sizes(opt.step))
     assert torch_count == len(blocks)
 
     out = {}
@@ -698,20 +688,20 @@ def test_donated_steps_allocate_no_more_parameter_sized_buffers_than_torch():
         updates, out["state"] = tx.update(grads, sl.optim.donate(state), params)
         out["params"] = sl.optim.apply_updates(sl.optim.donate(params), updates)
 
-    assert big(_allocations(donated_two_calls)) == torch_count
+    assert big(_allocation_sizes(donated_two_calls)) == torch_count
     params, state = out["params"], out["state"]
 
     def donated_step():
         out["params"], out["state"] = sl.optim.step(tx, grads, state, params, donate=True)
 
-    assert big(_allocations(donated_step)) == 0
+    assert big(_allocation_sizes(donated_step)) == 0
     params, state = out["params"], out["state"]
 
     def undonated():
         updates, _ = tx.update(grads, state, params)
         sl.optim.apply_updates(params, updates)
 
-    assert big(_allocations(undonated)) == 4 * len(blocks)
+    assert big(_allocation_sizes(undonated)) == 4 * len(blocks)
 
 
 def test_donation_passes_through_master_weights(mesh):
