@@ -211,7 +211,9 @@ class _Decision:
     fast: tuple[tuple[int, Layout], ...] | None = None
     out_sig: int | None = None
     view: bool = False  # a view op: its outputs are aliases or linked copies (_aliasing)
-    # the fast path's result geometry: {} when contiguous at offset 0 (the cheap default)
+    # the fast path's keyword arguments of `_make_wrapper_subclass`: the result's geometry
+    # (nothing when contiguous at offset 0, the cheap default), then its dtype and device,
+    # filled in by the first run (the local op's result has them)
     geometry: dict | None = None
     fn: Any = None  # what the fast path runs per device: the op, or the strategy's `local`
 
@@ -265,32 +267,36 @@ def _dispatch(func: Any, args: tuple, kwargs: dict) -> Any:
             # a view family, one tensor output.
             first = args[fast[0][0]]
             fn = decision.fn
-            per_device = []
-            for j in range(len(first._shards)):
+            if len(first._shards) == 1:  # one device per process (the distributed backend)
                 a = list(args)
                 for i, _ in fast:
-                    a[i] = args[i]._shards[j]
-                per_device.append(fn(*a, **kwargs))
+                    a[i] = args[i]._shards[0]
+                per_device = [fn(*a, **kwargs)]
+            else:
+                per_device = []
+                for j in range(len(first._shards)):
+                    a = list(args)
+                    for i, _ in fast:
+                        a[i] = args[i]._shards[j]
+                    per_device.append(fn(*a, **kwargs))
             if decision.inplace:
                 first._writes += 1
                 return first
-            out = torch.Tensor._make_wrapper_subclass(
-                ShardedTensor,
-                decision.out_specs[0].shape,
-                dtype=per_device[0].dtype,
-                device=per_device[0].device,
-                **decision.geometry,
-            )
-            out._shards, out._mesh, out._layout = (
-                per_device,
-                first._mesh,
-                decision.strategy.outputs[0],
-            )
+            wrap = decision.geometry
+            if "device" not in wrap:
+                wrap["dtype"], wrap["device"] = per_device[0].dtype, per_device[0].device
+            out = _make_wrapper(ShardedTensor, decision.out_specs[0].shape, **wrap)
+            out._shards = per_device
+            out._mesh = first._mesh
+            out._layout = decision.strategy.outputs[0]
             out._sig = decision.out_sig
             if decision.view:  # an alias of its input (or, if the local op copied, linked)
                 _aliasing.link_view(func, args, kwargs, first, out, False)
             return out
     return _run(func, decision, args, kwargs)
+
+
+_make_wrapper = torch.Tensor._make_wrapper_subclass
 
 
 def _mesh_of(func: Any, tensors: list) -> Mesh:
@@ -450,7 +456,7 @@ def _decide(func: Any, args: tuple, kwargs: dict) -> _Decision:
         out_sig = _SIG_IDS.setdefault(full, len(_SIG_IDS))
         contiguous = o.offset == 0 and o.stride == torch.empty(o.shape, device="meta").stride()
         geometry = {} if contiguous else {"strides": o.stride, "storage_offset": o.offset}
-    fn = best.local or func
+    fn = best.local or getattr(func, "_op", func)  # the C++ op: skips OpOverload.__call__
     return _Decision(best, paths, out_specs, inplace, fast, out_sig, view, geometry, fn)
 
 
