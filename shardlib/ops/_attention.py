@@ -164,7 +164,9 @@ def _heads_choices(q: ArgSpec, k: ArgSpec, mesh: AbstractMesh) -> list[Dims]:
 
 def _query_chunk(func: Any, shape: tuple[int, ...], s_len: int, layout: Layout, mesh: Any):
     """`func` on a query chunk: a causal mask is rebuilt from the chunk's global rows
-    (top-left aligned, as torch's `is_causal`), and an empty chunk skips the kernel
+    (top-left aligned, as torch's `is_causal`) where the chunk is part of the sequence (a
+    whole sequence keeps `is_causal`: the same mask, and the kernel skips the masked
+    blocks), and an empty chunk skips the kernel
     (the CPU kernel dies of SIGFPE on zero query rows or heads)."""
     names = [a.name for a in func._schema.arguments if not a.kwarg_only]
 
@@ -179,6 +181,7 @@ def _query_chunk(func: Any, shape: tuple[int, ...], s_len: int, layout: Layout, 
             return tuple(torch.empty(o.shape, dtype=o.dtype, device=q.device) for o in outs)
         if b["is_causal"]:
             lo, hi = local_bounds(shape, layout, mesh, device)[2]
+        if b["is_causal"] and hi - lo != shape[2]:  # a chunk of the sequence: its own rows
             rows = torch.arange(lo, hi, device=q.device).unsqueeze(1)
             allowed = torch.arange(s_len, device=q.device).unsqueeze(0) <= rows
             mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
