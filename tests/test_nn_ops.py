@@ -221,7 +221,9 @@ def test_nll_loss_split_classes_never_gathers(reduction, x_layout):
     kinds = _kinds(led)
     assert "all_gather" not in kinds
     if reduction == "mean":  # the global count of non-ignored targets: scalars only
-        assert set(kinds) == {"all_reduce"} and all(r.bytes <= 16 for r in led.records)
+        assert set(kinds) <= {"all_reduce"} and all(r.bytes <= 16 for r in led.records)
+        if not x_layout.dims[0]:  # h7p: targets on every device: each counts them, no collective
+            assert kinds == []
     else:
         assert kinds == [] and y.spec.partial
     want = F.nll_loss(logp, target, reduction=reduction)

@@ -309,13 +309,76 @@ def _in_chunk(func: Any, shape: tuple[int, ...], layout: Layout, mesh: Any) -> C
 
 
 def _nll_mean_decomposition(func: Any) -> Callable:
-    """mean = (sum loss, partial) / (total weight, all-reduced: one scalar)."""
+    """mean = (sum loss, partial) / (total weight, replicated).
+
+    Without class weights the total weight is the count of non-ignored targets, which every
+    device holding a target can count whatever its class chunk: a sum over the batch splits
+    only (no collective when the batch is whole, as in Megatron's vocab-parallel loss). With
+    class weights each device counts the weights of its chunk's targets and the scalar is
+    all-reduced."""
 
     def decompose(*args: Any, **kwargs: Any) -> tuple[ShardedTensor, ShardedTensor]:
         b = _bind(func, args, kwargs)
         loss, total = func(b["self"], b["target"], b["weight"], _SUM, b["ignore_index"])
-        total = _move(func, total, Layout(()))
+        target = b["target"]
+        if b["weight"] is None and isinstance(target, ShardedTensor):
+            valid = aten.ne.Scalar(target, b["ignore_index"])
+            total = aten.sum.default(valid, dtype=total.dtype)
+        if total._layout != _SCALAR:
+            total = _move(func, total, _SCALAR)
         return aten.div.Tensor(loss, total), total
+
+    return decompose
+
+
+_SCALAR = Layout(())
+
+
+# The gradient of ``nll_loss`` has one nonzero per row of the class dim: ``-w[t] * g`` (over
+# the total weight for ``mean``) at the target t. Split over the classes, each device holds
+# only its chunk, but every device holding a row's target can tell that row's sum over the
+# classes. A ``log_softmax`` backward (``g - exp(y) * sum(g)``, `_reductions.py`) needs that
+# sum: the nll gradient carries it (``_class_sums``: (class dim, the sums split like the
+# rows, the gradient's write stamp)), so the pair needs no collective (Megatron's fused
+# vocab-parallel cross-entropy backward). A gradient written since (its stamp changed) is
+# summed as usual.
+def _row_value(g: torch.Tensor, total: torch.Tensor, reduction: int) -> torch.Tensor:
+    """The nonzero of a row of the nll gradient without class weights (the kernel's value)."""
+    return -(g / total) if reduction == _MEAN else -g
+
+
+def write_stamp(t: ShardedTensor) -> tuple:
+    """Changes whenever `t`'s blocks are written (dispatch writes or torch's version counters)."""
+    return (t._writes, *(s._version for s in t._shards))
+
+
+def _nll_backward_with_sums(func: Any, local: Callable, want: dict[str, Layout], c: int):
+    """The class-split nll backward run per device (as `local`), its result carrying the sums
+    of its rows over the class dim (`_class_sums`). `want`: the strategy's input layouts by
+    argument name (a plain tensor argument is cut to its layout here, as dispatch would)."""
+    out = want["self"].without_partial()
+    sums_layout = Layout(tuple(() if d == c else axes for d, axes in enumerate(out.dims)))
+
+    def decompose(*args: Any, **kwargs: Any) -> ShardedTensor:
+        b = _bind(func, args, kwargs)
+        mesh = next(v._mesh for v in b.values() if isinstance(v, ShardedTensor))
+        for name, layout in want.items():
+            v = b[name]
+            if isinstance(v, torch.Tensor) and not isinstance(v, ShardedTensor):
+                b[name] = _local_blocks(v, mesh, layout)
+        x = b["self"]
+        blocks, sums = [], []
+        for j, dev in enumerate(mesh.local_devices):
+            d = {k: (v._shards[j] if isinstance(v, ShardedTensor) else v) for k, v in b.items()}
+            block = local(dev, **d)
+            value = _row_value(d["grad_output"], d["total_weight"], d["reduction"])
+            row = torch.where(d["target"] != d["ignore_index"], value, value.new_zeros(()))
+            blocks.append(block)
+            sums.append(row.unsqueeze(c).to(block.dtype))
+        grad = ShardedTensor(blocks, mesh, out, tuple(x.shape))
+        rows = tuple(1 if d == c else n for d, n in enumerate(x.shape))
+        grad._class_sums = (c, ShardedTensor(sums, mesh, sums_layout, rows), write_stamp(grad))
+        return grad
 
     return decompose
 
@@ -375,12 +438,18 @@ def nll_loss_backward_rule(ri: RuleInput) -> Iterator[Strategy]:
             "total_weight": Layout(()) if reduction == _MEAN else total.layout,
         }
         local = _in_chunk(ri.op, x.shape, Layout(dims), ri.mesh) if dims[c] else None
-        yield Strategy(
-            _in_order(ri, want),
-            (Layout(dims, kept.partial, kept.reduce_op),),
-            local=local,
-            local_device=bool(dims[c]),
+        out = Layout(dims, kept.partial, kept.reduce_op)
+        sums = (  # the gradient can tell its rows' sums (see `_nll_backward_with_sums`)
+            local is not None
+            and b["weight"] is None
+            and not kept.partial
+            and all(isinstance(b[n], ArgSpec) for n in ("grad_output", "target", "total_weight"))
         )
+        if sums:
+            decompose = _nll_backward_with_sums(ri.op, local, want, c)
+            yield Strategy(_in_order(ri, want), (out,), decompose=decompose)
+            continue
+        yield Strategy(_in_order(ri, want), (out,), local=local, local_device=bool(dims[c]))
 
 
 # == random ops ================================================================

@@ -453,7 +453,9 @@ def softmax_rule(ri: RuleInput) -> Iterator[Strategy]:
 def _softmax_backward_decomposition(func: Any, dim: int, log: bool, in_dtype: torch.dtype):
     def decompose(grad: ShardedTensor, out: ShardedTensor, *args: Any, **kwargs: Any) -> Any:
         if log:  # d x = g - exp(y) * sum(g)
-            total = _reduced(func, aten.sum.dim_IntList(grad, [dim], True))
+            total = _class_sums(grad, dim)  # an nll gradient knows its sums (_nn.py)
+            if total is None:
+                total = _reduced(func, aten.sum.dim_IntList(grad, [dim], True))
             res = aten.sub.Tensor(grad, aten.mul.Tensor(aten.exp.default(out), total))
         else:  # d x = y * (g - sum(g * y))
             total = _reduced(func, aten.sum.dim_IntList(aten.mul.Tensor(grad, out), [dim], True))
@@ -461,6 +463,42 @@ def _softmax_backward_decomposition(func: Any, dim: int, log: bool, in_dtype: to
         return res if res.dtype == in_dtype else aten._to_copy.default(res, dtype=in_dtype)
 
     return decompose
+
+
+def _class_sums(grad: ShardedTensor, dim: int) -> ShardedTensor | None:
+    """The sums of `grad` over `dim` where `grad` (or the gradient it is an alias view of, with
+    only size-1 dims dropped or added: nll_loss2d's 4-d gradient seen as 3-d) carries them
+    and was not written since; else None."""
+    from ._nn import write_stamp
+
+    source = grad
+    hint = getattr(grad, "_class_sums", None)
+    if hint is None and grad._root is not None and grad._root._link is None:
+        source = grad._root
+        hint = getattr(source, "_class_sums", None)
+    if hint is None:
+        return None
+    c, sums, stamp = hint
+    if stamp != write_stamp(source):
+        return None
+    if source is grad:
+        return sums if c == dim else None
+    if not _same_but_ones(source, c, grad, dim):
+        return None
+    shape = list(grad.shape)
+    shape[dim] = 1
+    return aten.view.default(sums, shape)
+
+
+def _same_but_ones(a: torch.Tensor, ca: int, b: torch.Tensor, cb: int) -> bool:
+    """Whether `b` is `a` with size-1 dims dropped or added, `a`'s dim `ca` being `b`'s `cb`."""
+    big_a = [(n, st) for n, st in zip(a.shape, a.stride()) if n != 1]
+    big_b = [(n, st) for n, st in zip(b.shape, b.stride()) if n != 1]
+    if big_a != big_b or a.storage_offset() != b.storage_offset() or a.shape[ca] == 1:
+        return False
+    position_a = sum(1 for n in a.shape[:ca] if n != 1)
+    position_b = sum(1 for n in b.shape[:cb] if n != 1)
+    return position_a == position_b and a.shape[ca] == b.shape[cb]
 
 
 @register_rule(*_SOFTMAX_BACKWARD)
