@@ -36,12 +36,20 @@ The rules, by op (A = mesh axes):
   log-prob only where the target is in its class chunk; output and
   total_weight partial-``sum`` over A (and over the axes splitting the batch
   dims, for ``sum``/``mean``). ``mean`` divides by the *global* weight of the
-  non-ignored targets: a decomposition into the ``sum`` loss and an all-reduce
-  of the (scalar) total weight. The class weight is split like the classes.
-  No logits gather.
+  non-ignored targets: a decomposition into the ``sum`` loss and the total
+  weight, which without class weights is the count of non-ignored targets,
+  counted by every device holding them (an all-reduce over the batch splits
+  only: none when the batch is whole), and with class weights an all-reduce
+  of the chunks' scalar. The class weight is split like the classes. No
+  logits gather.
 - ``nll_loss_backward`` / ``nll_loss2d_backward``: -weight * grad (divided by
   the total weight for ``mean``) at the target's position in the owning chunk
-  only; the class and batch splits of the input are kept.
+  only; the class and batch splits of the input are kept. Split over the
+  classes without class weights, the gradient also carries its rows' sums over
+  the class dim (every device holding a row's target knows its one nonzero),
+  so a ``log_softmax`` backward after it needs no all-reduce (Megatron's fused
+  vocab-parallel cross-entropy: two per-token all-reduces forward, none
+  backward).
 - Random ops (DESIGN §6), in two modes (`_rng.py`, ``sl.rng``). Default
   (``sl.rng("torch")``): the same values as the unsharded op with the same
   seed, whatever the layout: the op runs once on a plain tensor of the

@@ -29,7 +29,10 @@ partial axes):
   dim; over a split dim a decomposition (max -> all-reduce, exp(x - max),
   sum -> all-reduce, divide) that never gathers the logits. The backward is
   linear in the incoming gradient, so a partial-``sum`` gradient stays partial
-  on the local path.
+  on the local path. ``log_softmax``'s backward over a split dim needs the
+  gradient's sums over it: an nll-loss gradient carries them (`_nn.py`; also
+  seen through a view that only drops or adds size-1 dims), else they are
+  summed and all-reduced.
 - ``native_layer_norm`` and its backward: normalized dims unsplit -> local,
   weight and bias replicated, grad weight/bias partial-``sum`` over the axes
   splitting the batch dims (reduced lazily, as in data parallelism);
