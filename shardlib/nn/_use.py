@@ -133,6 +133,30 @@ def _check_rank(x: torch.Tensor, dims: Any, where: str) -> tuple[Any, ...]:
     return tuple(dims)
 
 
+# == layouts per scheme, remembered ==============================================
+# A scheme is frozen and gives equal layouts for equal dims, and a model asks the same few
+# (scheme, dims) every step: each is computed once (errors are raised every time).
+_LAYOUTS: dict[int, tuple[Scheme, dict]] = {}
+
+
+def _scheme_layout(scheme: Scheme, kind: str, dims: tuple[Any, ...]) -> Layout:
+    """``getattr(scheme, kind)(dims)`` (kind: act_layout, compute_layout, input_layout)."""
+    entry = _LAYOUTS.get(id(scheme))
+    if entry is None or entry[0] is not scheme:
+        if len(_LAYOUTS) > 256:
+            _LAYOUTS.clear()
+        entry = _LAYOUTS[id(scheme)] = (scheme, {})  # holds the scheme: its id stays its own
+    memo = entry[1]
+    key = (kind, dims)
+    try:
+        layout = memo.get(key)
+    except TypeError:  # unhashable names: not remembered
+        return getattr(scheme, kind)(dims)
+    if layout is None:
+        layout = memo[key] = getattr(scheme, kind)(dims)
+    return layout
+
+
 # == recorded weight dims ======================================================
 _DIMS: dict[int, tuple[weakref.ref, tuple[Any, ...]]] = {}
 
@@ -178,7 +202,7 @@ def constrain(x: torch.Tensor, dims: tuple[str, ...]) -> torch.Tensor:
     active = _active_for((x,), "snn.constrain")
     if active is None:
         return x
-    return with_layout(x, active[0].act_layout(dims))
+    return with_layout(x, _scheme_layout(active[0], "act_layout", dims))
 
 
 def _labels(n: int) -> str:
@@ -204,7 +228,7 @@ def _to_compute(w: torch.Tensor, scheme: Scheme, dims: Any, what: str) -> torch.
             "tensor, or pass w_dims=(...)."
         )
     _check_rank(w, dims, f"snn.linear: {what} dims")
-    target = scheme.compute_layout(dims)
+    target = _scheme_layout(scheme, "compute_layout", tuple(dims))
     if target == w.spec:
         return w
     # remat: re-gathered in backward, whose reduce-scatter finishes the gradient; else the
@@ -220,7 +244,7 @@ def _to_input(x: torch.Tensor, w: torch.Tensor, scheme: Scheme, out_dims: Any, w
     dims = w_dims if w_dims is not None else recorded_dims(w)
     if dims is None:
         return x
-    want = scheme.input_layout((*out_dims[:-1], dims[0]))
+    want = _scheme_layout(scheme, "input_layout", (*out_dims[:-1], dims[0]))
     return x if want == x.spec else _shared_move(x, want)
 
 
@@ -274,7 +298,7 @@ def linear(
     lead = _labels(x.ndim - 1)
     # the weight is used in its compute layout ("computed as", DESIGN §8): only x may move
     eq = f"{lead}i,io->{lead}o"
-    y = contract_with_fixed_weight(eq, x, w, scheme.act_layout(out_dims))
+    y = contract_with_fixed_weight(eq, x, w, _scheme_layout(scheme, "act_layout", out_dims))
     return y if b is None else y + b
 
 
@@ -336,9 +360,9 @@ def attention(
     if scheme is not None and scheme.attention == "ring":
         from ._ring import ring_attention
 
-        q = with_layout(q, scheme.act_layout(Q_DIMS))
-        k = with_layout(k, scheme.act_layout(KV_DIMS))
-        v = with_layout(v, scheme.act_layout(KV_DIMS))
+        q = with_layout(q, _scheme_layout(scheme, "act_layout", Q_DIMS))
+        k = with_layout(k, _scheme_layout(scheme, "act_layout", KV_DIMS))
+        v = with_layout(v, _scheme_layout(scheme, "act_layout", KV_DIMS))
         return ring_attention(
             q, k, v, axis=scheme.attention_axis, causal=causal, positions=positions
         )
@@ -348,7 +372,8 @@ def attention(
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal and not with_mask, **gqa
         )
-    q_at, kv_at = scheme.act_layout(Q_DIMS), scheme.act_layout(KV_DIMS)
+    q_at = _scheme_layout(scheme, "act_layout", Q_DIMS)
+    kv_at = _scheme_layout(scheme, "act_layout", KV_DIMS)
     back = None
     if scheme.attention == "ulysses":
         back = q_at

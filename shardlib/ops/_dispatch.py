@@ -131,18 +131,23 @@ def _sig_of(a: ShardedTensor) -> int:
     return sig
 
 
+_ATOM_TYPES = frozenset(_ATOMS)
+
+
 def _signature(a: Any) -> Any:
+    t = type(a)
+    if t in _ATOM_TYPES:
+        return (t, a)  # 1, 1.0 and True hash alike but give different dtypes
+    if t is list or t is tuple:
+        if set(map(type, a)) <= _ATOM_TYPES:  # ints of a shape or dims: no recursion
+            return (t, a if t is tuple else tuple(a), tuple(map(type, a)))
+        return (t, *map(_signature, a))
     if isinstance(a, ShardedTensor):
         return _sig_of(a)
     if isinstance(a, torch.Tensor):
         if a.layout is not torch.strided:  # sparse: no strides (refused by _decide)
             return ("tensor", a.layout, a.shape, a.dtype, a.device)
         return ("tensor", a.shape, a.dtype, a.device, a.stride(), a.storage_offset())
-    t = type(a)
-    if t in _ATOMS:
-        return (t, a)  # 1, 1.0 and True hash alike but give different dtypes
-    if t is list or t is tuple:
-        return (t, *map(_signature, a))
     return ("object", id(a))  # unhashable or unknown: never shared between calls
 
 
@@ -154,10 +159,17 @@ def _has_unknown(sig: Any) -> bool:
 
 
 def _key(func: Any, args: tuple, kwargs: dict) -> tuple:
-    """The decision-cache key (`dispatch` builds the same key inline when there are no kwargs)."""
+    """The decision-cache key (`dispatch` builds the same key inline when there are no kwargs).
+
+    The op enters by id (an OpOverload hashes in Python); `_LIVE_OPS` holds every op that
+    ever keyed a decision, so no other object can take its id."""
+    _LIVE_OPS.setdefault(id(func), func)
     if kwargs:
-        return (func, *map(_signature, args), *((k, _signature(v)) for k, v in kwargs.items()))
-    return (func, *map(_signature, args))
+        return (id(func), *map(_signature, args), *((k, _signature(v)) for k, v in kwargs.items()))
+    return (id(func), *map(_signature, args))
+
+
+_LIVE_OPS: dict[int, Any] = {}
 
 
 def _tensor_paths(args: tuple, kwargs: dict) -> tuple[tuple, ...]:
@@ -240,14 +252,19 @@ def _dispatch(func: Any, args: tuple, kwargs: dict) -> Any:
         key = _key(func, args, kwargs)
     else:  # the same key as `_key`, built inline: this is the hot path
         key = (
-            func,
+            id(func),
             *[
-                a._sig if type(a) is ShardedTensor and a._sig is not None else _signature(a)
+                a._sig
+                if type(a) is ShardedTensor and a._sig is not None
+                else (type(a), a)
+                if type(a) in _ATOM_TYPES
+                else _signature(a)
                 for a in args
             ],
         )
     decision = _DECISIONS.get(key)
     if decision is None:
+        _LIVE_OPS.setdefault(id(func), func)
         decision = _decide(func, args, kwargs)
         if len(_DECISIONS) >= _DECISION_LIMIT:
             _DECISIONS.clear()

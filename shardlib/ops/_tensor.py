@@ -350,6 +350,8 @@ def _hook_leaf(t: ShardedTensor) -> None:
         leaf = ref()
         if leaf is None or not isinstance(g, ShardedTensor):
             return None
+        if g._layout is leaf._layout or g._layout == leaf._layout:
+            return None  # already the leaf's blocks (the common case: nothing to do)
         want = leaf._layout.without_partial()
         reordered = g._layout.dims != want.dims and all(
             set(a) == set(b) for a, b in zip(g._layout.dims, want.dims)
