@@ -7,9 +7,10 @@ hits all alike:
 
 - shardlib: ``gpt.loss`` forward + backward of ``shardlib.nn.gpt`` under each
   scheme (``snn.shard_params``, ``scheme.shard_batch``, ``snn.use``), then every
-  gradient finished to its parameter's layout (a lazily partial gradient,
-  e.g. a replicated norm weight's or data parallel's, is all-reduced: the
-  step an optimizer would see);
+  gradient finished to its parameter's layout (the lazily partial gradients,
+  e.g. replicated norm weights' or data parallel's, all-reduced together as a
+  foreach optimizer step does: one flat buffer per group, as Megatron's norm
+  gradients; `finish_grads`);
 - DTensor: the same model as a torch ``nn.Module`` (benchmarks/_megatron_ref.py)
   under ``parallelize_module`` with ColwiseParallel/RowwiseParallel (vocab-split
   embedding and head, ``loss_parallel``), and with SequenceParallel for SP;
@@ -191,9 +192,7 @@ class _ShardlibVariant:
     def backward(self, loss) -> float:
         with snn.use(self.scheme, self.mesh):
             loss.backward()
-        for v in self.params.values():
-            if v.grad.spec != v.spec:  # a lazy partial: finish it as an optimizer would need
-                v.grad = sl.reshard(v.grad, v.spec)
+        finish_grads(self.params.values())
         return float(loss.detach().full())
 
     def measure(self) -> tuple[float, float, int, int]:
@@ -208,6 +207,21 @@ class _ShardlibVariant:
 
     def param_bytes(self) -> int:
         return ref.param_bytes(self.params.values())
+
+
+def finish_grads(params) -> None:
+    """Every gradient in its parameter's layout, as an optimizer needs it: the lazily partial
+    ones that differ only by their partial axes (a replicated norm weight's under SP, data
+    parallel's) reduced in place together, one all-reduce of a flat buffer per (partial
+    axes, op, dtype) group (what a foreach optimizer step does; Megatron's one flat
+    all-reduce of the norm gradients); any other one resharded."""
+    from shardlib.ops._foreach import reduce_in_place
+
+    lazy = [v.grad for v in params if v.grad.spec != v.spec and v.grad.spec.dims == v.spec.dims]
+    reduce_in_place("grad_finish", lazy)
+    for v in params:
+        if v.grad.spec != v.spec:
+            v.grad = sl.reshard(v.grad, v.spec)
 
 
 class _MegatronVariant:
@@ -372,9 +386,7 @@ def simulated_3d(
         with snn.use(scheme, mesh):
             loss = gpt.loss(params, sbatch, config)
             loss.backward()
-        for v in params.values():
-            if v.grad.spec != v.spec:
-                v.grad = sl.reshard(v.grad, v.spec)
+        finish_grads(params.values())
         return float(loss.detach().full())
 
     t0 = time.perf_counter()
