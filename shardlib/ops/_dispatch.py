@@ -7,7 +7,14 @@ families register into `_rules.py`.
 
 Hot path: a decision is cached by (op, every argument's abstract signature,
 mesh), so a repeated op costs one dict lookup, the redistributions it needs
-(none, typically) and the local op on each shard.
+(none, typically) and the local op on each shard. Where the op returns one
+tensor, its tensor arguments are positional, already in the decided layouts
+(by equality), none is a linked copy to refresh (alias views are fine, except
+as the target of an in-place op) and plain operands are replicated constants,
+`_dispatch` runs the local op (or the strategy's per-device `local`) and wraps
+the result inline; everything else goes through `_run`. That per-op cost is
+about that of a minimal `__torch_dispatch__` wrapper (unwrap, call, wrap):
+the rest is torch's own subclass dispatch and autograd machinery.
 
 Implicit redistributions are never cached on a tensor: an input an op needs in
 another layout is moved for that op and the moved copy is dropped with it, so
