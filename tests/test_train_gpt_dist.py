@@ -17,22 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import io
-import pathlib
-import sys
 
 import pytest
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))  # spawned gloo workers inherit sys.path
+from tests.test_train_gpt import STEPS, TINY, tg  # the same tiny model and script module
 
-import train_gpt as tg  # noqa: E402
-
-STEPS = 50
-TINY = [
-    "--vocab", "16", "--dim", "32", "--heads", "4", "--layers", "1", "--seq", "16",
-    "--batch", "8", "--steps", str(STEPS), "--quiet", "--no-plot",
-]  # fmt: skip
 GLOO4 = {
     "dp+tp1d+zero1": ["--mesh", "dp=2,tp=2", "--zero", "1"],
     "tp2d": ["--mesh", "tp=4", "--tp", "2d"],
