@@ -59,6 +59,6 @@ from .ops._shard_map import shard_map as shard_map
 from .ops._tensor import ShardedTensor as ShardedTensor
 
 __version__ = "0.1.0"
+from . import checkpoint as checkpoint  # noqa: E402
 from . import nn as nn  # noqa: E402  (schemes stand on everything above)
 from . import optim as optim  # noqa: E402  (optimizers and ZeRO stand on the ops)
-from . import checkpoint as checkpoint  # noqa: E402
