@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from tests.test_train_gpt import STEPS, TINY, tg  # the same tiny model and script module
+from tests.test_train_gpt import _assert_curve as _curve
 
 GLOO4 = {
     "dp+tp1d+zero1": ["--mesh", "dp=2,tp=2", "--zero", "1"],
@@ -42,16 +43,6 @@ def reference() -> tg.Result:
         return tg.train(_args("--mesh", "none"))
     finally:
         torch.set_num_threads(old)
-
-
-def _curve(got, want, what):
-    torch.testing.assert_close(
-        torch.tensor(got, dtype=torch.float64),
-        torch.tensor(want, dtype=torch.float64),
-        rtol=1e-5,
-        atol=0.0,
-        msg=lambda m: f"{what}: {m}",
-    )
 
 
 def _ledger(result: tg.Result):

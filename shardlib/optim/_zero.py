@@ -2,14 +2,8 @@
 
 Owns the ZeRO policy `Zero` (built by `zero`): for a parameter of layout L it
 names four layouts, and `place`, `compute`, `reduce` and `state` move a pytree
-to them. ``L+dp`` is L also split over the ZeRO axis (`Zero.split_layout`):
-
-| stage | stored | gradient | optimizer state | computed |
-|---|---|---|---|---|
-| 0 | L | L | L | L |
-| 1 | L | L | L+dp | L |
-| 2 | L | L+dp | L+dp | L |
-| 3 | L+dp | L+dp | L+dp | L (re-gathered in backward) |
+to them. ``L+dp`` is L also split over the ZeRO axis (`Zero.split_layout`); the
+stage table is `zero`'s docstring.
 
 It deliberately owns no collective of its own kind: every move is a planner
 plan (`_reshard_impl`) or one plan over a flat buffer of many tensors
