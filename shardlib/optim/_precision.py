@@ -54,13 +54,10 @@ import torch
 import torch.utils._pytree as pytree
 
 from .._errors import LayoutError, MeshMismatchError
-from .._format import dtype_name
-from ..collectives._redistribute import execute
 from ..layouts._layout import Layout
 from ..layouts._mesh import Mesh
-from ..layouts._planner import AllReduce, Plan, PlanStep, step_bytes
 from ..ops._tensor import ShardedTensor
-from ._transform import GradientTransformation, apply_updates
+from ._transform import GradientTransformation, _all_reduce, apply_updates
 
 __all__ = ["DynamicLossScale", "MasterWeightsState", "dynamic_loss_scale", "master_weights"]
 
@@ -315,21 +312,8 @@ def _all_finite(flags: dict[int, list[torch.Tensor]], meshes: list[Mesh]) -> boo
         for d in mesh.local_devices:
             here = torch.stack(flags[d]).any() if d in flags else torch.tensor(False)
             blocks.append((here | bad.to(here.device)).reshape(1).to(torch.float32))
-        bad = _all_reduce_max(mesh, blocks)[0].reshape(()) > 0
+        bad = _all_reduce(mesh, blocks, mesh.axis_names, "max", "loss_scale")[0].reshape(()) > 0
     return not bool(bad)
-
-
-def _all_reduce_max(mesh: Mesh, blocks: list[torch.Tensor]) -> list[torch.Tensor]:
-    """One all-reduce (max) of this process's one-element `blocks` over every mesh axis, in
-    the ledger (cause ``"loss_scale"``): a one-step plan built here, as the flag is specified
-    as one collective (the planner would take one all-reduce per axis)."""
-    axes = mesh.axis_names
-    src, dst = Layout(((),), axes, "max"), Layout(((),))
-    shape, am, dtype = (1,), mesh.abstract, blocks[0].dtype
-    step = AllReduce(axes)
-    one = PlanStep(step, src, dst, step_bytes(step, src, shape, am, dtype.itemsize))
-    p = Plan(src, dst, shape, am, dtype_name(dtype), dtype.itemsize, (one,))
-    return execute(p, mesh, blocks, direction="forward", cause="loss_scale")
 
 
 def dynamic_loss_scale(

@@ -1245,20 +1245,25 @@ def _global_norm(lv: _Leaves, ord: float) -> torch.Tensor:
 
 
 def _all_reduce(
-    mesh: Mesh, vectors: list[torch.Tensor], axes: tuple[str, ...], op: str
+    mesh: Mesh,
+    vectors: list[torch.Tensor],
+    axes: tuple[str, ...],
+    op: str,
+    cause: str = "clip_by_global_norm",
 ) -> list[torch.Tensor]:
     """One all-reduce (`op`) of this process's 1-d `vectors` over `axes`, in the ledger.
 
     A one-step plan built here rather than asked of the planner: for a short vector
     the planner may prefer reduce-scatter + all-reduce + all-gather (the ring model's
-    rounding on uneven chunks), and the norm is specified as one collective.
+    rounding on uneven chunks), or one all-reduce per axis; the norm and the loss
+    scale's finiteness flag are specified as one collective.
     """
     src, dst = Layout(((),), axes, op), Layout(((),))
     shape, am, dtype = tuple(vectors[0].shape), mesh.abstract, vectors[0].dtype
     step = AllReduce(axes)
     one = PlanStep(step, src, dst, step_bytes(step, src, shape, am, dtype.itemsize))
     p = Plan(src, dst, shape, am, dtype_name(dtype), dtype.itemsize, (one,))
-    return execute(p, mesh, vectors, direction="forward", cause="clip_by_global_norm")
+    return execute(p, mesh, vectors, direction="forward", cause=cause)
 
 
 def clip_by_global_norm(max_norm: float, norm_type: float = 2.0) -> GradientTransformation:
