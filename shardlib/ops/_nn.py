@@ -92,6 +92,7 @@ import torch
 from ..layouts._layout import Layout
 from ..layouts._shard import local_bounds
 from . import (
+    _aliasing,
     _pointwise,  # noqa: F401  (registers first: the `_like` rules below replace its own)
     _rng,
 )
@@ -355,11 +356,6 @@ def _row_value(g: torch.Tensor, total: torch.Tensor, reduction: int) -> torch.Te
     return -(g / total) if reduction == _MEAN else -g
 
 
-def write_stamp(t: ShardedTensor) -> tuple:
-    """Changes whenever `t`'s blocks are written (dispatch writes or torch's version counters)."""
-    return (t._writes, *(s._version for s in t._shards))
-
-
 def _nll_backward_with_sums(func: Any, local: Callable, want: dict[str, Layout], c: int):
     """The class-split nll backward run per device (as `local`), its result carrying the sums
     of its rows over the class dim (`_class_sums`). `want`: the strategy's input layouts by
@@ -385,7 +381,7 @@ def _nll_backward_with_sums(func: Any, local: Callable, want: dict[str, Layout],
             sums.append(row.unsqueeze(c).to(block.dtype))
         grad = ShardedTensor(blocks, mesh, out, tuple(x.shape))
         rows = tuple(1 if d == c else n for d, n in enumerate(x.shape))
-        grad._class_sums = (c, ShardedTensor(sums, mesh, sums_layout, rows), write_stamp(grad))
+        grad._class_sums = (c, ShardedTensor(sums, mesh, sums_layout, rows), _aliasing._stamp(grad))
         return grad
 
     return decompose

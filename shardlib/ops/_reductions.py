@@ -63,6 +63,7 @@ import torch
 
 from ..layouts._layout import Layout
 from ..layouts._mesh import AbstractMesh
+from . import _aliasing
 from ._dispatch import _move
 from ._pointwise import _cast_commutes
 from ._rules import ArgSpec, RuleInput, Strategy, register_rule
@@ -472,8 +473,6 @@ def _class_sums(grad: ShardedTensor, dim: int) -> ShardedTensor | None:
     """The sums of `grad` over `dim` where `grad` (or the gradient it is an alias view of, with
     only size-1 dims dropped or added: nll_loss2d's 4-d gradient seen as 3-d) carries them
     and was not written since; else None."""
-    from ._nn import write_stamp
-
     source = grad
     hint = getattr(grad, "_class_sums", None)
     if hint is None and grad._root is not None and grad._root._link is None:
@@ -482,7 +481,7 @@ def _class_sums(grad: ShardedTensor, dim: int) -> ShardedTensor | None:
     if hint is None:
         return None
     c, sums, stamp = hint
-    if stamp != write_stamp(source):
+    if stamp != _aliasing._stamp(source):
         return None
     if source is grad:
         return sums if c == dim else None
