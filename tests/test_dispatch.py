@@ -33,24 +33,44 @@ def test_strict_names_op_layouts_and_fix():
     torch.testing.assert_close(d.full(), _v(8, 8) @ _v(8, 8, seed=1), rtol=1e-12, atol=1e-12)
 
 
+# An op with no rule and no decomposition anywhere: a user's own kernel.
+@torch.library.custom_op("shardlib_test::running_max", mutates_args=())
+def _running_max(t: torch.Tensor) -> torch.Tensor:
+    return torch.cummax(t, 0).values
+
+
+@_running_max.register_fake
+def _(t):
+    return torch.empty_like(t)
+
+
 def test_missing_rule_error_says_how_to_add_one():
     mesh = sl.Mesh.simulated({"x": 2})
     x = sl.shard(_v(6), mesh, P("x"))
     with pytest.raises(sl.NoRuleError) as info:
-        torch.cumsum(x, 0)
+        _running_max(x)
     msg = str(info.value)
-    assert "aten.cumsum" in msg and "P('x')" in msg and "register_rule" in msg
+    assert "running_max" in msg and "P('x')" in msg and "register_rule" in msg
     assert "allow_replicate_fallback" in msg
+
+
+def test_an_op_without_a_rule_runs_on_replicated_inputs_without_communication():
+    mesh = sl.Mesh.simulated({"x": 2})
+    x = sl.shard(_v(6), mesh, P(None))
+    with sl.strict():
+        y = _running_max(x)
+    assert y.spec == P(None)
+    torch.testing.assert_close(y.full(), torch.cummax(_v(6), 0).values, rtol=0, atol=0)
 
 
 def test_replicate_fallback_gathers_in_the_ledger():
     mesh = sl.Mesh.simulated({"x": 2})
     x = sl.shard(_v(6), mesh, P("x"))
     with sl.allow_replicate_fallback(), sl.comm_ledger() as led:
-        y = torch.cumsum(x, 0)
+        y = _running_max(x)
     assert y.spec == P(None) and [r.kind for r in led.records] == ["all_gather"]
-    assert led.records[0].cause == "cumsum.default"
-    torch.testing.assert_close(y.full(), torch.cumsum(_v(6), 0), rtol=1e-12, atol=1e-12)
+    assert led.records[0].cause == "shardlib_test.running_max.default"
+    torch.testing.assert_close(y.full(), torch.cummax(_v(6), 0).values, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize(

@@ -45,7 +45,13 @@ from typing import Any
 
 import torch
 
-from .._errors import LayoutError, MeshMismatchError, NoRuleError, ShapeInferenceError
+from .._errors import (
+    LayoutError,
+    MeshMismatchError,
+    NoRuleError,
+    ShapeInferenceError,
+    ShardlibError,
+)
 from ..collectives._ledger import current_direction
 from ..collectives._redistribute import execute
 from ..layouts._layout import Layout
@@ -372,7 +378,12 @@ def _decide(func: Any, args: tuple, kwargs: dict) -> _Decision:
     )
     if _out_arguments(func):
         return _Decision(Strategy(_current(specs), decompose=_out_variant(func)), paths, (), False)
-    out_specs = _output_specs(func, args, kwargs, paths, tensors)
+    try:
+        out_specs = _output_specs(func, args, kwargs, paths, tensors)
+    except NoRuleError:
+        if _all_replicated(func, specs):  # nonzero, unique, ...: every device computes it whole
+            return _Decision(Strategy(_current(specs), decompose=_locally(func)), paths, (), False)
+        raise
     a_args, a_kwargs = _substitute(args, kwargs, paths, list(specs))
     ri = RuleInput(
         func,
@@ -399,6 +410,21 @@ def _decide(func: Any, args: tuple, kwargs: dict) -> _Decision:
     if rule is None:
         if _is_composite(func):  # e.g. matmul under inference_mode: run its decomposition
             return _Decision(Strategy(_current(specs), decompose=func.decompose), paths, (), False)
+        if _all_replicated(func, specs) and not (
+            inplace
+            and out_specs
+            and out_specs[0] is not None
+            and out_specs[0].shape != specs[0].shape
+        ):  # no data crosses devices: run it on each replica (resize_ changes the shape: no)
+            return _Decision(Strategy(_current(specs), decompose=_locally(func)), paths, (), False)
+        decomposition = _decompositions().get(func)
+        if decomposition is not None:  # torch's own decomposition, each part by its rule
+            return _Decision(
+                Strategy(_current(specs), decompose=_decomposed(func, decomposition)),
+                paths,
+                (),
+                False,
+            )
         if not _state["fallback"]:
             raise NoRuleError(_no_rule_message(func, specs))
         candidates = [_replicate_everything(ri)]
@@ -671,6 +697,104 @@ def _is_inplace(func: Any) -> bool:
     )
 
 
+def _all_replicated(func: Any, specs: tuple[ArgSpec, ...]) -> bool:
+    """Every input replicated and not partial, and the op draws no random numbers."""
+    return (
+        bool(specs)
+        and all(s.layout.is_replicated for s in specs)
+        and torch.Tag.nondeterministic_seeded not in getattr(func, "tags", ())
+    )
+
+
+def _locally(func: Any) -> Any:
+    """Run `func` on each device's replicas; every tensor output is replicated (no communication)."""
+
+    def run(*args, **kwargs):
+        paths = _tensor_paths(args, kwargs)
+        tensors = [_get(args, kwargs, p) for p in paths]
+        mesh = _mesh_of(func, tensors)
+        n = len(mesh.local_devices)
+        blocks = [t._shards if isinstance(t, ShardedTensor) else [t] * n for t in tensors]
+        results = [
+            func(*a, **k)
+            for a, k in (_substitute(args, kwargs, paths, [b[j] for b in blocks]) for j in range(n))
+        ]
+        if _is_inplace(func):
+            _aliasing.after_write(tensors[0])
+            return tensors[0]
+
+        def wrap(i: int | None) -> Any:
+            leaves = [r if i is None else r[i] for r in results]
+            first = leaves[0]
+            if not isinstance(first, torch.Tensor):
+                return first
+            return ShardedTensor(
+                leaves,
+                mesh,
+                Layout(((),) * first.ndim),
+                tuple(first.shape),
+                False,
+                tuple(first.stride()),
+                first.storage_offset(),
+            )
+
+        first = results[0]
+        if isinstance(first, tuple | list):
+            return type(first)(wrap(i) for i in range(len(first)))
+        return wrap(None)
+
+    return run
+
+
+_DECOMPOSITIONS: dict[Any, Any] = {}
+
+
+def _decompositions() -> dict[Any, Any]:
+    """torch's registered decompositions (`torch._decomp`), loaded on first use."""
+    if not _DECOMPOSITIONS:
+        from torch._decomp import decomposition_table
+
+        _DECOMPOSITIONS.update(decomposition_table)
+        _DECOMPOSITIONS[None] = None  # loaded
+    return _DECOMPOSITIONS
+
+
+def _decomposed(func: Any, decomposition: Any) -> Any:
+    """torch's decomposition of `func`; where one of its parts cannot run sharded, a NoRuleError.
+
+    Strict mode's refusals and replica checks pass through unchanged.
+    """
+
+    def run(*args, **kwargs):
+        try:
+            out = decomposition(*args, **kwargs)
+        except NoRuleError as e:
+            raise NoRuleError(
+                f"{func} has no layout rule, and torch's decomposition of it needs a part that "
+                f"cannot run on these layouts: {e}"
+            ) from e
+        except ShardlibError as e:
+            if _state["strict"] or not isinstance(e, LayoutError | ShapeInferenceError):
+                raise
+            raise NoRuleError(
+                f"{func} has no layout rule, and torch's decomposition of it does not run on "
+                f"sharded tensors ({type(e).__name__}: {e}). {_FIXES}"
+            ) from e
+        except (RuntimeError, TypeError, ValueError, IndexError, AttributeError) as e:
+            raise NoRuleError(
+                f"{func} has no layout rule, and torch's decomposition of it does not run on "
+                f"sharded tensors ({type(e).__name__}: {e}). {_FIXES}"
+            ) from e
+        if out is NotImplemented:  # the decomposition does not cover these arguments
+            raise NoRuleError(
+                f"{func} has no layout rule, and torch's decomposition of it does not cover "
+                f"these arguments. {_FIXES}"
+            )
+        return out
+
+    return run
+
+
 def _replicate_everything(ri: RuleInput) -> Strategy:
     return Strategy(
         tuple(Layout(((),) * s.ndim) for s in ri.tensors),
@@ -680,13 +804,15 @@ def _replicate_everything(ri: RuleInput) -> Strategy:
 
 def _no_rule_message(func: Any, specs: tuple[ArgSpec, ...]) -> str:
     layouts = ", ".join(f"{s.layout!r} {s.shape}" for s in specs)
-    return (
-        f"shardlib has no layout rule for {func} (inputs: {layouts}). Fixes: compute on the "
-        "global value with x.full(), or per device with sl.shard_map; opt into "
-        "gather-compute-keep-replica with `with sl.allow_replicate_fallback():` (recorded in "
-        "the ledger); or add a rule: `@shardlib.ops.register_rule(torch.ops.aten.<op>)` on a "
-        "function of a RuleInput that yields Strategy(input_layouts, output_layouts)."
-    )
+    return f"shardlib has no layout rule for {func} (inputs: {layouts}). {_FIXES}"
+
+
+_FIXES = (
+    "Fixes: compute on the global value with x.full(), or per device with sl.shard_map; opt "
+    "into gather-compute-keep-replica with `with sl.allow_replicate_fallback():` (recorded in "
+    "the ledger); or add a rule: `@shardlib.ops.register_rule(torch.ops.aten.<op>)` on a "
+    "function of a RuleInput that yields Strategy(input_layouts, output_layouts)."
+)
 
 
 # == running ===================================================================
@@ -739,7 +865,9 @@ def _move_compact(func: Any, a: ShardedTensor, want: Layout, dims: tuple[int, ..
 
     sync(a)
     compact_shape = tuple(1 if d in dims else n for d, n in enumerate(a.shape))
-    compact = ShardedTensor([_narrow_all(t, dims) for t in a._shards], a._mesh, a._layout, compact_shape)
+    compact = ShardedTensor(
+        [_narrow_all(t, dims) for t in a._shards], a._mesh, a._layout, compact_shape
+    )
     moved = move(func, compact, want)
     shards = [
         t.expand(*(a.shape[d] if d in dims else -1 for d in range(a.ndim))) for t in moved._shards
@@ -751,8 +879,6 @@ def _narrow_all(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     for d in dims:
         t = t.narrow(d, 0, 1)
     return t
-
-
 
 
 def _cause(func: Any) -> str:
