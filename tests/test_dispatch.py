@@ -134,3 +134,37 @@ def test_explain_lists_ops_and_collectives():
     assert names[:2] == ["t.default", "mm.default"] and "relu.default" in names
     text = str(e)
     assert "partial='x'" in text and "all_reduce" in text  # relu needs the sum
+
+
+@pytest.mark.parametrize(
+    "op, args, layout, shape",
+    [
+        ("unsqueeze_", (1,), P("a", "b"), (5, 6)),
+        ("squeeze_", (1,), P("a", None, "b"), (5, 1, 6)),
+        ("squeeze_", (), P(None, None, "b"), (5, 1, 6)),
+        ("t_", (), P("a", "b", partial=()), (5, 6)),
+        ("transpose_", (0, 1), P(None, ("a", "b")), (5, 6)),
+        ("unsqueeze_", (0,), P("a", partial="b"), (5, 6)),
+    ],
+)
+def test_in_place_view_ops_change_the_tensor_itself_as_torch_does(op, args, layout, shape):
+    mesh = sl.Mesh.simulated({"a": 2, "b": 2})
+    ref = _v(*shape)
+    x = sl.shard(ref.clone(), mesh, layout)
+    if layout.partial:
+        x = sl.reshard(x, layout)  # (a partial value with exact summands)
+        ref = x.full()
+    with sl.comm_ledger() as led:
+        out = getattr(x, op)(*args)
+    getattr(ref, op)(*args)
+    assert out is x and not led.records
+    assert x.shape == ref.shape and x.stride() == ref.stride()
+    torch.testing.assert_close(x.full(), ref, rtol=0, atol=0)
+
+
+def test_in_place_view_op_on_a_tensor_with_views_is_refused_with_the_rebind_fix():
+    mesh = sl.Mesh.simulated({"x": 2})
+    x = sl.shard(_v(7, 5), mesh, P("x", None))
+    v = x[1:]  # noqa: F841  (a live linked view)
+    with pytest.raises(sl.NoRuleError, match=r"x = x.unsqueeze\(\.\.\.\)"):
+        x.unsqueeze_(0)

@@ -399,13 +399,8 @@ def _decide(func: Any, args: tuple, kwargs: dict) -> _Decision:
             f"{func}: an in-place op on a plain tensor with sharded operands; the result would "
             "be sharded. Use the out-of-place op, or x.full() to get a plain operand."
         )
-    if inplace and _is_view(_functional_of(func)):  # t_, unsqueeze_, transpose_, ...
-        name = func._schema.name.split("::")[-1]
-        raise NoRuleError(
-            f"{func}: an in-place view op changes the shape of the ShardedTensor object itself, "
-            f"which a sharded tensor cannot do (its global shape is fixed at creation). Use the "
-            f"out-of-place form and rebind the name: `x = x.{name[:-1]}(...)`."
-        )
+    if inplace and torch.Tag.inplace_view in func.tags:  # t_, unsqueeze_, transpose_, ...
+        return _Decision(Strategy(_current(specs), decompose=_inplace_view(func)), paths, (), False)
     rule = rule_for(func)
     if rule is None:
         if _is_composite(func):  # e.g. matmul under inference_mode: run its decomposition
@@ -546,7 +541,17 @@ def _functional_of(func: Any) -> Any:
     if not name.endswith("_") or name.startswith("_foreach"):
         return None
     packet = getattr(aten, name[:-1], None)
-    return getattr(packet, func._overloadname, None) if packet is not None else None
+    if packet is None:
+        return None
+    same = getattr(packet, func._overloadname, None)
+    if same is not None:
+        return same
+    names = [a.name for a in func._schema.arguments]  # transpose_.default -> transpose.int
+    for overload in packet.overloads():
+        op = getattr(packet, overload)
+        if [a.name for a in op._schema.arguments] == names:
+            return op
+    return None
 
 
 def _is_view(func: Any) -> bool:
@@ -757,6 +762,50 @@ def _decompositions() -> dict[Any, Any]:
         _DECOMPOSITIONS.update(decomposition_table)
         _DECOMPOSITIONS[None] = None  # loaded
     return _DECOMPOSITIONS
+
+
+def _inplace_view(func: Any) -> Any:
+    """An in-place view op (``unsqueeze_``, ``squeeze_``, ``t_``, ``transpose_``, ...) on a ShardedTensor.
+
+    Its out-of-place view's rule decides the new layout; where that needs no communication,
+    every shard is re-viewed in place, the tensor takes the new layout, and its own (global)
+    sizes and strides are changed as torch changes a plain tensor's. A tensor with alias views
+    or links (`_aliasing.py`), or a view that would need communication, is refused.
+    """
+    functional = _functional_of(func)
+    name = func._schema.name.split("::")[-1]
+    fix = f"Use the out-of-place form and rebind the name: `x = x.{name[:-1]}(...)`."
+
+    def run(self, *args, **kwargs):
+        if self._root is not None or self._views or self._linked or self._link is not None:
+            raise NoRuleError(
+                f"{func}: {self.spec!r} {tuple(self.shape)} shares storage with other sharded "
+                f"tensors (views of it, or it is a view), whose layouts would go stale. {fix}"
+            )
+        decision = _decide(functional, (self, *args), kwargs)
+        strategy = decision.strategy
+        if strategy.decompose is not None or strategy.inputs[0] != self._layout:
+            raise NoRuleError(
+                f"{func}: on {self.spec!r} {tuple(self.shape)} this view needs communication "
+                f"(its rule wants the input in {strategy.inputs[0]!r}). {fix}"
+            )
+        if strategy.local is None:  # the same view on every shard, in place
+            for s in self._shards:
+                func(s, *args, **kwargs)
+        else:  # a view whose per-device arguments differ (e.g. sizes): new views of the shards
+            self._shards = [strategy.local(s, *args, **kwargs) for s in self._shards]
+        self._layout = strategy.outputs[0]
+        self._sig = None
+        with torch.utils._mode_utils.no_dispatch():  # the wrapper's own sizes, as torch does
+            meta = torch._C._meta_in_tls_dispatch_include()
+            torch._C._set_meta_in_tls_dispatch_include(True)
+            try:
+                func(self, *args, **kwargs)
+            finally:
+                torch._C._set_meta_in_tls_dispatch_include(meta)
+        return self
+
+    return run
 
 
 def _decomposed(func: Any, decomposition: Any) -> Any:
