@@ -124,6 +124,33 @@ def test_full_sampling(slow_results: dict[str, list], key: str) -> None:
     _check(slow_results[key])
 
 
+PASS_RATE = 0.85  # issue 9: at least 85% of the applicable op_db entries pass with gradients
+
+
+def _pass_rate(results: dict[str, list]) -> tuple[float, list[str]]:
+    worst = {k: H.op_verdict(Counter(r.verdict for r in rs)) for k, rs in results.items()}
+    applicable = [k for k, v in worst.items() if v != "skip"]
+    failing = sorted(k for k in applicable if worst[k] != "pass")
+    return 1 - len(failing) / max(1, len(applicable)), failing
+
+
+def test_fast_pass_rate(fast_results: dict[str, list], request: pytest.FixtureRequest) -> None:
+    """At least PASS_RATE of the applicable ops pass every fast-tier case (values and gradients)."""
+    if len(fast_results) < len(KEYS):
+        pytest.skip("a -k selection ran part of the tier; the rate is over every op")
+    rate, failing = _pass_rate(fast_results)
+    assert rate >= PASS_RATE, f"{rate:.3f} < {PASS_RATE}; not passing: {', '.join(failing)}"
+
+
+@pytest.mark.slow
+def test_full_pass_rate(slow_results: dict[str, list]) -> None:
+    """At least PASS_RATE of the applicable ops pass every sample of the full sampling."""
+    if len(slow_results) < len(KEYS):
+        pytest.skip("a -k selection ran part of the tier; the rate is over every op")
+    rate, failing = _pass_rate(slow_results)
+    assert rate >= PASS_RATE, f"{rate:.3f} < {PASS_RATE}; not passing: {', '.join(failing)}"
+
+
 # == the harness can fail ======================================================
 class _FakeOp:
     """An OpInfo stand-in: `fn(x)` on plain tensors, `sharded(x)` on ShardedTensors."""

@@ -44,7 +44,13 @@ def _note(results: list) -> str:
                 continue
             text = r.detail
             m = re.search(r"no layout rule for (\S+)", text)
-            if m:
+            d = re.search(r"(\S+) has no layout rule, and torch's decomposition", text)
+            if d:
+                phase = text.split(":", 1)[0]
+                inner = f" needs {m.group(1)}" if m else " does not run sharded"
+                text = f"no rule: {d.group(1)} (torch's decomposition{inner})"
+                text += " (backward)" if phase == "backward" else ""
+            elif m:
                 phase = text.split(":", 1)[0]
                 text = f"no rule: {m.group(1)}" + (" (backward)" if phase == "backward" else "")
             elif verdict == "norule":
@@ -54,6 +60,15 @@ def _note(results: list) -> str:
             text = text.replace("|", "\\|").replace("\n", " ")
             return text[:240]
     return ""
+
+
+def _applicable(worst: dict[str, str]) -> int:
+    return sum(1 for v in worst.values() if v != "skip")
+
+
+def _pass_rate(worst: dict[str, str]) -> float:
+    """Passing ops over applicable ops (an op passes when every one of its cases passes)."""
+    return sum(1 for v in worst.values() if v == "pass") / max(1, _applicable(worst))
 
 
 def render(results: list, ops: list, command: str, seconds: float) -> str:
@@ -102,6 +117,9 @@ def render(results: list, ops: list, command: str, seconds: float) -> str:
         + " | ".join(str(Counter(worst.values()).get(v, 0)) for v in VERDICTS)
         + " |",
         "",
+        f"Applicable ops (not skipped): {_applicable(worst)}; passing with gradients: "
+        f"{Counter(worst.values()).get('pass', 0)} ({100 * _pass_rate(worst):.1f}%).",
+        "",
         "## Counts by family (ops, by worst case)",
         "",
         "| family | ops | " + " | ".join(VERDICTS) + " |",
@@ -119,6 +137,17 @@ def render(results: list, ops: list, command: str, seconds: float) -> str:
         lines += ["", "## Looser tolerances", "", "| op | rtol | atol | why |", "|---|---|---|---|"]
         for k, (rtol, atol, why) in sorted(H.TOLERANCES.items()):
             lines.append(f"| `{k}` | {rtol:g} | {atol:g} | {why} |")
+    refused = [op for op in ops if worst.get(H.op_key(op)) in ("norule", "error")]
+    lines += [
+        "",
+        "## Remaining refusals (NoRuleError and other clear errors), with the reason",
+        "",
+        "| op | variant | verdict | reason |",
+        "|---|---|---|---|",
+    ]
+    for op in refused:
+        k = H.op_key(op)
+        lines.append(f"| `{op.name}` | {op.variant_test_name} | {worst[k]} | {_note(per_key[k])} |")
     lines += [
         "",
         "## Per op",
