@@ -32,6 +32,31 @@ a rule whose torch kernel is a composite of other ops (matmul, linear, einsum
 reach us whole under `torch.inference_mode`) are decomposed into those ops;
 ``out=`` variants run the functional op and copy into ``out``.
 
+Which mechanism covers which ops, in the order they are tried:
+
+1. A rule registered for the overload or its packet (one module per family:
+   `_pointwise` (plus every op tagged ``torch.Tag.pointwise``), `_contractions`,
+   `_reductions`, `_views`, `_nn`, `_attention`, `_fills`, `_foreach`
+   (``_foreach_*`` and ``_fused_adamw_``: one call per device, partial inputs
+   reduced in one collective per same-layout group), `_scans`, `_indexing`,
+   `_conv`, `_norms`, `_losses`, `_linalg`, `_spectral`). Ops that run
+   independently along some dims and need the others whole (linalg, fft, sort
+   along an unsplit dim, ...) get their candidates from `_batched.batched`.
+2. ``out=`` variants: the functional op, then a copy into ``out``.
+3. In-place ops: the rule of the op; where it would change the written tensor's
+   layout, a partial value is reduced in place first or the op runs out of place
+   and is copied back. In-place view ops (``unsqueeze_``, ``t_``, ...): the
+   out-of-place view's rule, applied to every shard and to the tensor itself.
+4. No rule, CompositeImplicitAutograd (reached whole under inference mode):
+   torch's composition, each part by its rule.
+5. No rule, every input replicated and not partial, and not a random op: the
+   op runs on each replica (no communication; data-dependent output shapes such
+   as ``nonzero`` included).
+6. No rule, otherwise: torch's registered decomposition (`torch._decomp`), each
+   part by its rule (its collectives are in the ledger under the parts' names).
+7. Else `NoRuleError`, naming the op, its layouts and the fixes; with
+   `sl.allow_replicate_fallback()`, gather-compute-keep-replica, in the ledger.
+
 Invariant: every collective issued here goes through `collectives.execute`,
 so it is in the ledger with the op's name as cause.
 """
