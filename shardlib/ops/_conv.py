@@ -1,6 +1,989 @@
-"""Rules for convolution, pooling, padding and resampling (convolution, max/avg/adaptive pools, constant/reflect/replicate/circular pads, upsample, im2col, pixel_shuffle, grid_sample).
+"""Rules for convolution, pooling, padding and resampling (forward and backward).
 
-Placeholder: rules are added by issue 9 (see the family list in _dispatch.py).
+Owns the layouts of the aten ops behind `F.conv*d` / `F.conv_transpose*d`
+(``convolution``, ``convolution_backward``), the pools (max, avg, adaptive,
+fractional, max_unpool; lp pools are avg pools in torch), the pads
+(``constant_pad_nd``, ``reflection_pad*d``, ``replication_pad*d`` and their
+backwards; ``F.pad(mode="circular")`` is torch's own decomposition into
+slices and ``cat``), and resampling (``upsample_*``, ``_upsample_*_aa``,
+``im2col`` / ``col2im``, ``pixel_shuffle`` / ``pixel_unshuffle``,
+``channel_shuffle``, ``grid_sampler_2d/3d``). It does not own the ops these
+decompose into elsewhere (``gather`` in max_unpool's backward: `_indexing.py`).
+
+The rules, by op (A = mesh axes; N batch, C channels, S spatial dims):
+
+- ``convolution`` (conv1d/2d/3d, transposed, groups, any stride, padding,
+  dilation): N split over A -> local, output split on N. The weight's output
+  channels split over A -> output split on C (bias split alike). The input
+  channels split over A (input dim 1 and the weight's input-channel dim, alike;
+  ``groups == 1``) -> output partial-``sum`` over A: the contraction over
+  C_in, no gather; the bias is added by the devices at index 0 of the output's
+  partial axes only. ``groups > 1``: channels split over A where every device's
+  input and output channel blocks are whole groups (chunks that line up with
+  the groups) -> a local conv with the device's own group count. A ``sum``
+  partial input (or weight) stays partial (a conv is linear in each).
+  **Spatial split** (non-transposed): an input split on a spatial dim over A
+  keeps that split; each device exchanges with its neighbours only the rows
+  its output block's windows reach beyond its own block (`_Rows`, one
+  ``ppermute`` per neighbour distance: (k-1)·dilation rows in all for stride 1,
+  split left/right by the padding; more for stride > 1 or uneven blocks), pads
+  with zeros where the windows leave the tensor, and runs the conv with that
+  dim's padding 0. The output is split on the same dim in the *standard*
+  chunking of the output size (the rows a device needs are derived from its
+  output block, so uneven splits and any stride are exact). Transposed convs
+  need their spatial dims whole (gathered, in the ledger).
+- ``convolution_backward``: the same placements. N split -> grad_weight and
+  grad_bias partial-``sum`` over A; output channels split -> grad_input
+  partial-``sum`` over A; input channels split -> grad_input split on C,
+  grad_weight split alike; a partial grad_output stays partial in every
+  gradient. Spatial split: the input's halo rows are exchanged again (only
+  when grad_weight is wanted), a local backward runs on the extended block,
+  and grad_input's halo rows flow back to their owners (the exchange's
+  transpose: a ``ppermute`` the other way, then an add); grad_weight and
+  grad_bias are partial-``sum`` over the spatial axes.
+- Pools, resampling, pixel/channel shuffles, grid_sampler: `batched`: the
+  leading (batch, channel) dims run independently and keep their splits; the
+  spatial dims (the window's dims) are coupled and gathered when split.
+  Linear ones (avg pools, upsampling, im2col/col2im, max_unpool, the
+  backwards in their gradient) keep a ``sum`` partial. grid_sampler: N and C
+  of the input, the output positions of the grid are independent.
+  fractional_max_pool's random samples (drawn outside, by `torch.rand`) are
+  split like the batch and channel dims.
+- Pads: unpadded dims keep their splits (GPT-2's ``constant_pad_nd`` on an
+  unsplit dim is local). A padded (or cropped) split dim keeps its split: the
+  output is in the standard chunking of the padded size; each device takes
+  the rows of its output block from its own block, the fill value, and the
+  rows its neighbours hold (`_Rows`: rows move only across a block boundary,
+  at most about the pad width per neighbour for constant and replicate pads;
+  reflect pads also take the mirrored rows near the edges). Constant pads
+  keep partials whose reduce op commutes with the fill (``sum`` only when the
+  value is 0; ``avg``/``max``/``min`` always); reflect and replicate keep any
+  partial (each output element copies one input element); their backwards
+  (sums of contributions) keep ``sum``/``avg``.
+
+Strict mode refuses the row exchanges (they are implicit communication),
+naming the op, the dim, the axes and the fix.
+
+Invariant: every strategy is exact for uneven splits (empty blocks
+included); a device whose block of some dim is empty produces its (empty or
+zero) block without calling the kernel, which rejects empty inputs.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+
+from .._errors import LayoutError
+from ..layouts._layout import Layout
+from ..layouts._mesh import AbstractMesh, Mesh
+from ..layouts._shard import chunk_bounds, local_shape
+from . import _dispatch
+from ._batched import batched, leading_batch
+from ._named import _Call
+from ._named import _run as _collective
+from ._rng import _bind
+from ._rules import ArgSpec, RuleInput, Strategy, register_rule
+from ._tensor import ShardedTensor
+
+aten = torch.ops.aten
+
+Axes = tuple[str, ...]
+
+__all__: list[str] = []
+
+
+# == helpers ===================================================================
+def _replicated(ndim: int) -> Layout:
+    return Layout(((),) * ndim)
+
+
+def _sum_partial(layout: Layout) -> Axes:
+    return layout.partial if layout.partial and layout.reduce_op == "sum" else ()
+
+
+def _mesh_of(*args: Any) -> Mesh:
+    for a in args:
+        if isinstance(a, ShardedTensor):
+            return a._mesh
+    raise LayoutError("shardlib internal: a decomposition without a sharded operand")
+
+
+def _blocks(t: Any, mesh: Mesh, layout: Layout) -> list:
+    """Per local device, the block of `t` under `layout` (a plain tensor is a replicated constant)."""
+    if t is None:
+        return [None] * len(mesh.local_devices)
+    if isinstance(t, ShardedTensor):
+        return list(t._shards)
+    return _dispatch._constant_blocks(t, mesh, layout)
+
+
+def _wrap(shards: list, mesh: Mesh, layout: Layout, spec: ArgSpec) -> ShardedTensor:
+    return ShardedTensor(shards, mesh, layout, spec.shape, False, spec.stride, spec.offset)
+
+
+def _intlist(v: Any, n: int) -> list[int]:
+    if isinstance(v, int):
+        return [v] * n
+    v = list(v)
+    return v * n if len(v) == 1 and n > 1 else v
+
+
+# == row exchange (halos, shifted pad blocks) ==================================
+@dataclass(frozen=True)
+class _Rows:
+    """A gather of rows along one split dim: device i's output rows ``srcs[i]`` (source rows).
+
+    `dim` of size `n` is split over `axes` (P torch.chunk blocks); device i (its index
+    along `axes`) must produce output rows whose source rows are ``srcs[i]`` (-1: the
+    fill value). Rows it does not hold come from the devices that do, one ``ppermute``
+    per distance s = i - j between receiver i and sender j, each buffer as wide as the
+    most rows any device receives over that distance (`width`). The same plan run
+    backwards (`_exchange_back`) sends the gradient of every received row to its owner.
+
+    Examples:
+        >>> r = _Rows(0, ("x",), 8, ((-1, 0, 1, 2), (1, 2, 3, 4), (3, 4, 5, 6), (5, 6, 7, -1)))
+        >>> r.shifts, r.width
+        ((-1, 1), {-1: 1, 1: 1})
+    """
+
+    dim: int
+    axes: Axes
+    n: int
+    srcs: tuple[tuple[int, ...], ...]
+
+    def __post_init__(self) -> None:
+        p = len(self.srcs)
+        size = -(-self.n // p) if self.n else 1
+        bounds = tuple(chunk_bounds(self.n, p, i) for i in range(p))
+        need: dict[int, list[tuple[int, ...]]] = {}
+        for i, src in enumerate(self.srcs):
+            owners: dict[int, set[int]] = {}
+            for q in src:
+                if q >= 0 and not bounds[i][0] <= q < bounds[i][1]:
+                    owners.setdefault(q // size, set()).add(q)
+            for j, rows in owners.items():
+                need.setdefault(i - j, [()] * p)[i] = tuple(sorted(rows))
+        shifts = tuple(sorted(need))
+        width = {s: max(len(r) for r in need[s]) for s in shifts}
+        pos = []
+        for i, src in enumerate(self.srcs):
+            lo, hi = bounds[i]
+            where = {q: q - lo for q in range(lo, hi)}
+            k = hi - lo
+            for s in shifts:
+                for q in need[s][i]:
+                    where[q] = k
+                    k += 1
+            pos.append(tuple(where[q] if q >= 0 else k for q in src))  # k: the fill row
+        object.__setattr__(self, "bounds", bounds)
+        object.__setattr__(self, "need", {s: tuple(v) for s, v in need.items()})
+        object.__setattr__(self, "shifts", shifts)
+        object.__setattr__(self, "width", width)
+        object.__setattr__(self, "pos", tuple(pos))
+
+    def received(self, i: int) -> int:
+        return sum(len(self.need[s][i]) for s in self.shifts)
+
+
+def _check_strict(op: Any, plan: _Rows) -> None:
+    if _dispatch._state["strict"] and plan.shifts:
+        rows = ", ".join(f"{plan.width[s]} row(s) over distance {s}" for s in plan.shifts)
+        raise LayoutError(
+            f"sl.strict: {op} on a tensor whose dim {plan.dim} (size {plan.n}) is split over "
+            f"{plan.axes!r} exchanges boundary rows with neighbouring devices ({rows}, "
+            "ppermute). Fix: leave strict mode for this op, or sl.reshard the input so that dim "
+            "is not split (e.g. split the batch dim instead)."
+        )
+
+
+def _shift(mesh: Mesh, axes: Axes, s: int, bufs: list, cause: str) -> list:
+    """`bufs` sent from index j to index j + s along `axes` (a ppermute, in the ledger)."""
+    p = mesh.abstract.group_size(axes)
+    pairs = tuple((j, j + s) for j in range(p) if 0 <= j + s < p)
+    return _collective(_Call("ppermute", axes, (pairs,), cause), mesh, bufs)
+
+
+def _take_rows(x: torch.Tensor, dim: int, rows: Sequence[int], width: int) -> torch.Tensor:
+    """Rows `rows` of `x` along `dim`, zero-padded to `width` rows (a fixed-size buffer)."""
+    idx = torch.as_tensor(rows, dtype=torch.long, device=x.device)
+    piece = x.index_select(dim, idx)
+    if len(rows) < width:
+        shape = list(x.shape)
+        shape[dim] = width - len(rows)
+        piece = torch.cat([piece, x.new_zeros(shape)], dim)
+    return piece
+
+
+def _select(pool: torch.Tensor, dim: int, pos: tuple[int, ...]) -> torch.Tensor:
+    n = len(pos)
+    if n and pos == tuple(range(pos[0], pos[0] + n)):
+        return pool.narrow(dim, pos[0], n)
+    return pool.index_select(dim, torch.as_tensor(pos, dtype=torch.long, device=pool.device))
+
+
+def _exchange(op: Any, plan: _Rows, mesh: Mesh, shards: list, fill: Any = 0) -> list:
+    """Per local device, its output rows of `plan` (fresh tensors, never views of `shards`)."""
+    _check_strict(op, plan)
+    am, d, p = mesh.abstract, plan.dim, len(plan.srcs)
+    idx = [am.index_along(dev, plan.axes) for dev in mesh.local_devices]
+    cause = _dispatch._cause(op)
+    received: dict[int, list] = {}
+    for s in plan.shifts:
+        bufs = []
+        for x, i in zip(shards, idx):
+            rows = plan.need[s][i + s] if 0 <= i + s < p else ()
+            lo = plan.bounds[i][0]
+            bufs.append(_take_rows(x, d, [q - lo for q in rows], plan.width[s]))
+        got = _shift(mesh, plan.axes, s, bufs, cause)
+        received[s] = [g.narrow(d, 0, len(plan.need[s][i])) for g, i in zip(got, idx)]
+    out = []
+    for j, (x, i) in enumerate(zip(shards, idx)):
+        parts = [x] + [received[s][j] for s in plan.shifts]
+        if any(q < 0 for q in plan.srcs[i]):
+            shape = list(x.shape)
+            shape[d] = 1
+            parts.append(x.new_full(shape, fill))
+        pool = torch.cat(parts, d) if len(parts) > 1 else x
+        block = _select(pool, d, plan.pos[i])
+        out.append(block.clone() if pool is x else block)
+    return out
+
+
+def _exchange_back(op: Any, plan: _Rows, mesh: Mesh, grads: list) -> list:
+    """The transpose of `_exchange`: output-row gradients summed into their source rows."""
+    _check_strict(op, plan)
+    am, d, p = mesh.abstract, plan.dim, len(plan.srcs)
+    idx = [am.index_along(dev, plan.axes) for dev in mesh.local_devices]
+    cause = _dispatch._cause(op)
+    owns, pieces = [], []
+    for g, i in zip(grads, idx):
+        lo, hi = plan.bounds[i]
+        shape = list(g.shape)
+        shape[d] = hi - lo + plan.received(i) + 1
+        pool = g.new_zeros(shape)
+        pos = torch.as_tensor(plan.pos[i], dtype=torch.long, device=g.device)
+        pool.index_add_(d, pos, g)
+        owns.append(pool.narrow(d, 0, hi - lo).clone())
+        at, mine = hi - lo, {}
+        for s in plan.shifts:
+            k = len(plan.need[s][i])
+            mine[s] = pool.narrow(d, at, k)
+            at += k
+        pieces.append(mine)
+    for s in plan.shifts:
+        bufs = []
+        for mine in pieces:
+            piece = mine[s]
+            if piece.shape[d] < plan.width[s]:
+                shape = list(piece.shape)
+                shape[d] = plan.width[s] - piece.shape[d]
+                piece = torch.cat([piece, piece.new_zeros(shape)], d)
+            bufs.append(piece)
+        got = _shift(mesh, plan.axes, -s, bufs, cause)
+        for own, g, i in zip(owns, got, idx):
+            if not 0 <= i + s < p:
+                continue
+            rows = plan.need[s][i + s]
+            lo = plan.bounds[i][0]
+            where = torch.as_tensor([q - lo for q in rows], dtype=torch.long, device=g.device)
+            own.index_add_(d, where, g.narrow(d, 0, len(rows)))
+    return owns
+
+
+# == convolution ===============================================================
+class _Assign(NamedTuple):
+    """Which mesh axes split what in a convolution (disjoint axis sets).
+
+    n: the batch; co: output channels (``groups == 1``); ci: input channels
+    (``groups == 1``, a contraction: partial output); g: whole groups (input and
+    output channels alike, ``groups > 1``); sp: per spatial dim (halo exchange);
+    pin: a ``sum`` partial of the input (forward) or of grad_output (backward);
+    pw: a ``sum`` partial of the weight (forward).
+    """
+
+    n: Axes = ()
+    co: Axes = ()
+    ci: Axes = ()
+    g: Axes = ()
+    sp: tuple[Axes, ...] = ()
+    pin: Axes = ()
+    pw: Axes = ()
+
+    def clean(self, nsp: int) -> _Assign:
+        """The same with any field whose axes repeat an earlier field's dropped."""
+        used: set[str] = set()
+
+        def keep(axes: Axes) -> Axes:
+            if used.intersection(axes):
+                return ()
+            used.update(axes)
+            return tuple(axes)
+
+        n, g, co, ci = keep(self.n), keep(self.g), keep(self.co), keep(self.ci)
+        sp = tuple(keep(a) for a in (*self.sp, *((),) * nsp)[:nsp])
+        return _Assign(n, co, ci, g, sp, keep(self.pin), keep(self.pw))
+
+    @property
+    def spatial_axes(self) -> Axes:
+        return tuple(a for axes in self.sp for a in axes)
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """The static shape facts of one convolution call."""
+
+    transposed: bool
+    groups: int
+    nsp: int
+    cin: int
+    cout: int
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    kernel: tuple[int, ...]
+    in_spatial: tuple[int, ...]
+    out_spatial: tuple[int, ...]
+
+    @property
+    def w_out(self) -> int:
+        return 1 if self.transposed else 0
+
+    @property
+    def w_in(self) -> int:
+        return 0 if self.transposed else 1
+
+    def aligned(self, am: AbstractMesh, axes: Axes) -> bool:
+        """Whether splitting channels over `axes` gives every device whole groups."""
+        if not axes or self.groups == 1:
+            return False
+        k = am.group_size(axes)
+        for c in (self.cin, self.cout):
+            per = c // self.groups
+            for i in range(k):
+                lo, hi = chunk_bounds(self.groups, k, i)
+                if chunk_bounds(c, k, i) != (lo * per, hi * per):
+                    return False
+        return True
+
+    def halo(self, k: int, axes: Axes, am: AbstractMesh) -> _Rows:
+        """The input rows each device needs along spatial dim `k` for its output block."""
+        p = am.group_size(axes)
+        n, o = self.in_spatial[k], self.out_spatial[k]
+        s, pad, d, ker = self.stride[k], self.padding[k], self.dilation[k], self.kernel[k]
+        srcs = []
+        for i in range(p):
+            lo, hi = chunk_bounds(o, p, i)
+            if hi == lo:
+                srcs.append(())
+                continue
+            rows = range(lo * s - pad, (hi - 1) * s - pad + d * (ker - 1) + 1)
+            srcs.append(tuple(q if 0 <= q < n else -1 for q in rows))
+        return _Rows(2 + k, axes, n, tuple(srcs))
+
+
+def _geometry(b: dict, x: ArgSpec, w: ArgSpec) -> _Geometry:
+    nsp = x.ndim - 2
+    transposed, groups = bool(b["transposed"]), int(b["groups"])
+    out_spatial = ()
+    cin = x.shape[1]
+    cout = w.shape[1] * groups if transposed else w.shape[0]
+    stride = tuple(_intlist(b["stride"], nsp))
+    padding = tuple(_intlist(b["padding"], nsp))
+    dilation = tuple(_intlist(b["dilation"], nsp))
+    kernel = tuple(w.shape[2:])
+    if not transposed:
+        out_spatial = tuple(
+            (x.shape[2 + k] + 2 * padding[k] - dilation[k] * (kernel[k] - 1) - 1) // stride[k] + 1
+            for k in range(nsp)
+        )
+    return _Geometry(
+        transposed,
+        groups,
+        nsp,
+        cin,
+        cout,
+        stride,
+        padding,
+        dilation,
+        kernel,
+        tuple(x.shape[2:]),
+        out_spatial,
+    )
+
+
+def _weight_dims(geo: _Geometry, a: _Assign, ndim: int) -> tuple[Axes, ...]:
+    dims: list[Axes] = [()] * ndim
+    dims[geo.w_out] = a.co
+    dims[geo.w_in] = a.ci
+    dims[0] = dims[0] + a.g  # the groups are the major factor of weight dim 0 either way
+    return tuple(dims)
+
+
+def _local_groups(geo: _Geometry, a: _Assign, x: torch.Tensor) -> int:
+    return x.shape[1] // (geo.cin // geo.groups) if a.g else geo.groups
+
+
+def _forward_local(geo: _Geometry, a: _Assign, out: ArgSpec, out_layout: Layout, am: AbstractMesh):
+    """The per-device conv: local group count, bias on one device of the partial axes only."""
+    halo = {k for k, axes in enumerate(a.sp) if axes}
+
+    def local(dev, x, w, b, stride, padding, dilation, transposed, output_padding, groups):
+        shape = local_shape(out.shape, out_layout, am, dev)
+        add_bias = b is not None and (
+            not out_layout.partial or am.index_along(dev, out_layout.partial) == 0
+        )
+        g = _local_groups(geo, a, x)
+        if g == 0 or 0 in x.shape[:2] or 0 in w.shape[:2] or 0 in shape:
+            y = x.new_zeros(shape)
+            if add_bias and y.numel():
+                y += b.reshape(1, -1, *(1,) * geo.nsp)
+            return y
+        pad = [0 if k in halo else p for k, p in enumerate(_intlist(padding, geo.nsp))]
+        return aten.convolution.default(
+            x, w, b if add_bias else None, stride, pad, dilation, transposed, output_padding, g
+        )
+
+    return local
+
+
+def _forward_assigns(ri: RuleInput, geo: _Geometry) -> list[_Assign]:
+    x, w = ri.tensors[:2]
+    xd, wd = x.layout.dims, w.layout.dims
+    pin, pw = _sum_partial(x.layout), _sum_partial(w.layout)
+    sp = () if geo.transposed else xd[2:]
+    if geo.groups == 1:
+        first = [
+            _Assign(n=xd[0], ci=xd[1], co=wd[geo.w_out], sp=sp, pin=pin, pw=pw),
+            _Assign(n=xd[0], co=wd[geo.w_out], ci=wd[geo.w_in], sp=sp, pin=pin, pw=pw),
+        ]
+    else:
+        first = [
+            _Assign(n=xd[0], g=axes, sp=sp, pin=pin, pw=pw)
+            for axes in (xd[1], wd[0])
+            if geo.aligned(ri.mesh, axes)
+        ]
+    rest = [_Assign(n=xd[0], sp=sp, pin=pin, pw=pw), _Assign(n=xd[0]), _Assign(sp=sp), _Assign()]
+    out: list[_Assign] = []
+    for a in [*first, *rest]:
+        for c in (a, a._replace(pin=(), pw=())):
+            c = c.clean(geo.nsp)
+            if c not in out:
+                out.append(c)
+    return out
+
+
+def _conv_halo(op: Any, geo: _Geometry, a: _Assign, plans: list[_Rows], layouts, local, out_spec):
+    w_layout, b_layout, out_layout = layouts
+
+    def decompose(x, w, b, *rest):
+        mesh = _mesh_of(x, w, b)
+        xs = list(x._shards)
+        for plan in plans:
+            xs = _exchange(op, plan, mesh, xs)
+        ws, bs = _blocks(w, mesh, w_layout), _blocks(b, mesh, b_layout)
+        shards = [
+            local(dev, xs[j], ws[j], bs[j], *rest) for j, dev in enumerate(mesh.local_devices)
+        ]
+        return _wrap(shards, mesh, out_layout, out_spec)
+
+    return decompose
+
+
+@register_rule(aten.convolution.default)
+def convolution_rule(ri: RuleInput) -> Iterator[Strategy]:
+    """Batch and channel splits local (input channels -> partial sum); spatial splits: halos."""
+    b = _bind(ri.op, ri.args, ri.kwargs)
+    x, w = ri.tensors[:2]
+    has_bias = isinstance(b["bias"], ArgSpec)
+    geo = _geometry(b, x, w)
+    out = ri.outputs[0]
+    for a in _forward_assigns(ri, geo):
+        in_layout = Layout((a.n, a.ci + a.g, *a.sp), a.pin)
+        w_layout = Layout(_weight_dims(geo, a, w.ndim), a.pw)
+        b_layout = Layout((a.co + a.g,))
+        out_layout = Layout((a.n, a.co + a.g, *a.sp), a.ci + a.pin + a.pw)
+        inputs = (in_layout, w_layout, b_layout) if has_bias else (in_layout, w_layout)
+        local = _forward_local(geo, a, out, out_layout, ri.mesh)
+        if a.spatial_axes:
+            plans = [geo.halo(k, axes, ri.mesh) for k, axes in enumerate(a.sp) if axes]
+            layouts = (w_layout, b_layout, out_layout)
+            decompose = _conv_halo(ri.op, geo, a, plans, layouts, local, out)
+            yield Strategy(inputs, (out_layout,), decompose=decompose)
+        else:
+            yield Strategy(inputs, (out_layout,), local=local, local_device=True)
+
+
+def _backward_local(geo: _Geometry, a: _Assign):
+    halo = {k for k, axes in enumerate(a.sp) if axes}
+
+    def local(dev, go, x, w, bias_sizes, stride, padding, dilation, transposed, out_pad, groups, mask):
+        g = _local_groups(geo, a, x)
+        if g == 0 or 0 in go.shape or 0 in x.shape or 0 in w.shape:
+            dims = [d for d in range(go.ndim) if d != 1]
+            return (
+                x.new_zeros(x.shape) if mask[0] else None,
+                w.new_zeros(w.shape) if mask[1] else None,
+                go.sum(dims) if mask[2] else None,
+            )
+        pad = [0 if k in halo else p for k, p in enumerate(_intlist(padding, geo.nsp))]
+        sizes = [go.shape[1]] if bias_sizes is not None else None
+        return aten.convolution_backward.default(
+            go, x, w, sizes, stride, pad, dilation, transposed, out_pad, g, mask
+        )
+
+    return local
+
+
+def _backward_assigns(ri: RuleInput, geo: _Geometry) -> list[_Assign]:
+    go, x, w = ri.tensors[:3]
+    gd, xd, wd = go.layout.dims, x.layout.dims, w.layout.dims
+    pg = _sum_partial(go.layout)
+    gsp = () if geo.transposed else gd[2:]
+    xsp = () if geo.transposed else xd[2:]
+    if geo.groups == 1:
+        from_grad = _Assign(n=gd[0], co=gd[1], sp=gsp, pin=pg)
+        from_input = _Assign(n=xd[0], ci=xd[1], sp=xsp)
+        from_weight = _Assign(co=wd[geo.w_out], ci=wd[geo.w_in])
+    else:
+        g1 = gd[1] if geo.aligned(ri.mesh, gd[1]) else ()
+        g2 = xd[1] if geo.aligned(ri.mesh, xd[1]) else ()
+        g3 = wd[0] if geo.aligned(ri.mesh, wd[0]) else ()
+        from_grad = _Assign(n=gd[0], g=g1, sp=gsp, pin=pg)
+        from_input = _Assign(n=xd[0], g=g2, sp=xsp)
+        from_weight = _Assign(g=g3)
+
+    def merge(*parts: _Assign) -> _Assign:
+        fields = {}
+        for f in _Assign._fields:
+            for p in parts:
+                v = getattr(p, f)
+                if v and any(v):
+                    fields[f] = v
+                    break
+        return _Assign(**fields)
+
+    firsts = [
+        merge(from_grad, from_input, from_weight),
+        merge(from_input, from_grad, from_weight),
+        merge(from_weight, from_grad, from_input),
+        from_grad,
+        from_input,
+        _Assign(n=gd[0], pin=pg),
+        _Assign(n=gd[0]),
+        _Assign(),
+    ]
+    out: list[_Assign] = []
+    for a in firsts:
+        for c in (a, a._replace(pin=())):
+            c = c.clean(geo.nsp)
+            if c not in out:
+                out.append(c)
+    return out
+
+
+def _conv_backward_halo(op, geo, a, plans, layouts, local, out_specs, mask):
+    go_layout, x_layout, w_layout, out_layouts = layouts
+
+    def decompose(go, x, w, *rest):
+        mesh = _mesh_of(go, x, w)
+        gos = _blocks(go, mesh, go_layout)
+        xs = _blocks(x, mesh, x_layout)
+        ws = _blocks(w, mesh, w_layout)
+        am = mesh.abstract
+        if mask[1]:
+            for plan in plans:
+                xs = _exchange(op, plan, mesh, xs)
+        else:  # only the extended block's shape matters to grad_input
+            ext = []
+            for t, dev in zip(xs, mesh.local_devices):
+                shape = list(t.shape)
+                for plan in plans:
+                    shape[plan.dim] = len(plan.srcs[am.index_along(dev, plan.axes)])
+                ext.append(t.new_zeros(()).expand(shape))
+            xs = ext
+        results = [
+            local(dev, gos[j], xs[j], ws[j], *rest) for j, dev in enumerate(mesh.local_devices)
+        ]
+        grads = [list(r) for r in results]
+        if mask[0]:
+            gi = [r[0] for r in grads]
+            for plan in reversed(plans):
+                gi = _exchange_back(op, plan, mesh, gi)
+            for r, t in zip(grads, gi):
+                r[0] = t
+        outs, k = [], 0
+        for i in range(3):
+            if not mask[i]:
+                outs.append(None)
+                continue
+            outs.append(_wrap([r[i] for r in grads], mesh, out_layouts[k], out_specs[k]))
+            k += 1
+        return tuple(outs)
+
+    return decompose
+
+
+@register_rule(aten.convolution_backward.default)
+def convolution_backward_rule(ri: RuleInput) -> Iterator[Strategy]:
+    """The forward's placements; spatial splits send grad_input's halo rows back to their owners."""
+    b = _bind(ri.op, ri.args, ri.kwargs)
+    go, x, w = ri.tensors[:3]
+    geo = _geometry(b, x, w)
+    mask = list(b["output_mask"])
+    for a in _backward_assigns(ri, geo):
+        go_layout = Layout((a.n, a.co + a.g, *a.sp), a.pin)
+        x_layout = Layout((a.n, a.ci + a.g, *a.sp))
+        w_layout = Layout(_weight_dims(geo, a, w.ndim))
+        reduced = a.n + a.spatial_axes + a.pin
+        candidates = [
+            Layout((a.n, a.ci + a.g, *a.sp), a.co + a.pin),
+            Layout(_weight_dims(geo, a, w.ndim), reduced),
+            Layout((a.co + a.g,), reduced),
+        ]
+        outs = tuple(lay for lay, m in zip(candidates, mask) if m)
+        inputs = (go_layout, x_layout, w_layout)
+        local = _backward_local(geo, a)
+        if a.spatial_axes:
+            plans = [geo.halo(k, axes, ri.mesh) for k, axes in enumerate(a.sp) if axes]
+            layouts = (go_layout, x_layout, w_layout, outs)
+            decompose = _conv_backward_halo(ri.op, geo, a, plans, layouts, local, ri.outputs, mask)
+            yield Strategy(inputs, outs, decompose=decompose)
+        else:
+            yield Strategy(inputs, outs, local=local, local_device=True)
+
+
+# == pools, resampling, shuffles: batch and channel dims local =================
+def _core(n: int) -> Callable[[RuleInput], Iterator[Strategy]]:
+    """A `batched` rule: the last `n` dims of every tensor coupled, leading dims batch."""
+
+    def rule(ri: RuleInput) -> Iterator[Strategy]:
+        yield from batched(
+            ri,
+            [leading_batch(t.ndim, n) for t in ri.tensors],
+            [leading_batch(o.ndim, n) for o in ri.outputs],
+            linear=_LINEAR.get(ri.op.overloadpacket, ()),
+        )
+
+    rule.__doc__ = f"Leading (batch, channel) dims keep their splits; the last {n} dims are whole."
+    return rule
+
+
+_POOLS: dict[Any, int] = {
+    aten.max_pool1d: 1,
+    aten.max_pool2d: 2,
+    aten.max_pool3d: 3,
+    aten.max_pool1d_with_indices: 1,
+    aten.max_pool2d_with_indices: 2,
+    aten.max_pool3d_with_indices: 3,
+    aten.max_pool2d_with_indices_backward: 2,
+    aten.max_pool3d_with_indices_backward: 3,
+    aten.avg_pool1d: 1,
+    aten.avg_pool2d: 2,
+    aten.avg_pool3d: 3,
+    aten.avg_pool2d_backward: 2,
+    aten.avg_pool3d_backward: 3,
+    aten.adaptive_avg_pool1d: 1,
+    aten.adaptive_avg_pool2d: 2,
+    aten.adaptive_avg_pool3d: 3,
+    aten._adaptive_avg_pool2d: 2,
+    aten._adaptive_avg_pool3d: 3,
+    aten._adaptive_avg_pool2d_backward: 2,
+    aten._adaptive_avg_pool3d_backward: 3,
+    aten.adaptive_max_pool1d: 1,
+    aten.adaptive_max_pool2d: 2,
+    aten.adaptive_max_pool3d: 3,
+    aten.adaptive_max_pool2d_backward: 2,
+    aten.adaptive_max_pool3d_backward: 3,
+    aten.fractional_max_pool2d_backward: 2,
+    aten.fractional_max_pool3d_backward: 3,
+    aten.max_unpool2d: 2,
+    aten.max_unpool3d: 3,
+    aten.upsample_nearest1d: 1,
+    aten.upsample_nearest2d: 2,
+    aten.upsample_nearest3d: 3,
+    aten._upsample_nearest_exact1d: 1,
+    aten._upsample_nearest_exact2d: 2,
+    aten._upsample_nearest_exact3d: 3,
+    aten.upsample_linear1d: 1,
+    aten.upsample_bilinear2d: 2,
+    aten.upsample_bicubic2d: 2,
+    aten.upsample_trilinear3d: 3,
+    aten._upsample_bilinear2d_aa: 2,
+    aten._upsample_bicubic2d_aa: 2,
+    aten.upsample_nearest1d_backward: 1,
+    aten.upsample_nearest2d_backward: 2,
+    aten.upsample_nearest3d_backward: 3,
+    aten._upsample_nearest_exact1d_backward: 1,
+    aten._upsample_nearest_exact2d_backward: 2,
+    aten._upsample_nearest_exact3d_backward: 3,
+    aten.upsample_linear1d_backward: 1,
+    aten.upsample_bilinear2d_backward: 2,
+    aten.upsample_bicubic2d_backward: 2,
+    aten.upsample_trilinear3d_backward: 3,
+    aten._upsample_bilinear2d_aa_backward: 2,
+    aten._upsample_bicubic2d_aa_backward: 2,
+    aten.pixel_shuffle: 3,
+    aten.pixel_unshuffle: 3,
+}
+# Ops linear in their first tensor (a ``sum`` partial of it passes through).
+_LINEAR: dict[Any, tuple[int, ...]] = {
+    op: (0,)
+    for op in _POOLS
+    if not str(op).startswith(("aten.max_pool", "aten.adaptive_max_pool", "aten.fractional"))
+    or str(op).endswith("_backward")
+}
+for _op, _n in _POOLS.items():
+    register_rule(_op)(_core(_n))
+
+
+@register_rule(aten.fractional_max_pool2d, aten.fractional_max_pool3d)
+def fractional_max_pool_rule(ri: RuleInput) -> Iterator[Strategy]:
+    """Batch and channel dims keep their splits (the random samples split alike); spatial whole."""
+    x, samples = ri.tensors[:2]
+    n = 2 if ri.op.overloadpacket is aten.fractional_max_pool2d else 3
+    labels = leading_batch(x.ndim, n)
+    # samples: (N or 1, C, n): the batch label only where the input has a batch dim
+    s_labels = (labels[0] if x.ndim == n + 2 else None, labels[-n - 1], None)
+    yield from batched(ri, [labels, s_labels], [labels, labels])
+
+
+@register_rule(aten.channel_shuffle, aten.native_channel_shuffle)
+def channel_shuffle_rule(ri: RuleInput) -> Iterator[Strategy]:
+    """Dim 1 (the channels) whole; every other dim keeps its split."""
+    (x,) = ri.tensors
+    labels = tuple(None if d == 1 else d for d in range(x.ndim))
+    yield from batched(ri, [labels], [labels], linear=(0,))
+
+
+@register_rule(aten.im2col, aten.col2im)
+def im2col_rule(ri: RuleInput) -> Iterator[Strategy]:
+    """The batch dim (of a batched call) keeps its split; the others are whole."""
+    (x,) = ri.tensors
+    out = ri.outputs[0]
+    batch = x.ndim == (4 if ri.op.overloadpacket is aten.im2col else 3)
+
+    def labels(ndim: int) -> tuple:
+        return tuple("n" if batch and d == 0 else None for d in range(ndim))
+
+    yield from batched(ri, [labels(x.ndim)], [labels(out.ndim)], linear=(0,))
+
+
+@register_rule(aten.grid_sampler_2d, aten.grid_sampler_3d)
+def grid_sampler_rule(ri: RuleInput) -> Iterator[Strategy]:
+    """N of input and grid, C of the input, the grid's output positions: independent."""
+    x, grid = ri.tensors[:2]
+    n = x.ndim - 2
+    where = tuple(f"o{k}" for k in range(n))
+    yield from batched(
+        ri,
+        [("n", "c", *(None,) * n), ("n", *where, None)],
+        [("n", "c", *where)],
+        linear=(0,),
+    )
+
+
+@register_rule(aten.grid_sampler_2d_backward, aten.grid_sampler_3d_backward)
+def grid_sampler_backward_rule(ri: RuleInput) -> Iterator[Strategy]:
+    """N split -> local; grad_output/input split on C -> grad_input split, grad_grid partial."""
+    go, x, grid = ri.tensors[:3]
+    mask = list(_bind(ri.op, ri.args, ri.kwargs)["output_mask"])
+    n = x.ndim - 2
+    nd, cd = go.layout.dims[0], x.layout.dims[1] or go.layout.dims[1]
+    if cd and not set(cd) & set(nd):
+        base = (nd, cd, *((),) * n)
+        outs = (Layout(base), Layout((nd, *((),) * (n + 1)), cd))
+        yield Strategy(
+            (Layout(base), Layout(base), Layout((nd, *((),) * (n + 1)))),
+            tuple(lay for lay, m in zip(outs, mask) if m),
+        )
+    labels = ("n", *(None,) * (n + 1))
+    outs_labels = [labels, labels]
+    yield from batched(
+        ri, [labels, labels, labels], [lab for lab, m in zip(outs_labels, mask) if m]
+    )
+
+
+# == pads ======================================================================
+def _pad_pairs(pad: Sequence[int], ndim: int) -> dict[int, tuple[int, int]]:
+    """{dim: (before, after)} of an aten pad list (last dim first), zero pairs left out."""
+    out = {}
+    for i in range(len(pad) // 2):
+        lr = (int(pad[2 * i]), int(pad[2 * i + 1]))
+        if lr != (0, 0):
+            out[ndim - 1 - i] = lr
+    return out
+
+
+def _source(mode: str, q: int, n: int) -> int:
+    """The input row of padded position q - before (-1: the fill value)."""
+    if mode == "constant":
+        return q if 0 <= q < n else -1
+    if mode == "replicate":
+        return min(max(q, 0), n - 1)
+    if q < 0:  # reflect
+        q = -q
+    if q >= n:
+        q = 2 * (n - 1) - q
+    return q
+
+
+def _pad_plan(
+    mode: str, d: int, axes: Axes, n: int, lr: tuple[int, int], am: AbstractMesh
+) -> _Rows:
+    p = am.group_size(axes)
+    m = n + lr[0] + lr[1]
+    srcs = []
+    for i in range(p):
+        lo, hi = chunk_bounds(m, p, i)
+        srcs.append(tuple(_source(mode, q - lr[0], n) for q in range(lo, hi)))
+    return _Rows(d, axes, n, tuple(srcs))
+
+
+def _zeroed(pad: Sequence[int], ndim: int, dims: set[int]) -> list[int]:
+    """`pad` with the pairs of `dims` set to 0."""
+    out = list(pad)
+    for i in range(len(pad) // 2):
+        if ndim - 1 - i in dims:
+            out[2 * i] = out[2 * i + 1] = 0
+    return out
+
+
+_PADS = {
+    aten.constant_pad_nd.default: ("constant", None),
+    aten.reflection_pad1d.default: ("reflect", 1),
+    aten.reflection_pad2d.default: ("reflect", 2),
+    aten.reflection_pad3d.default: ("reflect", 3),
+    aten.replication_pad1d.default: ("replicate", 1),
+    aten.replication_pad2d.default: ("replicate", 2),
+    aten.replication_pad3d.default: ("replicate", 3),
+}
+_PAD_BACKWARDS = {
+    aten.reflection_pad1d_backward.default: ("reflect", 1),
+    aten.reflection_pad2d_backward.default: ("reflect", 2),
+    aten.reflection_pad3d_backward.default: ("reflect", 3),
+    aten.replication_pad1d_backward.default: ("replicate", 1),
+    aten.replication_pad2d_backward.default: ("replicate", 2),
+    aten.replication_pad3d_backward.default: ("replicate", 3),
+}
+
+
+def _pad_partial(layout: Layout, mode: str, value: Any) -> tuple[Axes, str]:
+    if not layout.partial:
+        return (), "sum"
+    op = layout.reduce_op
+    if mode != "constant" or op != "sum" or value == 0:
+        return layout.partial, op
+    return (), "sum"
+
+
+def _pad_decomposition(op: Any, mode: str, plans: list[_Rows], layout: Layout, out: ArgSpec):
+    split = {p.dim for p in plans}
+
+    def decompose(x, pad, value=None):
+        mesh = x._mesh
+        fill = 0 if value is None else value
+        shards = list(x._shards)
+        local_pad = _zeroed(pad, x.ndim, split)
+        if any(local_pad):
+            shards = [_local_pad(op, s, local_pad, fill) for s in shards]
+        for plan in plans:
+            shards = _exchange(op, plan, mesh, shards, fill)
+        return _wrap(shards, mesh, layout, out)
+
+    return decompose
+
+
+def _local_pad(op: Any, s: torch.Tensor, pad: list[int], fill: Any) -> torch.Tensor:
+    if op is aten.constant_pad_nd.default:
+        return aten.constant_pad_nd.default(s, pad, fill)
+    if s.numel() == 0:  # the kernels reject empty blocks: only the shape matters
+        shape = list(s.shape)
+        for d, (lo, hi) in _pad_pairs(pad, s.ndim).items():
+            shape[d] += lo + hi
+        return s.new_zeros(shape)
+    return op(s, pad)
+
+
+@register_rule(*_PADS)
+def pad_rule(ri: RuleInput) -> Iterator[Strategy]:
+    """Unpadded dims keep their splits; a padded split dim keeps it (rows cross block boundaries)."""
+    mode, _ = _PADS[ri.op]
+    b = _bind(ri.op, ri.args, ri.kwargs)
+    x = ri.tensors[0]
+    pad = b["pad"] if "pad" in b else b["padding"]
+    value = b.get("value", 0)
+    pairs = _pad_pairs(pad, x.ndim)
+    out = ri.outputs[0]
+    partial, reduce_op = _pad_partial(x.layout, mode, value)
+    for part in _unique([partial, ()]):
+        layout = Layout(x.layout.dims, part, reduce_op)
+        split = [d for d in sorted(pairs) if x.layout.dims[d]]
+        if not split:
+            yield Strategy((layout,), (layout,))
+            continue
+        plans = [
+            _pad_plan(mode, d, x.layout.dims[d], x.shape[d], pairs[d], ri.mesh) for d in split
+        ]
+        yield Strategy(
+            (layout,), (layout,), decompose=_pad_decomposition(ri.op, mode, plans, layout, out)
+        )
+    labels = tuple(None if d in pairs else d for d in range(x.ndim))
+    linear = (0,) if mode != "constant" or value == 0 else ()
+    yield from batched(ri, [labels], [labels], linear=linear)
+
+
+def _unique(items: list) -> list:
+    found = []
+    for item in items:
+        if item not in found:
+            found.append(item)
+    return found
+
+
+def _pad_backward_decomposition(op: Any, plans: list[_Rows], layout: Layout, out: ArgSpec):
+    split = {p.dim for p in plans}
+
+    def decompose(go, x, padding):
+        mesh = _mesh_of(go, x)
+        grads = _blocks(go, mesh, layout)
+        for plan in reversed(plans):
+            grads = _exchange_back(op, plan, mesh, grads)
+        local_pad = _zeroed(padding, go.ndim, split)
+        if any(local_pad):
+            xs = _blocks(x, mesh, layout.without_partial())
+            grads = [
+                op(g, s, local_pad) if s.numel() else s.new_zeros(s.shape)
+                for g, s in zip(grads, xs)
+            ]
+        return _wrap(grads, mesh, layout, out)
+
+    return decompose
+
+
+@register_rule(*_PAD_BACKWARDS)
+def pad_backward_rule(ri: RuleInput) -> Iterator[Strategy]:
+    """The pad's transpose: a padded split dim sends each row's gradient to the row's owner."""
+    mode, _ = _PAD_BACKWARDS[ri.op]
+    go, x = ri.tensors[:2]
+    padding = _bind(ri.op, ri.args, ri.kwargs)["padding"]
+    pairs = _pad_pairs(padding, x.ndim)
+    dims = x.layout.dims
+    out = ri.outputs[0]
+    ok = go.layout.partial and go.layout.reduce_op in ("sum", "avg")
+    for part in _unique([go.layout.partial if ok else (), ()]):
+        op = go.layout.reduce_op if part else "sum"
+        g_layout = Layout(dims, part, op)
+        split = [d for d in sorted(pairs) if dims[d]]
+        inputs = (g_layout, Layout(dims))
+        if not split:
+            yield Strategy(inputs, (g_layout,))
+            continue
+        plans = [_pad_plan(mode, d, dims[d], x.shape[d], pairs[d], ri.mesh) for d in split]
+        decompose = _pad_backward_decomposition(ri.op, plans, g_layout, out)
+        yield Strategy(inputs, (g_layout,), decompose=decompose)
+    labels = tuple(None if d in pairs else d for d in range(x.ndim))
+    yield from batched(ri, [labels, labels], [labels], linear=(0,))
