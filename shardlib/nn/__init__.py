@@ -8,6 +8,7 @@ the planner: no scheme has its own autograd functions or process groups.
 """
 
 from . import gpt as gpt  # noqa: E402  (the reference model uses the names above)
+from ._hf import shard_by_name as shard_by_name  # h9f: parameters of an existing model, by name
 from ._scheme import Scheme as Scheme
 from ._scheme import dp as dp
 from ._scheme import fsdp as fsdp
