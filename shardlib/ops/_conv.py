@@ -71,7 +71,8 @@ zero) block without calling the kernel, which rejects empty inputs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -656,16 +657,61 @@ def convolution_backward_rule(ri: RuleInput) -> Iterator[Strategy]:
             yield Strategy(inputs, outs, local=local, local_device=True)
 
 
+# == empty blocks ===============================================================
+def _may_be_empty(ri: RuleInput, layouts: Sequence[Layout]) -> bool:
+    """Whether some device's block of some input is empty along a dim that is not empty."""
+    am = ri.mesh
+    for t, lay in zip(ri.tensors, layouts):
+        for dev in range(am.size) if any(lay.dims) else ():
+            if any(k == 0 < n for k, n in zip(local_shape(t.shape, lay, am, dev), t.shape)):
+                return True
+    return False
+
+
+def _empty_guard(op: Any, outs: tuple[ArgSpec, ...], layouts: tuple[Layout, ...], am) -> Callable:
+    """`op` per device, except on a device with an empty input block: zeros of its output blocks.
+
+    The pool, pad and resampling kernels reject empty inputs (torch's own callers never
+    pass them); every output block there is empty too (it shares the empty batch dim).
+    """
+
+    def local(dev: int, *args: Any, **kwargs: Any) -> Any:
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        if not any(t.numel() == 0 for t in tensors):
+            return op(*args, **kwargs)
+        device = tensors[0].device
+        made = [
+            torch.zeros(local_shape(o.shape, lay, am, dev), dtype=o.dtype, device=device)
+            for o, lay in zip(outs, layouts)
+        ]
+        return made[0] if len(made) == 1 else tuple(made)
+
+    return local
+
+
+def _guarded(ri: RuleInput, strategies: Iterable[Strategy]) -> Iterator[Strategy]:
+    """`strategies`, each running `_empty_guard` where some device gets an empty block."""
+    for s in strategies:
+        if s.decompose is not None or s.local is not None or not _may_be_empty(ri, s.inputs):
+            yield s
+        else:
+            guard = _empty_guard(ri.op, ri.outputs, s.outputs, ri.mesh)
+            yield dataclasses.replace(s, local=guard, local_device=True)
+
+
 # == pools, resampling, shuffles: batch and channel dims local =================
 def _core(n: int) -> Callable[[RuleInput], Iterator[Strategy]]:
     """A `batched` rule: the last `n` dims of every tensor coupled, leading dims batch."""
 
     def rule(ri: RuleInput) -> Iterator[Strategy]:
-        yield from batched(
+        yield from _guarded(
             ri,
-            [leading_batch(t.ndim, n) for t in ri.tensors],
-            [leading_batch(o.ndim, n) for o in ri.outputs],
-            linear=_LINEAR.get(ri.op.overloadpacket, ()),
+            batched(
+                ri,
+                [leading_batch(t.ndim, n) for t in ri.tensors],
+                [leading_batch(o.ndim, n) for o in ri.outputs],
+                linear=_LINEAR.get(ri.op.overloadpacket, ()),
+            ),
         )
 
     rule.__doc__ = f"Leading (batch, channel) dims keep their splits; the last {n} dims are whole."
@@ -748,7 +794,7 @@ def fractional_max_pool_rule(ri: RuleInput) -> Iterator[Strategy]:
     labels = leading_batch(x.ndim, n)
     # samples: (N or 1, C, n): the batch label only where the input has a batch dim
     s_labels = (labels[0] if x.ndim == n + 2 else None, labels[-n - 1], None)
-    yield from batched(ri, [labels, s_labels], [labels, labels])
+    yield from _guarded(ri, batched(ri, [labels, s_labels], [labels, labels]))
 
 
 @register_rule(aten.channel_shuffle, aten.native_channel_shuffle)
@@ -756,7 +802,7 @@ def channel_shuffle_rule(ri: RuleInput) -> Iterator[Strategy]:
     """Dim 1 (the channels) whole; every other dim keeps its split."""
     (x,) = ri.tensors
     labels = tuple(None if d == 1 else d for d in range(x.ndim))
-    yield from batched(ri, [labels], [labels], linear=(0,))
+    yield from _guarded(ri, batched(ri, [labels], [labels], linear=(0,)))
 
 
 @register_rule(aten.im2col, aten.col2im)
@@ -769,7 +815,7 @@ def im2col_rule(ri: RuleInput) -> Iterator[Strategy]:
     def labels(ndim: int) -> tuple:
         return tuple("n" if batch and d == 0 else None for d in range(ndim))
 
-    yield from batched(ri, [labels(x.ndim)], [labels(out.ndim)], linear=(0,))
+    yield from _guarded(ri, batched(ri, [labels(x.ndim)], [labels(out.ndim)], linear=(0,)))
 
 
 @register_rule(aten.grid_sampler_2d, aten.grid_sampler_3d)
@@ -778,12 +824,8 @@ def grid_sampler_rule(ri: RuleInput) -> Iterator[Strategy]:
     x, grid = ri.tensors[:2]
     n = x.ndim - 2
     where = tuple(f"o{k}" for k in range(n))
-    yield from batched(
-        ri,
-        [("n", "c", *(None,) * n), ("n", *where, None)],
-        [("n", "c", *where)],
-        linear=(0,),
-    )
+    labels_in = [("n", "c", *(None,) * n), ("n", *where, None)]
+    yield from _guarded(ri, batched(ri, labels_in, [("n", "c", *where)], linear=(0,)))
 
 
 @register_rule(aten.grid_sampler_2d_backward, aten.grid_sampler_3d_backward)
@@ -796,15 +838,15 @@ def grid_sampler_backward_rule(ri: RuleInput) -> Iterator[Strategy]:
     if cd and not set(cd) & set(nd):
         base = (nd, cd, *((),) * n)
         outs = (Layout(base), Layout((nd, *((),) * (n + 1)), cd))
-        yield Strategy(
+        strategy = Strategy(
             (Layout(base), Layout(base), Layout((nd, *((),) * (n + 1)))),
             tuple(lay for lay, m in zip(outs, mask) if m),
         )
+        yield from _guarded(ri, [strategy])
     labels = ("n", *(None,) * (n + 1))
     outs_labels = [labels, labels]
-    yield from batched(
-        ri, [labels, labels, labels], [lab for lab, m in zip(outs_labels, mask) if m]
-    )
+    outs = [lab for lab, m in zip(outs_labels, mask) if m]
+    yield from _guarded(ri, batched(ri, [labels, labels, labels], outs))
 
 
 # == pads ======================================================================
@@ -923,7 +965,7 @@ def pad_rule(ri: RuleInput) -> Iterator[Strategy]:
         layout = Layout(x.layout.dims, part, reduce_op)
         split = [d for d in sorted(pairs) if x.layout.dims[d]]
         if not split:
-            yield Strategy((layout,), (layout,))
+            yield from _guarded(ri, [Strategy((layout,), (layout,))])
             continue
         plans = [
             _pad_plan(mode, d, x.layout.dims[d], x.shape[d], pairs[d], ri.mesh) for d in split
@@ -933,7 +975,7 @@ def pad_rule(ri: RuleInput) -> Iterator[Strategy]:
         )
     labels = tuple(None if d in pairs else d for d in range(x.ndim))
     linear = (0,) if mode != "constant" or value == 0 else ()
-    yield from batched(ri, [labels], [labels], linear=linear)
+    yield from _guarded(ri, batched(ri, [labels], [labels], linear=linear))
 
 
 def _unique(items: list) -> list:
@@ -980,10 +1022,25 @@ def pad_backward_rule(ri: RuleInput) -> Iterator[Strategy]:
         split = [d for d in sorted(pairs) if dims[d]]
         inputs = (g_layout, Layout(dims))
         if not split:
-            yield Strategy(inputs, (g_layout,))
+            yield from _guarded(ri, [Strategy(inputs, (g_layout,))])
             continue
         plans = [_pad_plan(mode, d, dims[d], x.shape[d], pairs[d], ri.mesh) for d in split]
         decompose = _pad_backward_decomposition(ri.op, plans, g_layout, out)
         yield Strategy(inputs, (g_layout,), decompose=decompose)
     labels = tuple(None if d in pairs else d for d in range(x.ndim))
-    yield from batched(ri, [labels, labels], [labels], linear=(0,))
+    yield from _guarded(ri, batched(ri, [labels, labels], [labels], linear=(0,)))
+
+
+# == meta kernels torch lacks ==================================================
+# The dispatcher infers output shapes on the meta device; torch 2.13 has no meta kernel
+# for fractional_max_pool3d's backward (its 2d twin has one): the gradient has the
+# input's shape and dtype.
+_META = torch.library.Library("aten", "IMPL")
+if not torch._C._dispatch_has_kernel_for_dispatch_key(
+    "aten::fractional_max_pool3d_backward", "Meta"
+):
+    _META.impl(
+        "fractional_max_pool3d_backward",
+        lambda grad_output, self, kernel_size, output_size, indices: self.new_empty(self.shape),
+        "Meta",
+    )
