@@ -25,10 +25,12 @@ The rules, by op:
   The dim is never gathered. cumsum is linear: a sum/avg-partial input stays partial
   (its totals are summands too); the others reduce partial inputs first.
 - sort (argsort, msort) along a split dim: the dim is gathered, (P-1)·block bytes per
-  device, and torch's kernel sorts it whole (so indices and ties are torch's); each
-  device keeps its block of the sorted dim (the output keeps the input's layout). Or
-  the dim's axes move to another dim by an all-to-all (about 1/P of the gather), if
-  the planner prices it lower; the output is then split there.
+  device, and torch's kernel sorts it whole (so indices and ties are torch's); the
+  sorted dim is then whole on every device, which its consumers slice for free and
+  which keeps sort's backward (a scatter along the dim) local. Or the dim's axes move
+  to another dim by an all-to-all (about 1/P of the gather), if the planner prices it
+  lower; the output is then split there. (Keeping each device's block of the sorted
+  order instead saves memory but costs the backward two gathers of the dim.)
 - topk along a split dim: each device sorts its block stably and offers its first
   min(k, n_c) (global indices); the candidates are all-gathered over A, (P-1)·B·
   min(k, max n_c) values and as many indices per device, and merged in the total
@@ -501,30 +503,16 @@ def _round(rows: _Rows, targets: list, starts: list, ends: list, below: list) ->
 _SORTS = {aten.sort.default, aten.sort.stable}
 
 
-def _sort_keep_blocks(func: Any, shape: tuple, layout: Layout, mesh: Any, d: int) -> Callable:
-    """Sort the gathered dim, keep this device's block of the sorted order (as `layout` says)."""
-
-    def local(device: int, x: torch.Tensor, *args: Any, **kwargs: Any) -> tuple:
-        lo, hi = local_bounds(shape, layout, mesh, device)[d]
-        return tuple(t.narrow(d, lo, hi - lo).clone() for t in func(x, *args, **kwargs))
-
-    return local
-
-
 @register_rule(*_SORTS)
 def sort_rule(ri: RuleInput) -> Iterator[Strategy]:
-    """A split dim is gathered (each device keeps its block of the sorted order) or all-to-all'd."""
+    """A split dim is gathered (the sorted dim is then whole on every device) or all-to-all'd."""
     x = ri.tensors[0]
     if x.ndim == 0:
         yield from batched(ri, [()], [(), ()])
         return
     d = _bind(ri.op, ri.args, ri.kwargs)["dim"] % x.ndim
     labels = _labels(x.ndim, (d,))
-    kept = x.layout.without_partial()
     yield from _moved_candidates(ri, d, [labels], [labels, labels])
-    if kept.dims[d]:
-        local = _sort_keep_blocks(ri.op, x.shape, kept, ri.mesh, d)
-        yield Strategy((kept.with_dim(d, ()),), (kept, kept), local=local, local_device=True)
     yield from batched(ri, [labels], [labels, labels])
 
 
@@ -742,3 +730,32 @@ def histc_rule(ri: RuleInput) -> Iterator[Strategy]:
         yield Strategy((src,), decompose=_histc_decomposition(ri.op, b["bins"], axes))
         return
     yield Strategy((src,), (Layout(((),), axes, "sum"),))
+
+
+# == bincount ==================================================================
+def _bincount_decomposition(func: Any, minlength: int, axes: tuple[str, ...]) -> Callable:
+    """The global max (an all-reduce), then each device counts its block: partial-sum counts."""
+
+    def decompose(x: ShardedTensor, weights: Any = None, *args: Any, **kwargs: Any) -> Any:
+        length = minlength
+        if x.numel():
+            top = _move(func, aten.amax.default(x, [], False), Layout(()))._shards[0]
+            length = max(minlength, int(top.item()) + 1)
+        w = weights._shards if isinstance(weights, ShardedTensor) else [None] * len(x._shards)
+        shards = [aten.bincount.default(s, ws, length) for s, ws in zip(x._shards, w)]
+        return ShardedTensor(shards, x._mesh, Layout(((),), axes, "sum"), (length,))
+
+    return decompose
+
+
+@register_rule(aten.bincount.default)
+def bincount_rule(ri: RuleInput) -> Iterator[Strategy]:
+    """1-d values (and weights) split over A: local counts, partial-sum over A.
+
+    The output's length is max(minlength, max + 1): the rule sees no output spec (its
+    shape depends on the values) and answers with a decomposition.
+    """
+    b = _bind(ri.op, ri.args, ri.kwargs)
+    axes = next((t.layout.dims[0] for t in ri.tensors if t.layout.dims[0]), ())
+    inputs = tuple(Layout((axes,)) for _ in ri.tensors)
+    yield Strategy(inputs, decompose=_bincount_decomposition(ri.op, b["minlength"] or 0, axes))
