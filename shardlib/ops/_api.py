@@ -376,7 +376,7 @@ def shard(
             f"sl.shard(tensor=...): got a DTensor ({tensor.placements} on a DeviceMesh of shape "
             f"{tuple(tensor.device_mesh.shape)}). sl.shard splits a global plain tensor; a "
             "DTensor's global value is dtensor.full_tensor() (a collective). The direct bridge, "
-            "sl.from_dtensor(dt), keeps the shards where they are (planned, not built yet)."
+            "sl.from_dtensor(dt), keeps the shards where they are."  # h9h: the bridge exists
         )
     layout = _check_layout(layout, mesh, tensor.ndim, tensor.dtype, "sl.shard(layout=...)")
     out = _Shard.apply(tensor, mesh, layout)

@@ -250,6 +250,16 @@ class ShardedTensor(torch.Tensor):
         args = () if device is None else (device,)
         return all(s.is_pinned(*args) for s in self.local_shards())
 
+    # -- DTensor bridge (h9h): the conversion lives in ops/_dtensor.py --
+    def to_dtensor(self, device_mesh: Any = None) -> Any:
+        """This tensor as a DTensor over `device_mesh` (mesh axes = its ``mesh_dim_names``);
+        no communication where the blocks agree. See `sl.from_dtensor`, the inverse."""
+        from ._dtensor import to_dtensor
+
+        return to_dtensor(self, device_mesh)
+
+    # -- end DTensor bridge --
+
     def tolist(self) -> Any:  # type: ignore[override]
         """The global value as nested lists (collective: `x.full().tolist()`)."""
         return self.full().tolist()
