@@ -408,7 +408,11 @@ def _decide(func: Any, args: tuple, kwargs: dict) -> _Decision:
     except NoRuleError:
         if _all_replicated(func, specs):  # nonzero, unique, ...: every device computes it whole
             return _Decision(Strategy(_current(specs), decompose=_locally(func)), paths, (), False)
-        raise
+        # (h9b) an op whose output shape depends on the values may still have a rule: it
+        # sees no outputs and must answer with a decomposition (x[mask], nonzero, ...)
+        if rule_for(func) is None or torch.Tag.dynamic_output_shape not in func.tags:
+            raise
+        out_specs = ()
     a_args, a_kwargs = _substitute(args, kwargs, paths, list(specs))
     ri = RuleInput(
         func,

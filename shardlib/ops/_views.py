@@ -13,16 +13,16 @@ of the backward ops autograd emits for them):
 - expand / repeat: expanded or repeated dims are replicated, others keep their split.
 - squeeze / unsqueeze: a size-1 dim (never split) is removed or inserted.
 - split / split_with_sizes / unbind / cat / stack, slice / select /
-  index_select / index_add, flip / roll / diagonal, and the backward ops
+  flip / roll / diagonal, and the backward ops
   slice_backward / select_backward / diagonal_backward / new_zeros: the dim
   the op works along must not be split (it is gathered first); every other
-  dim keeps its split. index_select also takes the split of a 1-d index.
+  dim keeps its split. (index_select / index_add: `_indexing.py`.)
 - the ``*_copy`` variants (functionalization) follow their view op.
 
 Every op here places each output element from exactly one input element (or
 zero), so partial layouts pass through with their reduce op, except
-index_add (a sum: partial sum/avg only) and new_zeros/new_empty (fresh
-values: new_zeros keeps partial sum/avg axes, new_empty none).
+new_zeros/new_empty (fresh values: new_zeros keeps partial sum/avg axes,
+new_empty none).
 
 Shape arguments of these ops are global; rules whose local call needs local
 sizes give a `Strategy.local` that recomputes them from the device's own
@@ -442,39 +442,6 @@ def select_rule(ri: RuleInput) -> Iterator[Strategy]:
     d = _wrap(_bind(ri.op, ri.args, ri.kwargs)["dim"], x.ndim)
     want = _cleared(x.layout, d)
     yield Strategy((want,), (_lay([a for i, a in enumerate(want.dims) if i != d], want),))
-
-
-@register_rule(aten.index_select.default)
-def index_select_rule(ri: RuleInput) -> Iterator[Strategy]:
-    """Select along an unsplit dim of x with a replicated index, or keep a 1-d index's split.
-
-    With the index split over axes A (unused by x), output dim `dim` is split
-    over A: each device selects its index block from its full local dim.
-    """
-    x, index = ri.tensors[0], ri.tensors[1]
-    d = _wrap(_bind(ri.op, ri.args, ri.kwargs)["dim"], x.ndim)
-    want = _cleared(x.layout, d) if x.ndim else x.layout
-    idx_axes = index.layout.dims[0] if index.ndim == 1 else ()
-    if x.ndim and idx_axes and not set(idx_axes) & want.used_axes:
-        out = want.with_dim(d, idx_axes)
-        yield Strategy((want, index.layout.without_partial()), (out,))
-    yield Strategy((want, Layout(((),) * index.ndim)), (want,))
-
-
-@register_rule(aten.index_add.default, aten.index_add_.default)
-def index_add_rule(ri: RuleInput) -> Iterator[Strategy]:
-    """self[.., index, ..] += alpha * source along an unsplit dim; index replicated.
-
-    Linear in (self, source) together: partial sum/avg of either is kept
-    (the other becomes partial for free).
-    """
-    x, index, source = ri.tensors[0], ri.tensors[1], ri.tensors[2]
-    d = _wrap(_bind(ri.op, ri.args, ri.kwargs)["dim"], x.ndim)
-    idx = Layout(((),) * index.ndim)
-    for cand in _joint_candidates([x, source], d if x.ndim else None):
-        if cand.partial and cand.reduce_op not in ("sum", "avg"):
-            cand = cand.without_partial()
-        yield Strategy((cand, idx, cand), (cand,))
 
 
 @register_rule(aten.flip.default)
