@@ -37,6 +37,7 @@ with bytes from the shapes.
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
@@ -111,30 +112,45 @@ def layouts(name: str, vocab: str) -> dict[str, sl.Layout]:
     return {**base, **(VOCAB_SPLIT[name] if vocab == "split" else {})}
 
 
-def batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(padded: bool, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """ids, labels and (`padded`) an attention mask: row 1 right-padded by 3, labels -100 there."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
     labels = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
-    labels[0, :3] = -100  # ignored positions, as a padded batch has
-    return ids, labels
+    labels[0, :3] = -100  # ignored positions
+    if not padded:
+        return ids, labels, None
+    mask = torch.ones(BATCH, SEQ, dtype=torch.long)
+    mask[1, -3:] = 0
+    labels[1, -3:] = -100
+    return ids, labels, mask
 
 
-def sharded_step(model, mesh, name: str, vocab: str, ids, labels):
-    """Loss, logits and {name: gradient} (global values) of one sharded forward and backward."""
+def sharded_step(model, mesh, name: str, vocab: str, ids, labels, mask):
+    """Loss, logits, {name: gradient} (global values) of one sharded forward and backward,
+    and the ledger of that forward and backward."""
     params = snn.shard_by_name(model, mesh, layouts(name, vocab))
-    sids, slabels = (sl.shard(t, mesh, sl.P("dp", None)) for t in (ids, labels))
-    out = functional_call(model, params, (sids,), {"labels": slabels})
-    out.loss.backward()
+    kwargs = {"labels": labels} if mask is None else {"labels": labels, "attention_mask": mask}
+    kwargs = {k: sl.shard(t, mesh, sl.P("dp", None)) for k, t in kwargs.items()}
+    with sl.comm_ledger() as led:
+        out = functional_call(model, params, (sl.shard(ids, mesh, sl.P("dp", None)),), kwargs)
+        out.loss.backward()
     grads = {k: v.grad.full() for k, v in params.items()}
-    return out.loss.full(), out.logits.full(), grads
+    return (out.loss.full(), out.logits.full(), grads), led
 
 
 @functools.cache
-def reference(name: str, attn: str) -> tuple:
-    """The unsharded float64 model's loss, logits and gradients on `batch()`."""
+def run(name: str, attn: str, vocab: str, padded: bool) -> tuple:
+    """`sharded_step` of a case on {dp: 2, tp: 2} (once per session: two tests read it)."""
+    return sharded_step(build(name, attn), sl.Mesh.simulated(AXES), name, vocab, *batch(padded))
+
+
+@functools.cache
+def reference(name: str, attn: str, padded: bool) -> tuple:
+    """The unsharded float64 model's loss, logits and gradients on `batch(padded)`."""
     model = build(name, attn)
-    ids, labels = batch()
-    out = model(ids, labels=labels)
+    ids, labels, mask = batch(padded)
+    out = model(ids, labels=labels, attention_mask=mask)
     out.loss.backward()
     grads = {k: v.grad.clone() for k, v in model.named_parameters()}
     return out.loss.detach(), out.logits.detach(), grads
@@ -154,19 +170,73 @@ def compare(got: tuple, want: tuple, vocab: str) -> None:
         )
 
 
+# (model, attention, vocabulary, padded batch with an attention mask)
 CASES = [
-    ("gpt2", "sdpa", "split"),
-    ("gpt2", "eager", "replicated"),
-    ("llama", "sdpa", "split"),
-    ("llama", "eager", "replicated"),
+    ("gpt2", "sdpa", "split", False),
+    ("gpt2", "eager", "replicated", True),
+    ("llama", "sdpa", "split", True),
+    ("llama", "eager", "replicated", False),
 ]
 
 
-@pytest.mark.parametrize(("name", "attn", "vocab"), CASES, ids=["-".join(c) for c in CASES])
-def test_labels_loss_and_every_gradient_equal_unsharded_float64(name, attn, vocab):
-    mesh = sl.Mesh.simulated(AXES)
-    model = build(name, attn)
-    with sl.comm_ledger() as led:
-        got = sharded_step(model, mesh, name, vocab, *batch())
-    compare(got, reference(name, attn), vocab)
+def _id(case: tuple) -> str:
+    name, attn, vocab, padded = case
+    return f"{name}-{attn}-vocab_{vocab}" + ("-masked" if padded else "")
+
+
+@pytest.mark.parametrize(("name", "attn", "vocab", "padded"), CASES, ids=map(_id, CASES))
+def test_labels_loss_and_every_gradient_equal_unsharded_float64(name, attn, vocab, padded):
+    got, led = run(name, attn, vocab, padded)
+    compare(got, reference(name, attn, padded), vocab)
     assert led.count() > 0  # the tp and dp splits did communicate (a replicated run would not)
+
+
+def _all_reduce_bytes(numel: int, itemsize: int, size: int) -> int:
+    """The ledger's ring all-reduce: a reduce-scatter and an all-gather of ceil(n/P) each."""
+    return 2 * (size - 1) * math.ceil(numel / size) * itemsize
+
+
+def test_llama_step_has_megatrons_collectives():
+    """Llama with SDPA (GQA, rotary, a padding mask): Megatron's all-reduces, and the mask's.
+
+    Forward: the vocabulary-parallel embedding's output, then each layer's row-parallel
+    o_proj and down_proj outputs: 1 + 2 * LAYERS all-reduces over tp of the (B/dp, S, DIM)
+    float64 activation; the vocabulary-parallel cross-entropy's row max and row sum of
+    exponentials (one float32 per local row: ForCausalLMLoss upcasts) and the count of
+    non-ignored targets over the dp-split batch (one float32). Backward: each layer's
+    column-parallel q/k/v and gate/up input gradients and the head's input gradient:
+    2 * LAYERS + 1 all-reduces of the activation. No all-gather, no gradient
+    reduce-scatter: every weight gradient is born in its weight's layout.
+
+    Beyond Megatron, transformers' mask code asks two global questions of the dp-split
+    mask in Python (``fast_all``: ``mask.sum() == mask.numel()``, an int64 all-reduce
+    each), and indexes it with plain ``arange`` tensors (``mask[batch_idx, kv_idx]``: the
+    index rule cannot know the index is the identity, so the (B, 1, 1, S) result is
+    partial over dp and the ``&`` with the causal mask reduces it: B * S bools).
+    """
+    _, led = run("llama", "sdpa", "split", True)
+    dp, tp = AXES["dp"], AXES["tp"]
+    act = _all_reduce_bytes(BATCH // dp * SEQ * DIM, 8, tp)
+    want = (
+        [("forward", "all_reduce", ("tp",), act)] * (1 + 2 * LAYERS)
+        + [("forward", "all_reduce", ("tp",), _all_reduce_bytes(BATCH // dp * SEQ, 4, tp))] * 2
+        + [("forward", "all_reduce", ("dp",), _all_reduce_bytes(1, 4, dp))]
+        + [("backward", "all_reduce", ("tp",), act)] * (2 * LAYERS + 1)
+        + [("forward", "all_reduce", ("dp",), _all_reduce_bytes(1, 8, dp))] * 2  # fast_all
+        + [("forward", "all_reduce", ("dp",), _all_reduce_bytes(BATCH * SEQ, 1, dp))]  # &
+    )
+    got = [(r.direction, r.kind, r.axes, r.bytes) for r in led.records]
+    assert sorted(got) == sorted(want), led.summary()
+
+
+def test_shard_by_name_refuses_a_pattern_matching_nothing_and_a_wrong_length():
+    mesh = sl.Mesh.simulated(AXES)
+    model = build("llama", "sdpa")
+    with pytest.raises(sl.LayoutError, match=r"'\*\.c_attn\.weight' match no parameter.*Fix"):
+        snn.shard_by_name(model, mesh, {**LLAMA_LAYOUTS, "*.c_attn.weight": sl.P(None, "tp")})
+    with pytest.raises(sl.LayoutError, match=r"lm_head.weight \(shape \(64, 32\)\).*needs 2"):
+        snn.shard_by_name(model, mesh, {"lm_head.weight": sl.P("tp")})
+    params = snn.shard_by_name(model, mesh, {"*_proj.weight": sl.P("tp", None)})
+    assert params["model.layers.0.mlp.down_proj.weight"].spec == sl.P("tp", None)  # first match
+    assert params["model.norm.weight"].spec == sl.P(None)  # unmatched: replicated
+    assert params["lm_head.weight"].requires_grad and params["lm_head.weight"].is_leaf
