@@ -689,14 +689,40 @@ def _empty_guard(op: Any, outs: tuple[ArgSpec, ...], layouts: tuple[Layout, ...]
     return local
 
 
-def _guarded(ri: RuleInput, strategies: Iterable[Strategy]) -> Iterator[Strategy]:
-    """`strategies`, each running `_empty_guard` where some device gets an empty block."""
+def _guarded(
+    ri: RuleInput, strategies: Iterable[Strategy], fn: Callable | None = None
+) -> Iterator[Strategy]:
+    """`strategies` running `fn` (default: the op) per device, through `_empty_guard` where
+    some device gets an empty block."""
     for s in strategies:
-        if s.decompose is not None or s.local is not None or not _may_be_empty(ri, s.inputs):
+        if s.decompose is not None or s.local is not None:
             yield s
+        elif not _may_be_empty(ri, s.inputs):
+            yield s if fn is None else dataclasses.replace(s, local=fn)
         else:
-            guard = _empty_guard(ri.op, ri.outputs, s.outputs, ri.mesh)
+            guard = _empty_guard(fn or ri.op, ri.outputs, s.outputs, ri.mesh)
             yield dataclasses.replace(s, local=guard, local_device=True)
+
+
+def _local_input_size(op: Any, n: int) -> Callable | None:
+    """For an upsample backward: the op with its global ``input_size`` made the block's.
+
+    Its leading (batch, channel) sizes are the gradient block's; the last `n` are whole.
+    """
+    names = [a.name for a in op._schema.arguments]
+    if "input_size" not in names:
+        return None
+    k = names.index("input_size")
+
+    def local(grad: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        args = list(args)
+        if len(args) >= k:
+            args[k - 1] = [*grad.shape[: grad.ndim - n], *args[k - 1][-n:]]
+        else:
+            kwargs["input_size"] = [*grad.shape[: grad.ndim - n], *kwargs["input_size"][-n:]]
+        return op(grad, *args, **kwargs)
+
+    return local
 
 
 # == pools, resampling, shuffles: batch and channel dims local =================
@@ -712,6 +738,7 @@ def _core(n: int) -> Callable[[RuleInput], Iterator[Strategy]]:
                 [leading_batch(o.ndim, n) for o in ri.outputs],
                 linear=_LINEAR.get(ri.op.overloadpacket, ()),
             ),
+            _local_input_size(ri.op, n),
         )
 
     rule.__doc__ = f"Leading (batch, channel) dims keep their splits; the last {n} dims are whole."
