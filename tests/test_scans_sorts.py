@@ -304,3 +304,7 @@ def test_bincount_is_a_partial_sum_of_local_counts():
     out = torch.bincount(ids_s, w_s, minlength=12)
     torch.testing.assert_close(out.full(), torch.bincount(ids, w, minlength=12), **TOL)
     assert math.prod(out.shape) == 12
+    short, short_w = ids[:5], w[:5]  # 5 over 4 devices: the last block is empty
+    out = torch.bincount(sl.shard(short, m, P("x")), short_w)  # plain weights: a constant
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out.full(), torch.bincount(short, short_w), **TOL)

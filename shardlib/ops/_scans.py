@@ -73,6 +73,7 @@ import torch
 
 from ..layouts._layout import Layout
 from ..layouts._shard import chunk_bounds, local_bounds, local_shape
+from ._api import _local_blocks
 from ._batched import batched
 from ._dispatch import _move
 from ._pointwise import _cast_commutes
@@ -733,16 +734,29 @@ def histc_rule(ri: RuleInput) -> Iterator[Strategy]:
 
 
 # == bincount ==================================================================
+def _blocks(t: Any, mesh: Any, layout: Layout) -> Any:
+    """A plain tensor (a replicated constant) cut into this process's blocks of `layout`."""
+    if t is None or isinstance(t, ShardedTensor):
+        return t
+    return _local_blocks(t, mesh, layout)
+
+
 def _bincount_decomposition(func: Any, minlength: int, axes: tuple[str, ...]) -> Callable:
     """The global max (an all-reduce), then each device counts its block: partial-sum counts."""
 
-    def decompose(x: ShardedTensor, weights: Any = None, *args: Any, **kwargs: Any) -> Any:
+    def decompose(x: Any, weights: Any = None, *args: Any, **kwargs: Any) -> Any:
+        mesh = (x if isinstance(x, ShardedTensor) else weights)._mesh
+        x, weights = (_blocks(t, mesh, Layout((axes,))) for t in (x, weights))
         length = minlength
         if x.numel():
             top = _move(func, aten.amax.default(x, [], False), Layout(()))._shards[0]
             length = max(minlength, int(top.item()) + 1)
-        w = weights._shards if isinstance(weights, ShardedTensor) else [None] * len(x._shards)
+        w = weights._shards if weights is not None else [None] * len(x._shards)
         shards = [aten.bincount.default(s, ws, length) for s, ws in zip(x._shards, w)]
+        if x.numel() and weights is not None:  # torch counts an empty block in int64
+            one = torch.zeros(1, dtype=x.dtype)
+            dtype = aten.bincount.default(one, torch.ones(1, dtype=weights.dtype)).dtype
+            shards = [t.to(dtype) for t in shards]
         return ShardedTensor(shards, x._mesh, Layout(((),), axes, "sum"), (length,))
 
     return decompose
