@@ -1013,6 +1013,17 @@ def masked_scatter_backward_rule(ri: RuleInput) -> Iterator[Strategy]:
 
 
 # == embedding_renorm_ =========================================================
+def _row_part(block: torch.Tensor, p: float, op: str) -> torch.Tensor:
+    """Each row's part of its p-norm reduction over this device's columns (``op``-partial)."""
+    if block.shape[1] == 0:  # an empty column chunk: the reduction's identity
+        return block.new_full((block.shape[0],), math.inf if op == "min" else 0.0)
+    if op == "max":
+        return block.amax(1)
+    if op == "min":
+        return block.amin(1)
+    return (block != 0).sum(1) if p == 0 else block.pow(p).sum(1)
+
+
 def _renorm_decomposition(x_spec: ArgSpec, layout: Layout) -> Callable:
     """Rows scaled to max_norm where their norm exceeds it; a split hidden dim all-reduces
     the looked-up rows' partial norms (one number per distinct id)."""
@@ -1036,14 +1047,7 @@ def _renorm_decomposition(x_spec: ArgSpec, layout: Layout) -> Callable:
             value = ids.new_zeros(
                 ids.shape, dtype=shard.dtype if shard.is_floating_point() else torch.float64
             )
-            if op == "sum":
-                value[mine] = (
-                    (block != 0).sum(1).to(value.dtype)
-                    if p == 0
-                    else block.pow(p).sum(1).to(value.dtype)
-                )
-            else:
-                value[mine] = (block.amax(1) if op == "max" else block.amin(1)).to(value.dtype)
+            value[mine] = _row_part(block, p, op).to(value.dtype)
             parts.append(value)
             chosen.append((mine, ids[mine] - lo))
         norms = ShardedTensor(parts, mesh, Layout(((),), hidden, op), (ids.numel(),))
