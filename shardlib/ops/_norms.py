@@ -155,14 +155,6 @@ _BATCH_NORM = {
 }
 
 
-def _stat_layout(out: ArgSpec, channels: int, chan: tuple[str, ...]) -> Layout:
-    """A per-channel output (C,) split like the channels; anything else (CPU's empty
-    eval statistics, the reserve) replicated."""
-    if out.ndim == 1 and out.shape[0] == channels:
-        return Layout((chan,))
-    return Layout(((),) * out.ndim)
-
-
 def _bn_training_kernel(
     func: Any,
     x: ShardedTensor,
@@ -287,8 +279,7 @@ def batch_norm_rule(ri: RuleInput) -> Iterator[Strategy]:
     stats = ("running_mean", "running_var")
     if not training:
         want = {"input": Layout(dims), "weight": chan, "bias": chan, stats[0]: chan, stats[1]: chan}
-        outs = (Layout(dims), *(_stat_layout(o, x.shape[1], dims[1]) for o in ri.outputs[1:]))
-        yield Strategy(_in_order(ri, want), outs, local=_bn_eval_local(ri.op))
+        yield Strategy(_in_order(ri, want), decompose=_bn_eval(ri.op))
         return
     want = {"input": Layout(dims), "weight": chan, "bias": chan}
     for name in stats:  # written in place: taken as they are (the decomposition moves them)
@@ -322,21 +313,45 @@ def _bn_backward_local(func: Any, training: bool) -> Callable:
     return local
 
 
-def _bn_eval_local(func: Any) -> Callable:
-    """The eval forward per device; an empty block gives empty outputs (no kernel call)."""
+def _bn_eval(func: Any) -> Callable:
+    """Eval-mode batch norm: torch's kernel per device (elementwise), no communication.
 
-    def local(*args: Any, **kwargs: Any) -> Any:
+    Its saved statistics are empty (0,) tensors on the CPU and the running statistics
+    elsewhere (as torch's kernels give them; the meta kernel says (C,) for both), so the
+    result is assembled from what the kernel returns. An empty block skips the kernel.
+    """
+
+    def decompose(*args: Any, **kwargs: Any) -> tuple:
         b = _bind(func, args, kwargs)
         x = b["input"]
-        if x.numel():
-            return _call(func, b)
-        outs = func(*(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args), **kwargs)
-        return tuple(
-            x.clone() if i == 0 else torch.empty_like(o, device=x.device)
-            for i, o in enumerate(outs)
-        )
+        mesh, dims, channels = x._mesh, x._layout.dims, x.shape[1]
+        chan = Layout((dims[1],))
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            if b.get(name) is not None:
+                b[name] = _cut(func, b[name], mesh, chan)
+        cpu = x.device.type == "cpu"
+        results = []
+        for j, xj in enumerate(x._shards):
+            bj = {k: (v[j] if isinstance(v, list) else v) for k, v in b.items()}
+            bj["input"] = xj
+            if xj.numel():
+                results.append(_call(func, bj))
+                continue
+            rm = bj["running_mean"]
+            stat = xj.new_empty((0,)) if cpu else rm.clone()
+            extra = [torch.empty(0, dtype=torch.uint8, device=xj.device)] * (
+                len(func._schema.returns) - 3
+            )
+            results.append((xj.clone(), stat, stat.clone(), *extra))
+        outs = [ShardedTensor([r[0] for r in results], mesh, Layout(dims), tuple(x.shape))]
+        for i in range(1, len(results[0])):
+            blocks = [r[i] for r in results]
+            whole = blocks[0].dtype == torch.uint8 or cpu
+            layout, shape = (Layout(((),)), (blocks[0].shape[0],)) if whole else (chan, (channels,))
+            outs.append(ShardedTensor(blocks, mesh, layout, shape))
+        return tuple(outs)
 
-    return local
+    return decompose
 
 
 def _bn_backward_sums(func: Any, mask: Sequence[bool]) -> Callable:
