@@ -162,6 +162,17 @@ def _partial_options(ri: RuleInput) -> list[tuple[tuple[str, ...], str, tuple[bo
     same = all(
         s.layout.partial == first.partial and s.layout.reduce_op == first.reduce_op for s in partial
     )
+    # -- h9f (issue 9): partial operands of an add over different axes keep the common ones --
+    # (a tied embedding's two gradients, P('tp', partial='dp') + P(partial=('dp', 'tp')): the
+    # tp partial is reduced into the sum's layout and dp stays partial, one reduce-scatter,
+    # instead of reducing both over everything.) a + b = sum_C (a_c + b_c) when each is a
+    # sum (or each an average) over the common axes C of values reduced over their others.
+    if not same and op in _ADD and not any(_is_number(a) for a in ri.args[:2]):
+        common = set(first.partial).intersection(*(s.layout.partial for s in partial))
+        if common and all(s.layout.reduce_op == first.reduce_op in ("sum", "avg") for s in partial):
+            axes = tuple(a for a in first.partial if a in common)
+            return [(axes, first.reduce_op, (True,) * len(specs), first.reduce_op)]
+    # -- end h9f ------------------------------------------------------------------------------
     if not same or first.reduce_op not in ("sum", "avg"):
         if op in _UNARY and len(specs) == 1:
             out_op = _unary_out_op(op, first.reduce_op)
@@ -295,7 +306,34 @@ def new_tensor_rule(ri: RuleInput):
     `new_empty`, which keep split dims of an equal-shaped model, are view rules.
     """
     out = ri.outputs[0]
+    # -- h9e (issue 9): a buffer of the model's own shape keeps the model's splits ----------
+    # (autograd's AccumulateGrad re-lays a gradient whose strides differ from its leaf's
+    # into `grad.new_empty_strided(size, leaf strides)` + copy_: replicated, that copy_
+    # gathered every such gradient, e.g. any linalg gradient made from LAPACK's column-major
+    # results.) Each block is dense in the requested strides' dim order.
+    x = ri.tensors[0]
+    if ri.op is aten.new_empty_strided.default and x.shape == out.shape and any(x.layout.dims):
+        lay = x.layout.without_partial()
+        yield Strategy((x.layout,), (lay,), local=_blocks_in_stride_order(out), local_device=True)
+    # -- end h9e --------------------------------------------------------------------------
     yield Strategy(tuple(s.layout for s in ri.tensors), (Layout(((),) * out.ndim),))
+
+
+def _blocks_in_stride_order(out: ArgSpec):
+    """new_empty_strided per device: the device's block shape, dense in the order of `out`'s
+    strides (outermost = largest stride), as torch's empty_like keeps a dim order. (h9e)"""
+    order = sorted(range(out.ndim), key=lambda d: (-out.stride[d], -d))
+
+    def local(dev: int, t: torch.Tensor, size, stride, *args, **kwargs) -> torch.Tensor:
+        shape = t.shape
+        strides = [0] * len(shape)
+        step = 1
+        for d in reversed(order):
+            strides[d] = step
+            step *= max(shape[d], 1)
+        return aten.new_empty_strided.default(t, list(shape), strides, *args, **kwargs)
+
+    return local
 
 
 # == whole-tensor comparisons ===================================================
