@@ -302,6 +302,13 @@ def test_conjugate_view_is_resolved_on_every_block():
     _close(c * 2, x.conj() * 2, "conj * 2")
     _close(torch.view_as_real(c), torch.view_as_real(x.conj().resolve_conj()), "view_as_real(conj)")
     _close(xs.mH @ xs, x.mH @ x, "x^H x")
+    # writes through a conjugate view reach the base conjugated, as in torch
+    c.mul_(2j)
+    want = x.clone()
+    want.conj().mul_(2j)
+    _close(xs, want, "base after a write through its conj view")
+    xs.add_(1)
+    _close(c, (want + 1).conj(), "conj view after a write to its base")
 
 
 @pytest.mark.parametrize("mesh", list(MESHES))

@@ -56,7 +56,10 @@ __all__ = [
 def _shares_storage(view: torch.Tensor, base: torch.Tensor) -> bool:
     if view.numel() == 0:
         return True
-    return view.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+    try:
+        return view.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+    except RuntimeError:  # (h9g) traced (fake, functional) shards have no data: same storage?
+        return torch._C._is_alias_of(view, base)
 
 
 def _stamp(root: ShardedTensor) -> tuple:
@@ -90,11 +93,24 @@ class _Link:
         if self.coords is None:
             base = self.base
             flat = torch.arange(base.numel(), dtype=torch.int64).view(tuple(base.shape))
-            out = self.func(flat, *self.args[1:], **self.kwargs)
+            if self.func in _MATH_BIT_VIEWS:  # h9e: conj / neg views keep every position
+                out = flat
+            else:
+                out = self.func(flat, *self.args[1:], **self.kwargs)
             if self.index is not None:
                 out = out[self.index]
             self.coords = torch.stack(torch.unravel_index(out.reshape(-1), tuple(base.shape)))
         return self.coords
+
+
+# -- h9e (issue 9): the lazy conjugate / negative views are linked copies computed eagerly
+# (`_spectral.py`: shards never carry a lazy bit); a write through one writes back the
+# conjugate / negation of the written values, at the same positions.
+_MATH_BIT_VIEWS = {
+    torch.ops.aten._conj.default: torch.ops.aten.conj_physical.default,
+    torch.ops.aten._neg_view.default: torch.ops.aten.neg.default,
+}
+# -- end h9e
 
 
 def _op_name(func: Any) -> str:
@@ -247,7 +263,10 @@ def _write_back(root: ShardedTensor) -> None:
             if inside is None or not bool(inside.any()):
                 continue
             local = coords[:, inside] - lo
-            b.index_put_(tuple(local), s.reshape(-1)[inside].to(b.dtype))
+            values = s.reshape(-1)[inside]
+            if link.func in _MATH_BIT_VIEWS:  # h9e: conj / neg are their own inverses
+                values = _MATH_BIT_VIEWS[link.func](values)
+            b.index_put_(tuple(local), values.to(b.dtype))
     base_root = _family_root(base)
     base_root._writes += 1
     link.stamp = _stamp(base_root)
