@@ -240,3 +240,26 @@ def test_shard_by_name_refuses_a_pattern_matching_nothing_and_a_wrong_length():
     assert params["model.layers.0.mlp.down_proj.weight"].spec == sl.P("tp", None)  # first match
     assert params["model.norm.weight"].spec == sl.P(None)  # unmatched: replicated
     assert params["lm_head.weight"].requires_grad and params["lm_head.weight"].is_leaf
+
+
+@pytest.mark.parametrize("op", ["sum", "avg"])
+def test_add_of_partials_over_different_axes_keeps_the_common_axes(op):
+    """A tied weight's two gradients (the head's, P('tp', None, partial='dp'); the embedding's,
+    partial over dp and tp) add with one reduce-scatter over tp, staying partial over dp
+    (_pointwise, h9f): before, both were reduced over everything (3 collectives, 3x bytes)."""
+    mesh = sl.Mesh.simulated(AXES)
+    g = torch.Generator().manual_seed(0)
+    a_parts = torch.randn(2, 8, 4, generator=g, dtype=F64)  # one summand per dp index
+    b_parts = torch.randn(2, 2, 8, 4, generator=g, dtype=F64)  # one per (dp, tp) device
+    a_shards = [a_parts[i].chunk(2)[j].clone() for i in range(2) for j in range(2)]
+    a = sl.from_local(a_shards, mesh, sl.P("tp", None, partial={"dp": op}), (8, 4))
+    b_shards = [b_parts[i, j].clone() for i in range(2) for j in range(2)]
+    b = sl.from_local(b_shards, mesh, sl.P(None, None, partial={"dp": op, "tp": op}), (8, 4))
+    with sl.comm_ledger() as led:
+        c = a + b
+    reduce = (lambda t, dims: t.sum(dims)) if op == "sum" else (lambda t, dims: t.mean(dims))
+    torch.testing.assert_close(c.full(), reduce(a_parts, 0) + reduce(b_parts, (0, 1)))
+    assert c.spec == sl.P("tp", None, partial={"dp": op})
+    assert [(r.kind, r.axes, r.bytes) for r in led.records] == [
+        ("reduce_scatter", ("tp",), (AXES["tp"] - 1) * (8 * 4 // AXES["tp"]) * 8)
+    ]
