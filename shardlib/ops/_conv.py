@@ -72,6 +72,7 @@ zero) block without calling the kernel, which rejects empty inputs.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -372,18 +373,33 @@ class _Geometry:
 
     def halo(self, k: int, axes: Axes, am: AbstractMesh) -> _Rows:
         """The input rows each device needs along spatial dim `k` for its output block."""
-        p = am.group_size(axes)
-        n, o = self.in_spatial[k], self.out_spatial[k]
-        s, pad, d, ker = self.stride[k], self.padding[k], self.dilation[k], self.kernel[k]
-        srcs = []
-        for i in range(p):
-            lo, hi = chunk_bounds(o, p, i)
-            if hi == lo:
-                srcs.append(())
-                continue
-            rows = range(lo * s - pad, (hi - 1) * s - pad + d * (ker - 1) + 1)
-            srcs.append(tuple(q if 0 <= q < n else -1 for q in rows))
-        return _Rows(2 + k, axes, n, tuple(srcs))
+        return _window_rows(
+            2 + k,
+            axes,
+            am,
+            self.in_spatial[k],
+            self.out_spatial[k],
+            (self.kernel[k], self.stride[k], self.padding[k], self.dilation[k]),
+        )
+
+
+def _window_rows(
+    dim: int, axes: Axes, am: AbstractMesh, n: int, o: int, window: tuple[int, int, int, int]
+) -> _Rows:
+    """The input rows each device's output block of a sliding window reads (-1: padding).
+
+    Output row r reads input rows ``r*stride - pad + j*dilation`` (j < kernel); a device's
+    block of the output (the standard chunking of `o` rows over `axes`) reads a contiguous
+    range of them.
+    """
+    ker, stride, pad, dil = window
+    p = am.group_size(axes)
+    srcs = []
+    for i in range(p):
+        lo, hi = chunk_bounds(o, p, i)
+        rows = range(lo * stride - pad, (hi - 1) * stride - pad + dil * (ker - 1) + 1)
+        srcs.append(tuple(q if 0 <= q < n else -1 for q in rows) if hi > lo else ())
+    return _Rows(dim, axes, n, tuple(srcs))
 
 
 def _geometry(b: dict, x: ArgSpec, w: ArgSpec) -> _Geometry:
@@ -521,7 +537,9 @@ def convolution_rule(ri: RuleInput) -> Iterator[Strategy]:
 def _backward_local(geo: _Geometry, a: _Assign):
     halo = {k for k, axes in enumerate(a.sp) if axes}
 
-    def local(dev, go, x, w, bias_sizes, stride, padding, dilation, transposed, out_pad, groups, mask):
+    def local(
+        dev, go, x, w, bias_sizes, stride, padding, dilation, transposed, out_pad, groups, mask
+    ):
         g = _local_groups(geo, a, x)
         if g == 0 or 0 in go.shape or 0 in x.shape or 0 in w.shape:
             dims = [d for d in range(go.ndim) if d != 1]
@@ -813,6 +831,274 @@ for _op, _n in _POOLS.items():
     register_rule(_op)(_core(_n))
 
 
+# == pools over a split spatial dim: halos =====================================
+@dataclass(frozen=True)
+class _Pool:
+    """A max or avg pool's window along its `nsp` spatial dims (global sizes)."""
+
+    kind: str  # "max" | "avg"
+    nsp: int
+    n: tuple[int, ...]  # input sizes
+    o: tuple[int, ...]  # output sizes
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    count_include_pad: bool = True
+    divisor_override: int | None = None
+
+    def rows(self, j: int, dim: int, axes: Axes, am: AbstractMesh) -> _Rows:
+        window = (self.kernel[j], self.stride[j], self.padding[j], self.dilation[j])
+        return _window_rows(dim, axes, am, self.n[j], self.o[j], window)
+
+    def counts(self, j: int, lo: int, hi: int) -> list[int]:
+        """torch's divisor factor along dim j for output rows [lo, hi) (avg pools)."""
+        k, s, p, n = self.kernel[j], self.stride[j], self.padding[j], self.n[j]
+        out = []
+        for r in range(lo, hi):
+            start = r * s - p
+            end = min(start + k, n + p)
+            out.append(end - start if self.count_include_pad else min(end, n) - max(start, 0))
+        return out
+
+
+_HALO_POOLS = {
+    aten.max_pool2d_with_indices.default: ("max", 2),
+    aten.max_pool3d_with_indices.default: ("max", 3),
+    aten.avg_pool2d.default: ("avg", 2),
+    aten.avg_pool3d.default: ("avg", 3),
+    aten.max_pool2d_with_indices_backward.default: ("max", 2),
+    aten.max_pool3d_with_indices_backward.default: ("max", 3),
+    aten.avg_pool2d_backward.default: ("avg", 2),
+    aten.avg_pool3d_backward.default: ("avg", 3),
+}
+
+
+def _pool_geometry(ri: RuleInput, kind: str, nsp: int, x: ArgSpec, out: ArgSpec) -> _Pool:
+    b = _bind(ri.op, ri.args, ri.kwargs)
+    kernel = tuple(_intlist(b["kernel_size"], nsp))
+    stride = tuple(_intlist(b["stride"], nsp)) or kernel
+    padding = tuple(_intlist(b["padding"], nsp))
+    dilation = tuple(_intlist(b.get("dilation", 1), nsp))
+    return _Pool(
+        kind,
+        nsp,
+        x.shape[x.ndim - nsp :],
+        out.shape[out.ndim - nsp :],
+        kernel,
+        stride,
+        padding,
+        dilation,
+        bool(b.get("count_include_pad", True)),
+        b.get("divisor_override"),
+    )
+
+
+class _PoolHalo(NamedTuple):
+    """What a device needs to pool its block of a spatially split input."""
+
+    pool: _Pool
+    plans: dict[int, _Rows]  # spatial index -> its row plan (split spatial dims only)
+    am: AbstractMesh
+
+    def lead(self, t: torch.Tensor) -> int:
+        return t.ndim - self.pool.nsp
+
+    def out_range(self, j: int, dev: int) -> tuple[int, int]:
+        plan = self.plans.get(j)
+        if plan is None:
+            return 0, self.pool.o[j]
+        p = self.am.group_size(plan.axes)
+        return chunk_bounds(self.pool.o[j], p, self.am.index_along(dev, plan.axes))
+
+    def start(self, j: int, dev: int) -> int:
+        """Global row of the first row of the device's extended block along dim j."""
+        if j not in self.plans:
+            return 0
+        return self.out_range(j, dev)[0] * self.pool.stride[j] - self.pool.padding[j]
+
+    def ext_sizes(self, dev: int) -> list[int]:
+        sizes = list(self.pool.n)
+        for j, plan in self.plans.items():
+            sizes[j] = len(plan.srcs[self.am.index_along(dev, plan.axes)])
+        return sizes
+
+    def local_padding(self) -> list[int]:
+        return [0 if j in self.plans else p for j, p in enumerate(self.pool.padding)]
+
+    def divisor(self, dev: int, like: torch.Tensor) -> torch.Tensor:
+        """The avg pool's divisors of the device's output block, broadcastable to it."""
+        nsp = self.pool.nsp
+        out = like.new_ones(())
+        for j in range(nsp):
+            lo, hi = self.out_range(j, dev)
+            c = torch.tensor(self.pool.counts(j, lo, hi), dtype=like.dtype, device=like.device)
+            out = out * c.reshape(-1, *(1,) * (nsp - 1 - j))
+        return out
+
+
+def _pool_halo(ri: RuleInput, kind: str, nsp: int, layout: Layout) -> _PoolHalo | None:
+    forward = ri.op in _POOL_FORWARDS
+    x = ri.tensors[0] if forward else ri.tensors[1]
+    out = ri.outputs[0] if forward else ri.tensors[0]
+    lead = x.ndim - nsp
+    split = {j: layout.dims[lead + j] for j in range(nsp) if layout.dims[lead + j]}
+    if not split:
+        return None
+    pool = _pool_geometry(ri, kind, nsp, x, out)
+    plans = {j: pool.rows(j, lead + j, axes, ri.mesh) for j, axes in sorted(split.items())}
+    return _PoolHalo(pool, plans, ri.mesh)
+
+
+_POOL_FORWARDS = {
+    aten.max_pool2d_with_indices.default,
+    aten.max_pool3d_with_indices.default,
+    aten.avg_pool2d.default,
+    aten.avg_pool3d.default,
+}
+
+
+def _lowest(dtype: torch.dtype) -> Any:
+    return -math.inf if dtype.is_floating_point else torch.iinfo(dtype).min
+
+
+def _unravel(idx: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
+    coords = []
+    for n in reversed(sizes):
+        coords.append(idx % n if n else idx)
+        idx = idx // n if n else idx
+    return coords[::-1]
+
+
+def _ravel(coords: Sequence[torch.Tensor], sizes: Sequence[int]) -> torch.Tensor:
+    flat = torch.zeros_like(coords[0])
+    for c, n in zip(coords, sizes):
+        flat = flat * n + c
+    return flat
+
+
+def _max_pool_forward(op: Any, h: _PoolHalo, layout: Layout, outs: tuple[ArgSpec, ...]):
+    def decompose(x, kernel_size, *rest):
+        mesh = x._mesh
+        xs = list(x._shards)
+        for plan in h.plans.values():
+            xs = _exchange(op, plan, mesh, xs, _lowest(x.dtype))
+        b = _bind(op, (x, kernel_size, *rest), {})
+        values, indices = [], []
+        for t, dev in zip(xs, mesh.local_devices):
+            shape = local_shape(outs[0].shape, layout, h.am, dev)
+            if 0 in shape or t.numel() == 0:
+                values.append(t.new_zeros(shape))
+                indices.append(torch.zeros(shape, dtype=torch.long, device=t.device))
+                continue
+            y, idx = op(
+                t, kernel_size, b["stride"], h.local_padding(), b["dilation"], b["ceil_mode"]
+            )
+            coords = _unravel(idx, t.shape[h.lead(t) :])
+            coords = [
+                (c + h.start(j, dev)).clamp_(0, h.pool.n[j] - 1) for j, c in enumerate(coords)
+            ]
+            values.append(y)
+            indices.append(_ravel(coords, h.pool.n))
+        return _wrap(values, mesh, layout, outs[0]), _wrap(indices, mesh, layout, outs[1])
+
+    return decompose
+
+
+def _max_pool_backward(op: Any, h: _PoolHalo, layout: Layout, out: ArgSpec):
+    def decompose(go, x, *rest):
+        indices = rest[-1]
+        mesh = _mesh_of(go, x)
+        gos, idxs = _blocks(go, mesh, layout), _blocks(indices, mesh, layout)
+        grads = []
+        for g, idx, dev in zip(gos, idxs, mesh.local_devices):
+            lead = g.shape[: h.lead(g)]
+            sizes = h.ext_sizes(dev)
+            ext = g.new_zeros((*lead, *sizes))
+            if g.numel():
+                coords = _unravel(idx, h.pool.n)
+                local = _ravel([c - h.start(j, dev) for j, c in enumerate(coords)], sizes)
+                m = math.prod(lead)
+                ext.view(m, -1).scatter_add_(1, local.reshape(m, -1), g.reshape(m, -1))
+            grads.append(ext)
+        for plan in reversed(h.plans.values()):
+            grads = _exchange_back(op, plan, mesh, grads)
+        return _wrap(grads, mesh, layout, out)
+
+    return decompose
+
+
+def _avg_pool_forward(op: Any, h: _PoolHalo, layout: Layout, out: ArgSpec):
+    override = h.pool.divisor_override
+
+    def decompose(x, kernel_size, *rest):
+        mesh = x._mesh
+        xs = list(x._shards)
+        for plan in h.plans.values():
+            xs = _exchange(op, plan, mesh, xs, 0)
+        b = _bind(op, (x, kernel_size, *rest), {})
+        results = []
+        for t, dev in zip(xs, mesh.local_devices):
+            shape = local_shape(out.shape, layout, h.am, dev)
+            if 0 in shape or t.numel() == 0:
+                results.append(t.new_zeros(shape))
+                continue
+            pad, ceil = h.local_padding(), b["ceil_mode"]
+            y = op(t, kernel_size, b["stride"], pad, ceil, True, override or 1)
+            results.append(y if override else y / h.divisor(dev, y))
+        return _wrap(results, mesh, layout, out)
+
+    return decompose
+
+
+def _avg_pool_backward(op: Any, h: _PoolHalo, layout: Layout, out: ArgSpec):
+    override = h.pool.divisor_override
+
+    def decompose(go, x, kernel_size, stride, padding, ceil_mode, *rest):
+        mesh = _mesh_of(go, x)
+        gos = _blocks(go, mesh, layout)
+        grads = []
+        for g, dev in zip(gos, mesh.local_devices):
+            sizes = h.ext_sizes(dev)
+            ext = g.new_zeros((*g.shape[: h.lead(g)], *sizes))
+            if g.numel() and ext.numel():
+                g = g if override else g / h.divisor(dev, g)
+                pad = h.local_padding()
+                ext = op(g, ext, kernel_size, stride, pad, ceil_mode, True, override or 1)
+            grads.append(ext)
+        for plan in reversed(h.plans.values()):
+            grads = _exchange_back(op, plan, mesh, grads)
+        return _wrap(grads, mesh, layout, out)
+
+    return decompose
+
+
+@register_rule(*_HALO_POOLS)
+def pool_rule(ri: RuleInput) -> Iterator[Strategy]:
+    """A split spatial dim keeps its split (halo rows by ppermute); then the batched rule."""
+    kind, nsp = _HALO_POOLS[ri.op]
+    forward = ri.op in _POOL_FORWARDS
+    x = ri.tensors[0] if forward else ri.tensors[1]
+    plain = Layout(x.layout.dims)
+    # avg pools are linear in their input (forward) and gradient (backward): a sum stays
+    keep = _sum_partial(ri.tensors[0].layout) if kind == "avg" else ()
+    layout = Layout(x.layout.dims, keep)
+    h = _pool_halo(ri, kind, nsp, plain)
+    if h is not None and forward and kind == "max":
+        decompose = _max_pool_forward(ri.op, h, plain, ri.outputs)
+        yield Strategy((plain,), (plain, plain), decompose=decompose)
+    elif h is not None and forward:
+        decompose = _avg_pool_forward(ri.op, h, layout, ri.outputs[0])
+        yield Strategy((layout,), (layout,), decompose=decompose)
+    elif h is not None and kind == "max":
+        decompose = _max_pool_backward(ri.op, h, plain, ri.outputs[0])
+        yield Strategy((plain, plain, plain), (plain,), decompose=decompose)
+    elif h is not None:
+        decompose = _avg_pool_backward(ri.op, h, layout, ri.outputs[0])
+        yield Strategy((layout, plain), (layout,), decompose=decompose)
+    yield from _core(nsp)(ri)
+
+
 @register_rule(aten.fractional_max_pool2d, aten.fractional_max_pool3d)
 def fractional_max_pool_rule(ri: RuleInput) -> Iterator[Strategy]:
     """Batch and channel dims keep their splits (the random samples split alike); spatial whole."""
@@ -994,9 +1280,7 @@ def pad_rule(ri: RuleInput) -> Iterator[Strategy]:
         if not split:
             yield from _guarded(ri, [Strategy((layout,), (layout,))])
             continue
-        plans = [
-            _pad_plan(mode, d, x.layout.dims[d], x.shape[d], pairs[d], ri.mesh) for d in split
-        ]
+        plans = [_pad_plan(mode, d, x.layout.dims[d], x.shape[d], pairs[d], ri.mesh) for d in split]
         yield Strategy(
             (layout,), (layout,), decompose=_pad_decomposition(ri.op, mode, plans, layout, out)
         )
