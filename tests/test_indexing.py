@@ -21,7 +21,9 @@ over 2 and 4 devices: chunks 2,2,2,1 and 2,1,0,0 included):
 - nonzero / masked_select of a split input: one all_gather of the input;
 - embedding_renorm_: rows split -> no collective; hidden split -> one all-reduce of one
   number per distinct id (closed form);
-- out-of-range indices on a split table raise IndexError as torch does.
+- out-of-range indices on a split table raise IndexError as torch does;
+- slow tier: every layout of self for every case; the no-communication paths and the
+  gathers on 4 gloo ranks equal the simulated mesh (values and ledger kinds).
 """
 
 from __future__ import annotations
@@ -392,3 +394,41 @@ def test_out_of_range_index_on_a_split_table_raises_like_torch():
         torch.gather(t, 0, torch.full((2, 6), 10))
     with pytest.raises(IndexError, match="out of bounds"):
         t[torch.tensor([-11])]
+
+
+# == real processes ============================================================
+def _programs(mesh: sl.Mesh) -> list:
+    """The family's no-communication paths and its gathers, as (value, ledger kinds) pairs."""
+    table, ids, src = _f(10, 6, seed=4), _i(10, 4, 6, seed=5), _f(4, 6, seed=7)
+    t = sl.shard(table, mesh, P("x", None))
+    h = sl.shard(table, mesh, P(None, "x"))
+    i = sl.shard(ids, mesh, P("x", None))
+    runs = [
+        lambda: torch.gather(t, 0, ids),
+        lambda: t[ids[:, 0]],
+        lambda: t.scatter_add(0, ids, src),
+        lambda: t.index_put((ids[:, 0],), src, accumulate=True),
+        lambda: t.masked_scatter(t > 0, _f(60, seed=8)),
+        lambda: sl.shard(table, mesh, P(None, None)).scatter_add(0, i, src),
+        lambda: torch.nonzero(t > 0),
+        lambda: torch.embedding_renorm_(h.clone(), ids, 1.0, 2.0),
+    ]
+    out = []
+    for run in runs:
+        with sl.comm_ledger() as led:
+            y = run()
+        out.append((y.full(), [r.kind for r in led.records]))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_four_gloo_ranks_match_the_simulated_mesh(workers4):
+    """Slow tier (worker start-up): the same values and ledgers on 4 gloo ranks."""
+    sim = _programs(sl.Mesh.simulated({"x": 4}))
+    for rank_out in workers4.run(_programs, {"x": 4}, ()):
+        for (got, kinds), (want, sim_kinds) in zip(rank_out, sim):
+            torch.testing.assert_close(got, want, **TOL)
+            assert kinds == sim_kinds
+    gathers = [["all_gather"], [], ["all_gather"], ["all_reduce"]]  # the split mask, ..., renorm
+    assert [k for _, k in sim] == [[]] * 4 + gathers
