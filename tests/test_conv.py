@@ -303,6 +303,47 @@ def test_pools_and_resampling(name, fn):
             assert _during(records, "forward") == [], (name, lay)
 
 
+POOL_HALOS = [
+    ("max", lambda x: F.max_pool2d(x, 3, 2, padding=1)),
+    ("max-dilated-ceil", lambda x: F.max_pool2d(x, 3, 2, padding=1, dilation=2, ceil_mode=True)),
+    ("avg", lambda x: F.avg_pool2d(x, 3, 2, padding=1)),
+    ("avg-excl-ceil", lambda x: F.avg_pool2d(x, 3, 2, 1, ceil_mode=True, count_include_pad=False)),
+    ("avg-divisor", lambda x: F.avg_pool2d(x, 3, 1, padding=1, divisor_override=2)),
+    ("max3d", lambda x: F.max_pool3d(x, 2, 2)),
+]
+
+
+@pytest.mark.parametrize("name, fn", POOL_HALOS, ids=[p[0] for p in POOL_HALOS])
+def test_pools_over_a_split_spatial_dim_keep_the_split(name, fn):
+    shape = (2, 3, 13, 11) if "3d" not in name else (2, 2, 7, 6, 5)
+    x = _t(*shape)
+    for axes, lay in [
+        (X4, sl.P(None, None, "x")),
+        (A2B2, sl.P(None, "a", "b")),
+        (A2B2, sl.P(None, None, "a", "b")),
+    ]:
+        got, records = _run(fn, [x], [lay], axes)
+        assert got.spec.dims == lay.dims + ((),) * (x.ndim - lay.ndim)
+        assert {r.kind for r in _during(records, "forward")} <= {"ppermute"}
+
+
+def test_max_pool_halo_moves_one_row_and_gives_global_indices():
+    # H = 16 over 4 (4 rows each), kernel 3, stride 2, padding 1: output height 8, blocks of
+    # 2; device i's windows read input rows [4i - 1, 4i + 3): one row from the left neighbour.
+    n, c, h, w = 2, 3, 16, 9
+    row = n * c * w * 8
+    x = _t(n, c, h, w)
+    got, records = _run(
+        lambda x: F.max_pool2d(x, 3, 2, padding=1), [x], [sl.P(None, None, "x")], X4
+    )
+    assert _kinds(_during(records, "forward")) == [("ppermute", row)]
+    assert _kinds(_during(records, "backward")) == [("ppermute", row)]  # grads of that row back
+    mesh = sl.Mesh.simulated(X4)
+    xs = sl.shard(x, mesh, sl.P(None, None, "x"))
+    _, idx = F.max_pool2d(xs, 3, 2, padding=1, return_indices=True)
+    assert torch.equal(idx.full(), F.max_pool2d(x, 3, 2, padding=1, return_indices=True)[1])
+
+
 def test_grid_sample_splits_channels_or_output_positions():
     x, grid = _t(2, 4, 5, 6), torch.rand(2, 3, 7, 2, dtype=D) * 2 - 1
     fn = lambda x, g: F.grid_sample(x, g, align_corners=False)  # noqa: E731

@@ -41,14 +41,26 @@ The rules, by op (A = mesh axes; N batch, C channels, S spatial dims):
   and grad_input's halo rows flow back to their owners (the exchange's
   transpose: a ``ppermute`` the other way, then an add); grad_weight and
   grad_bias are partial-``sum`` over the spatial axes.
-- Pools, resampling, pixel/channel shuffles, grid_sampler: `batched`: the
-  leading (batch, channel) dims run independently and keep their splits; the
-  spatial dims (the window's dims) are coupled and gathered when split.
-  Linear ones (avg pools, upsampling, im2col/col2im, max_unpool, the
-  backwards in their gradient) keep a ``sum`` partial. grid_sampler: N and C
-  of the input, the output positions of the grid are independent.
-  fractional_max_pool's random samples (drawn outside, by `torch.rand`) are
-  split like the batch and channel dims.
+- ``max_pool{2,3}d_with_indices``, ``avg_pool{2,3}d`` and their backwards
+  (``F.max_pool1d``/``avg_pool1d`` reach the 2d ops): the leading (batch,
+  channel) dims keep their splits; a split spatial dim keeps its split by the
+  conv's halo exchange (a fixed window is local to a few rows): the extended
+  block is padded with -inf (max) or 0 (avg) and pooled with that dim's
+  padding 0; max pool's indices are made global (a window that is all -inf
+  points at its first real row, as torch's does); avg pool sums with divisor
+  1 and divides by torch's divisor of each output position (count_include_pad,
+  ceil_mode and divisor_override as torch). The backwards scatter into the
+  extended block and send the halo rows' gradients back (the transpose).
+- Other pools (adaptive, fractional, max_unpool), resampling, pixel/channel
+  shuffles, grid_sampler: `batched`: the leading (batch, channel) dims run
+  independently and keep their splits; the spatial dims are coupled and
+  gathered when split (their windows depend on the whole size). Linear ones
+  (avg pools, upsampling, im2col/col2im, max_unpool, the backwards in their
+  gradient) keep a ``sum`` partial. grid_sampler: N and C of the input and
+  the output positions of the grid are independent; its backward splits C
+  (grad_grid partial-``sum`` over the channel axes). fractional_max_pool's
+  random samples (drawn outside, by `torch.rand`) are split like the batch
+  and channel dims. Upsample backwards get their block's ``input_size``.
 - Pads: unpadded dims keep their splits (GPT-2's ``constant_pad_nd`` on an
   unsplit dim is local). A padded (or cropped) split dim keeps its split: the
   output is in the standard chunking of the padded size; each device takes
@@ -59,14 +71,21 @@ The rules, by op (A = mesh axes; N batch, C channels, S spatial dims):
   keep partials whose reduce op commutes with the fill (``sum`` only when the
   value is 0; ``avg``/``max``/``min`` always); reflect and replicate keep any
   partial (each output element copies one input element); their backwards
-  (sums of contributions) keep ``sum``/``avg``.
+  (sums of contributions) keep ``sum``/``avg``. ``F.pad(mode="circular")``
+  is decomposed by torch above dispatch (``_pad_circular`` is
+  CompositeImplicitAutograd: slices copied into a new tensor), so a split
+  padded dim is gathered there (in the ledger).
 
 Strict mode refuses the row exchanges (they are implicit communication),
 naming the op, the dim, the axes and the fix.
 
 Invariant: every strategy is exact for uneven splits (empty blocks
 included); a device whose block of some dim is empty produces its (empty or
-zero) block without calling the kernel, which rejects empty inputs.
+zero) block without calling the kernel, which rejects empty inputs. Global
+size arguments are made local where an op takes them (upsample backwards'
+``input_size``, conv's ``bias_sizes`` and ``groups``). torch 2.13 lacks a meta
+kernel for ``fractional_max_pool3d_backward`` (the dispatcher infers shapes on
+the meta device): one is registered here.
 """
 
 from __future__ import annotations
