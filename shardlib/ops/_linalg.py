@@ -3,8 +3,9 @@
 Owns the layout rules of the ``torch.linalg`` kernels and their older spellings
 (cholesky, lu, qr, svd, eig, solve, inv, det ...), of the structured matrix
 ops (tril, triu, diag_embed, diagonal_scatter, trace, cross, cdist, addbmm,
-bilinear's ``_trilinear``) and of a few shape stragglers (slice_scatter,
-unfold, as_strided and its copy / scatter forms). It does not own the views
+bilinear's ``_trilinear``) and of a few stragglers (slice_scatter, unfold,
+as_strided and its copy / scatter forms, tensor-ended linspace / logspace,
+hash_tensor). It does not own the views
 and reductions those ops' backward formulas emit (`_views.py`,
 `_reductions.py`), nor contractions (`_contractions.py`, whose einsum
 strategies addbmm reuses).
@@ -41,6 +42,8 @@ The rules, by op:
 - as_strided, as_strided_copy, as_strided_scatter: strides address the whole
   storage, so they run on replicas only: a split input of a contiguous tensor
   is gathered (ledger); any other is refused with a fix.
+- linspace / logspace with tensor ends: the (0-dim) ends replicated, a
+  replicated result. hash_tensor: the hashed dims whole, the others batch.
 
 Invariant: every strategy is exact for uneven and empty blocks; an input is
 partial only where the op is linear in it.
@@ -584,3 +587,33 @@ def as_strided_scatter_rule(ri: RuleInput) -> Iterator[Strategy]:
         (Layout(((),) * x.ndim),),
         local=_on_storage(ri.op, x, True),
     )
+
+
+# == stragglers =================================================================
+_SPACES = (
+    aten.linspace.Tensor_Tensor,
+    aten.linspace.Tensor_Scalar,
+    aten.linspace.Scalar_Tensor,
+    aten.logspace.Tensor_Tensor,
+    aten.logspace.Tensor_Scalar,
+    aten.logspace.Scalar_Tensor,
+)
+
+
+@register_rule(*_SPACES)
+def space_rule(ri: RuleInput) -> Iterator[Strategy]:
+    """linspace / logspace from 0-dim tensor ends: the ends reduced (a partial one), a replica."""
+    yield Strategy(
+        tuple(Layout(((),) * s.ndim) for s in ri.tensors), (Layout(((),) * ri.outputs[0].ndim),)
+    )
+
+
+@register_rule(aten.hash_tensor.default)
+def hash_tensor_rule(ri: RuleInput) -> list[Strategy]:
+    """A hash (xor of the bits) over the reduced dims: those dims whole, the others batch."""
+    (x,) = ri.tensors
+    b = _bind(ri.op, ri.args, ri.kwargs)
+    dims = {_wrap(d, x.ndim) for d in b["dim"]} if b["dim"] else set(range(x.ndim))
+    labels = tuple(None if d in dims else d for d in range(x.ndim))
+    kept = labels if b["keepdim"] else tuple(lab for lab in labels if lab is not None)
+    return batched(ri, [labels], [kept])
