@@ -5,10 +5,9 @@ Owns the layout rules of the ``torch.linalg`` kernels and their older spellings
 ops (tril, triu, diag_embed, diagonal_scatter, trace, cross, cdist, addbmm,
 bilinear's ``_trilinear``) and of a few stragglers (slice_scatter, unfold,
 as_strided and its copy / scatter forms, tensor-ended linspace / logspace,
-hash_tensor). It does not own the views
-and reductions those ops' backward formulas emit (`_views.py`,
-`_reductions.py`), nor contractions (`_contractions.py`, whose einsum
-strategies addbmm reuses).
+hash_tensor). It does not own the views and reductions those ops' backward
+formulas emit (`_views.py`, `_reductions.py`), nor contractions
+(`_contractions.py`, whose einsum strategies addbmm reuses).
 
 The rules, by op:
 
