@@ -25,7 +25,10 @@ histc and bincount.
 - searchsorted/bucketize with split boundaries and histc (explicit range): partial-sum
   outputs with no collective; histc over the data's range: scalar all-reduces of the
   min and max (one per split axis);
-  bincount: one scalar all-reduce (the max), partial-sum counts.
+  bincount: one scalar all-reduce (the max), partial-sum counts; histogram and
+  histogramdd: partial-sum counts with the global edges (density and data ranges
+  included).
+- unique / unique_consecutive: gathered (one all-gather), refused by strict mode.
 """
 
 from __future__ import annotations
@@ -308,3 +311,43 @@ def test_bincount_is_a_partial_sum_of_local_counts():
     out = torch.bincount(sl.shard(short, m, P("x")), short_w)  # plain weights: a constant
     assert out.dtype == torch.float64
     torch.testing.assert_close(out.full(), torch.bincount(short, short_w), **TOL)
+
+
+def test_unique_is_gathered_and_refused_by_strict_mode():
+    m = sl.Mesh.simulated({"x": PX})
+    x = torch.randint(0, 5, (3, 10), generator=torch.Generator().manual_seed(8))
+    xs = sl.shard(x, m, P(None, "x"))
+    for fn in (
+        lambda t: torch.unique(t, return_inverse=True, return_counts=True),
+        lambda t: torch.unique_consecutive(t, return_counts=True, dim=1),
+    ):
+        out, records = _records(fn, xs)
+        assert [r[0] for r in records] == ["all_gather"]
+        for got, want in zip(out, fn(x)):
+            assert torch.equal(got.full(), want)
+        with sl.strict(), pytest.raises(sl.LayoutError, match="unique"):
+            fn(xs)
+
+
+def test_histograms_count_locally_with_global_edges():
+    m = sl.Mesh.simulated({"a": 2, "b": 2})
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(7, 5, dtype=torch.float64, generator=g)
+    w = torch.rand(7, 5, dtype=torch.float64, generator=g)
+    xs, ws = sl.shard(x, m, P("a", "b")), sl.shard(w, m, P("a", "b"))
+    out, records = _records(lambda t: torch.histogram(t, 6, range=(-1.0, 1.0), weight=ws), xs)
+    assert records == [] and out.hist.spec == P(None, partial=("a", "b"))
+    for got, want in zip(out, torch.histogram(x, 6, range=(-1.0, 1.0), weight=w)):
+        torch.testing.assert_close(got.full(), want, **TOL)  # weights summed in another order
+    for kw in ({}, {"density": True}):  # the data's range; density reduces first
+        for got, want in zip(torch.histogram(xs, 6, **kw), torch.histogram(x, 6, **kw)):
+            torch.testing.assert_close(got.full(), want, **TOL)
+    pts = torch.randn(9, 3, dtype=torch.float64, generator=g)
+    ps = sl.shard(pts, m, P("a", "b"))  # the coordinate dim is gathered
+    got, want = (
+        torch.histogramdd(ps, [2, 3, 4], density=True),
+        torch.histogramdd(pts, [2, 3, 4], density=True),
+    )
+    torch.testing.assert_close(got.hist.full(), want.hist, **TOL)
+    for e, f in zip(got.bin_edges, want.bin_edges):
+        torch.testing.assert_close(e.full(), f, **TOL)

@@ -410,7 +410,11 @@ def _decide(func: Any, args: tuple, kwargs: dict) -> _Decision:
             return _Decision(Strategy(_current(specs), decompose=_locally(func)), paths, (), False)
         # (h9b) an op whose output shape depends on the values may still have a rule: it
         # sees no outputs and must answer with a decomposition (x[mask], nonzero, ...)
-        if rule_for(func) is None or torch.Tag.dynamic_output_shape not in func.tags:
+        # (h9a) so may an op without a meta kernel whose rule is marked `no_meta` (histogram)
+        found = rule_for(func)
+        if found is None or not (
+            torch.Tag.dynamic_output_shape in func.tags or getattr(found, "no_meta", False)
+        ):
             raise
         out_specs = ()
     a_args, a_kwargs = _substitute(args, kwargs, paths, list(specs))

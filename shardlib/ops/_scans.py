@@ -1,5 +1,6 @@
 """Rules for scans, sorts and selection along a dim: cumsum, cumprod, cummax, cummin,
-logcumsumexp, sort, topk, kthvalue, median, nanmedian, mode, searchsorted, bucketize, histc.
+logcumsumexp, sort, topk, kthvalue, median, nanmedian, mode, searchsorted, bucketize, histc,
+bincount, unique, histogram, histogramdd.
 
 Owns how these ops treat a split dim. It does not own the backward ops autograd emits
 for them (flip and new_zeros: `_views.py`; scatter, scatter_add and gather:
@@ -53,6 +54,15 @@ The rules, by op:
   boundaries are sorted), so the output is partial-sum over A with no communication
   (boundaries holding NaN are not sorted in torch's binary-search sense: its own
   result then depends on the search path, and this one may differ). Else the batch rule.
+- unique, unique_consecutive (and along a dim): the output's length depends on the
+  values and a dim's slices compare whole: gathered, then torch's kernel on every device.
+- bincount: the global max (an all-reduce), then each device counts its block with
+  that length: partial-sum counts (weights split alike; an empty block keeps torch's dtype).
+- histogram, histogramdd (torch has no meta kernel: the rule is marked ``no_meta`` and
+  decomposes): bin edges from the bins, the range or the all-reduced extremes per
+  coordinate (torch's own edge code on every device); counts local with those edges,
+  partial-sum over the input's split axes; density reduces the counts first.
+  histogramdd's coordinate dim is whole (gathered if split).
 - histc: each device counts its block with the global range; the histogram is
   partial-sum over the input's split axes, no communication. min = max (torch: the
   data's range) costs an all-reduce of the min and max first.
@@ -75,7 +85,7 @@ from ..layouts._layout import Layout
 from ..layouts._shard import chunk_bounds, local_bounds, local_shape
 from ._api import _local_blocks
 from ._batched import batched
-from ._dispatch import _move
+from ._dispatch import _locally, _move
 from ._pointwise import _cast_commutes
 from ._rng import _bind
 from ._rules import ArgSpec, RuleInput, Strategy, register_rule
@@ -773,3 +783,137 @@ def bincount_rule(ri: RuleInput) -> Iterator[Strategy]:
     axes = next((t.layout.dims[0] for t in ri.tensors if t.layout.dims[0]), ())
     inputs = tuple(Layout((axes,)) for _ in ri.tensors)
     yield Strategy(inputs, decompose=_bincount_decomposition(ri.op, b["minlength"] or 0, axes))
+
+
+# == unique ====================================================================
+_UNIQUE = (
+    aten.unique_consecutive.default,
+    aten._unique2.default,
+    aten.unique_dim.default,
+    aten.unique_dim_consecutive.default,
+)
+
+
+@register_rule(*_UNIQUE)
+def unique_rule(ri: RuleInput) -> Iterator[Strategy]:
+    """Distinct (or consecutive-distinct) values: the input is gathered (in the ledger; strict
+    mode refuses) and every device computes the replicated result with torch's kernel.
+
+    The output's length depends on the values, and along a dim the op compares whole
+    slices, so no dim is independent; torch's own order (``sorted=False``) is kept.
+    """
+    yield Strategy(tuple(Layout(((),) * s.ndim) for s in ri.tensors), decompose=_locally(ri.op))
+
+
+# == histogram / histogramdd ===================================================
+# torch's histogram ops have no meta kernel: their rule sees no outputs (`no_meta`) and
+# answers with decompositions. Bin edges depend only on the bins, the range and (without
+# a range) the data's extremes per coordinate, so every device computes them from the
+# all-reduced extremes with torch's own edge code; counts are local with those edges.
+_HISTOGRAMS = {
+    aten.histogram.bin_ct: "counts",
+    aten.histogram.bins_tensor: "edges_given",
+    aten._histogramdd_bin_edges.default: "dd_edges",
+    aten._histogramdd_from_bin_cts.default: "dd_counts",
+    aten._histogramdd_from_bin_tensors.default: "dd_edges_given",
+}
+
+
+def _local(t: Any, j: int) -> Any:
+    """Device j's block of `t` (a plain tensor is a replicated constant), lists elementwise."""
+    if isinstance(t, list | tuple):
+        return [_local(a, j) for a in t]
+    return t._shards[j] if isinstance(t, ShardedTensor) else t
+
+
+def _extremes(func: Any, x: ShardedTensor, dd: bool) -> torch.Tensor:
+    """A plain (2, D) tensor (dd) or (2,) of the global minima and maxima (two all-reduces)."""
+    dims = list(range(x.ndim - 1)) if dd else []
+    out = Layout(((),)) if dd else Layout(())
+    lo = _move(func, aten.amin.default(x, dims, False), out)._shards[0]
+    hi = _move(func, aten.amax.default(x, dims, False), out)._shards[0]
+    return torch.stack([lo, hi])
+
+
+def _density(hist: torch.Tensor, edges: Sequence[torch.Tensor]) -> torch.Tensor:
+    """torch's density: counts over their sum, then over each dim's bin widths."""
+    hist = hist / hist.sum()
+    for d, e in enumerate(edges):
+        shape = [1] * hist.ndim
+        shape[d] = -1
+        hist = hist / e.diff().view(shape)
+    return hist
+
+
+def _histogram_decomposition(func: Any, kind: str, axes: tuple[str, ...]) -> Callable:
+    def decompose(x: ShardedTensor, bins: Any = 100, **kwargs: Any) -> Any:
+        b = _bind(func, (x, bins), kwargs)
+        mesh, n = x._mesh, len(x._shards)
+        dd = kind.startswith("dd")
+        if kind in ("counts", "dd_counts", "dd_edges") and b["range"] is None and x.numel():
+            ext = _extremes(func, x, dd)
+            if kind == "dd_edges":
+                edges = aten._histogramdd_bin_edges.default(ext, bins, density=b["density"])
+                return [ShardedTensor([e] * n, mesh, Layout(((),)), tuple(e.shape)) for e in edges]
+            b["range"] = ext.t().reshape(-1).tolist() if dd else ext.tolist()
+        if kind == "dd_edges":  # edges from the given range (or an empty input): local
+            per_device = [func(s, bins, range=b["range"]) for s in x._shards]
+            return [
+                ShardedTensor([d[i] for d in per_device], mesh, Layout(((),)), tuple(e.shape))
+                for i, e in enumerate(per_device[0])
+            ]
+        weight = _blocks(b["weight"], mesh, Layout(x._layout.dims[: x.ndim - dd]))
+        extra = {} if kind.endswith("edges_given") else {"range": b["range"]}
+        results = [
+            func(s, _local(bins, j), weight=_local(weight, j), density=False, **extra)
+            for j, s in enumerate(x._shards)
+        ]
+        hists = [r[0] if isinstance(r, tuple) else r for r in results]
+        hist = ShardedTensor(
+            hists, mesh, Layout(((),) * hists[0].ndim, axes, "sum"), tuple(hists[0].shape)
+        )
+        if dd:
+            edges = _local(bins, 0) if kind == "dd_edges_given" else None
+            if b["density"]:
+                if edges is None:
+                    ext = x._shards[0].new_zeros((0, x.shape[-1]))
+                    edges = aten._histogramdd_bin_edges.default(ext, bins, range=b["range"])
+                hist = _move(func, hist, hist._layout.without_partial())
+                hist = ShardedTensor(
+                    [_density(h, edges) for h in hist._shards],
+                    mesh,
+                    hist._layout,
+                    tuple(hist.shape),
+                )
+            return hist
+        edges = results[0][1]
+        if b["density"]:
+            hist = _move(func, hist, hist._layout.without_partial())
+            hist = ShardedTensor(
+                [_density(h, [edges]) for h in hist._shards], mesh, hist._layout, tuple(hist.shape)
+            )
+        return hist, ShardedTensor([r[1] for r in results], mesh, Layout(((),)), tuple(edges.shape))
+
+    return decompose
+
+
+@register_rule(*_HISTOGRAMS)
+def histogram_rule(ri: RuleInput) -> Iterator[Strategy]:
+    """Counts of each device's points with the global edges: partial-sum over the split axes.
+
+    histogramdd's points are the rows of a (..., D) input: the coordinate dim is whole.
+    """
+    kind = _HISTOGRAMS[ri.op]
+    x = ri.tensors[0]
+    src = x.layout.without_partial()
+    dd = kind.startswith("dd")
+    if dd and x.ndim:
+        src = src.with_dim(x.ndim - 1, ())
+    axes = tuple(a for dim in src.dims for a in dim)
+    weight = _bind(ri.op, ri.args, ri.kwargs)["weight"]
+    want = {id(x): src, id(weight): Layout(src.dims[: x.ndim - dd])}
+    inputs = tuple(want.get(id(t), Layout(((),) * t.ndim)) for t in ri.tensors)
+    yield Strategy(inputs, decompose=_histogram_decomposition(ri.op, kind, axes))
+
+
+histogram_rule.no_meta = True  # consulted though torch has no meta kernel (see _dispatch)
