@@ -9,16 +9,27 @@ creation can deadlock), with `new_group`. Device flat index == global rank.
 A process group's members are ordered by global rank, i.e. row-major over
 the axes in *mesh* order. Collectives here take `axes` in any order (the
 layout's major -> minor order) and permute pieces so results follow `axes`.
+
+Under torch.compile (``torch.compiler.is_compiling()``: dynamo's fake run and
+AOTAutograd's trace of our dispatch) every collective is the functional one
+of ``torch.distributed._functional_collectives`` followed by ``wait_tensor``
+(all_gather_single, reduce_scatter_single, all_reduce, all_to_all_single,
+broadcast; a ppermute is an all_to_all_single with zero-sized pieces for the
+ranks that exchange nothing), so the traced graph holds them as ops inductor
+can schedule. Eager runs use the in-place c10d calls. Both give the same
+buffers; the ledger is recorded by the caller, identically.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import os
 from functools import lru_cache
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch.distributed.device_mesh import init_device_mesh
 
 from .._errors import DistributedSetupError
@@ -32,6 +43,10 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+# the traceable (functional) collectives, under their torch 2.13 names where renamed
+_fc_all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+_fc_reduce_scatter = getattr(funcol, "reduce_scatter_single", None) or funcol.reduce_scatter_tensor
+_tracing = torch.compiler.is_compiling
 
 
 def _ensure_initialized() -> None:
@@ -96,6 +111,11 @@ class DistributedBackend:
     def __hash__(self) -> int:
         return hash(("distributed", id(self.world)))
 
+    def __deepcopy__(self, memo: dict) -> DistributedBackend:
+        # a handle to this process's groups, not a value: a copy is the same backend
+        # (torch.compile deep-copies a ShardedTensor's (mesh, layout) for its guards)
+        return self
+
     def local_devices(self, mesh: AbstractMesh) -> tuple[int, ...]:
         return (self.rank,)
 
@@ -110,8 +130,11 @@ class DistributedBackend:
         group, perm = self._group(mesh, axes)
         k = len(perm)
         b = b.contiguous()
-        out = torch.empty((k * b.numel(),), dtype=b.dtype, device=b.device)
-        _all_gather_single(out, b.reshape(-1), group=group)
+        if _tracing():
+            out = funcol.wait_tensor(_fc_all_gather(b.reshape(-1), 0, group))
+        else:
+            out = torch.empty((k * b.numel(),), dtype=b.dtype, device=b.device)
+            _all_gather_single(out, b.reshape(-1), group=group)
         out = out.view(k, *b.shape)
         return [_reorder(out, perm)]
 
@@ -119,21 +142,29 @@ class DistributedBackend:
         (b,) = bufs
         group, perm = self._group(mesh, axes)
         inp = _reorder(b, _inverse(perm)).contiguous()
-        out = torch.empty_like(inp)
-        dist.all_to_all_single(out, inp, group=group)
+        if _tracing():
+            out = funcol.wait_tensor(funcol.all_to_all_single(inp, None, None, group))
+        else:
+            out = torch.empty_like(inp)
+            dist.all_to_all_single(out, inp, group=group)
         return [_reorder(out, perm)]
 
     def reduce_scatter(self, mesh, bufs, axes, op):
         (b,) = bufs
         group, perm = self._group(mesh, axes)
         inp = _reorder(b, _inverse(perm)).reshape(-1)
-        out = torch.empty((inp.numel() // len(perm),), dtype=b.dtype, device=b.device)
-        _reduce_scatter_single(out, inp, op=_OPS[op], group=group)
+        if _tracing():
+            out = funcol.wait_tensor(_fc_reduce_scatter(inp, op, 0, group))
+        else:
+            out = torch.empty((inp.numel() // len(perm),), dtype=b.dtype, device=b.device)
+            _reduce_scatter_single(out, inp, op=_OPS[op], group=group)
         return [out.view(b.shape[1:])]
 
     def all_reduce(self, mesh, bufs, axes, op):
         (b,) = bufs
         group, _ = self._group(mesh, axes)
+        if _tracing():
+            return [funcol.wait_tensor(funcol.all_reduce(b.contiguous(), op, group))]
         out = b.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(out, op=_OPS[op], group=group)
         return [out]
@@ -141,6 +172,8 @@ class DistributedBackend:
     def ppermute(self, mesh, bufs, src_of, recv_shapes):
         (b,) = bufs
         me = self.rank
+        if _tracing():
+            return [self._traced_ppermute(b, src_of, recv_shapes[0])]
         ops = []
         for t, s in enumerate(src_of):
             if s == me and t != me:
@@ -156,7 +189,27 @@ class DistributedBackend:
                 req.wait()
         return [out]
 
+    def _traced_ppermute(self, b: torch.Tensor, src_of, recv_shape) -> torch.Tensor:
+        """ppermute as one functional all_to_all_single over the world (traceable): rank me
+        sends its buffer to every t with src_of[t] == me, and receives from src_of[me]."""
+        me, world = self.rank, len(src_of)
+        flat = b.contiguous().reshape(-1)
+        sends = [t for t in range(world) if src_of[t] == me and t != me]
+        src = src_of[me]
+        n_in = [flat.numel() if t in sends else 0 for t in range(world)]
+        n_recv = math.prod(recv_shape) if src != me else 0
+        n_out = [n_recv if r == src else 0 for r in range(world)]
+        inp = torch.cat([flat] * len(sends)) if sends else flat[:0]
+        out = funcol.wait_tensor(funcol.all_to_all_single(inp, n_out, n_in, self.world))
+        return b.clone() if src == me else out.view(recv_shape)
+
     def broadcast_object(self, mesh, obj, src):
+        if _tracing():
+            raise DistributedSetupError(
+                "broadcasting a Python object (sl.shard(..., src=r) of a non-tensor, a "
+                "checkpoint's metadata) inside torch.compile: it cannot be traced. Do it "
+                "before the compiled function, and pass the result in."
+            )
         box = [obj]
         dist.broadcast_object_list(box, src=src)
         return box[0]
@@ -168,10 +221,18 @@ class DistributedBackend:
             if self.rank == src
             else torch.empty(shape, dtype=dtype, device=device)
         )
+        if _tracing():
+            return funcol.wait_tensor(funcol.broadcast(buf, src, self.world))
         dist.broadcast(buf, src=src)
         return buf
 
     def scatter(self, mesh, pieces, src, shape, dtype):
+        if _tracing():
+            raise DistributedSetupError(
+                "sl.shard(tensor, mesh, layout, src=r) scatters from rank r, which torch.compile "
+                "cannot trace (there is no functional scatter). Shard before the compiled "
+                "function, or pass the same tensor on every rank (src=None: no communication)."
+            )
         device = torch.device(self.device_type)
         out = torch.empty(shape, dtype=dtype, device=device)
         dist.scatter(out, [p.contiguous() for p in pieces] if self.rank == src else None, src=src)

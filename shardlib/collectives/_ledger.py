@@ -4,7 +4,10 @@ Owns `CommRecord`, `CommLedger` and `comm_ledger()`. Records are computed from
 shapes (the ring model of the planner), so both backends log identical numbers.
 Ledgers nest: a record goes to every ledger open at the time. The set of open
 ledgers is process-wide (not per thread) so collectives that autograd runs on
-its own threads are still recorded.
+its own threads are still recorded. Under torch.compile a compiled function's
+collectives are recorded once, while it is traced (its first call), by the
+tracing pass whose graph runs (`_tracing_the_graph`); later calls record
+nothing.
 """
 
 from __future__ import annotations
@@ -187,7 +190,30 @@ def record(
 ) -> None:
     if not _open:
         return
+    if _compiling() and not _tracing_the_graph():
+        return  # (h9g) see `_tracing_the_graph`
     rec = CommRecord(kind, tuple(axes), group_size, int(nbytes), dtype, direction, cause)
     with _lock:
         for led in _open:
             led.records.append(rec)
+
+
+# -- torch.compile (h9g): which tracing pass records ------------------------------
+def _compiling() -> bool:
+    import torch
+
+    return torch.compiler.is_compiling()
+
+
+def _tracing_the_graph() -> bool:
+    """Whether this is the pass of torch.compile whose graph will run: AOTAutograd's
+    forward+backward trace (a proxy mode is active). Dynamo's run on fake shards and
+    AOTAutograd's metadata passes run our dispatch too, but their collectives never run:
+    recording only this pass puts each collective of a compiled function in the ledger once,
+    as eager would record it (at its first, compiling call; later calls record nothing)."""
+    import torch
+
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None
+
+
+# -- end torch.compile --

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from .._errors import LayoutError, MeshMismatchError
 from ..layouts._layout import Layout
 from ..ops._api import reshard, shard, with_layout
+from ..ops._compile import in_graph
 from ..ops._contractions import _shared_move, contract_with_fixed_weight
 from ..ops._tensor import ShardedTensor
 from ._scheme import Scheme
@@ -91,10 +93,42 @@ def use(scheme: Scheme, mesh: Any) -> Iterator[Scheme]:
     """
     check_mesh(scheme, mesh, "snn.use(scheme, mesh)")
     token = _ACTIVE.set(_ACTIVE.get() + ((scheme, mesh),))
+    global _USE_KEY  # (h9g) torch.compile's guard on the active scheme
+    outer, _USE_KEY = _USE_KEY, _use_key(scheme, mesh)
     try:
         yield scheme
     finally:
         _ACTIVE.reset(token)
+        _USE_KEY = outer
+
+
+# -- torch.compile (h9g): the active scheme as a guard ----------------------------
+# Dynamo cannot read a context variable, so `use` also mirrors the innermost (scheme, mesh)
+# as a short string, equal for equal schemes and meshes. `constrain`, `linear` and
+# `attention` are one graph node each under torch.compile (the end of this module), and
+# pass that string to the node: dynamo guards on it, so a compiled function called under
+# another scheme recompiles. (Threads that compile under different schemes at once share
+# the mirror: compile each outside the others' `use`.)
+_USE_KEY = ""
+_KEYS_BY_ID: dict[tuple[int, int], tuple[Scheme, Any, str]] = {}
+_KEYS: dict[tuple[Scheme, Any], str] = {}
+
+
+def _use_key(scheme: Scheme, mesh: Any) -> str:
+    hit = _KEYS_BY_ID.get((id(scheme), id(mesh)))
+    if hit is not None and hit[0] is scheme and hit[1] is mesh:
+        return hit[2]
+    if len(_KEYS_BY_ID) > 4096:
+        _KEYS_BY_ID.clear()
+    try:
+        key = _KEYS.setdefault((scheme, mesh), f"use{len(_KEYS)}")
+    except TypeError:  # an unhashable scheme (a user's dict field): keyed by identity
+        key = f"use-id{id(scheme)}-{id(mesh)}"
+    _KEYS_BY_ID[(id(scheme), id(mesh))] = (scheme, mesh, key)  # holds both: ids stay theirs
+    return key
+
+
+# -- end torch.compile --
 
 
 def current() -> tuple[Scheme, Any] | None:
@@ -494,3 +528,31 @@ def shard_params(params: Any, mesh: Any, scheme: Scheme, dims: Any) -> Any:
             f"logical names are {', '.join(scheme.known_dims)}."
         )
     return _rebuild(params, iter(out))
+
+
+# == torch.compile (h9g) ========================================================
+def _compiled_as_one_node(fn: Any) -> Any:
+    """`fn`, which dynamo puts in its graph as one node (run by AOTAutograd, not traced).
+
+    The node also takes the active scheme's key (`_use_key`), which dynamo guards on.
+    """
+
+    def node(use_key: str, *args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    node.__name__ = node.__qualname__ = f"snn_{fn.__name__}"
+    in_graph(node)
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_dynamo_compiling():
+            return node(_USE_KEY, *args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return call
+
+
+constrain = _compiled_as_one_node(constrain)
+linear = _compiled_as_one_node(linear)
+attention = _compiled_as_one_node(attention)
+# -- end torch.compile --

@@ -299,7 +299,9 @@ def _in_chunk(func: Any, shape: tuple[int, ...], layout: Layout, mesh: Any) -> C
     def local(device: int, *args: Any, **kwargs: Any):
         b = _bind(func, args, kwargs)
         x, target = b["self"], b["target"]
-        if target.device.type == "cpu":  # as the unsharded op: no silent zero for a bad target
+        # as the unsharded op: no silent zero for a bad target (not while torch.compile traces:
+        # the shards have no values then; h9g)
+        if target.device.type == "cpu" and not torch.compiler.is_compiling():
             bad = (target != b["ignore_index"]) & ((target < 0) | (target >= shape[c]))
             if bool(bad.any()):  # (not on accelerators: it would cost a host sync)
                 raise IndexError(f"Target {int(target[bad][0])} is out of bounds.")

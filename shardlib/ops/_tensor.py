@@ -286,6 +286,63 @@ class ShardedTensor(torch.Tensor):
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         return _dispatch(func, args, kwargs or _NO_KWARGS)
 
+    # -- torch.compile (traceable wrapper subclass protocol) -------------------
+    # Dynamo and AOTAutograd take a ShardedTensor apart into its shards (one attribute per
+    # shard: `_s0`, `_s1`, ... in flat device order; a simulated tensor holds a list) and a
+    # hashable context (mesh, layout), and rebuild it around traced or fake shards. The
+    # global shape and strides travel as torch's outer size and stride.
+    def __tensor_flatten__(self) -> tuple[list[str], tuple[Mesh, Layout]]:
+        if self._root is not None:
+            from ._aliasing import sync
+
+            sync(self)
+        return [f"_s{i}" for i in range(len(self._shards))], (self._mesh, self._layout)
+
+    @staticmethod
+    def __tensor_unflatten__(
+        inner: dict[str, torch.Tensor], ctx: tuple[Mesh, Layout], outer_size: Any, outer_stride: Any
+    ) -> ShardedTensor:
+        mesh, layout = ctx
+        shards = [inner[f"_s{i}"] for i in range(len(inner))]
+        return ShardedTensor(shards, mesh, layout, tuple(outer_size), False, tuple(outer_stride))
+
+    def __getattr__(self, name: str) -> Any:
+        # only reached when normal lookup fails: `_s<i>` names shard i (for __tensor_flatten__)
+        if name.startswith("_s") and name[2:].isdigit():
+            shards = self.__dict__.get("_shards")
+            i = int(name[2:])
+            if shards is not None and i < len(shards):
+                return shards[i]
+        raise AttributeError(f"'ShardedTensor' object has no attribute {name!r}")
+
+    def __coerce_tangent_metadata__(self) -> ShardedTensor:
+        """A forward output's tangent as AOTAutograd traces it: partial axes reduced.
+
+        A gradient arriving for a partial output is never partial itself (the gradient of
+        a summand is the whole gradient), so the traced backward expects the same layout
+        without partial axes.
+        """
+        if not self._layout.partial:
+            return self
+        from ._api import _reshard_impl
+
+        return _reshard_impl(self, self._layout.without_partial(), "tangent", "backward")
+
+    def __coerce_same_metadata_as_tangent__(
+        self, expected: tuple[Mesh, Layout], expected_type: Any = None
+    ) -> ShardedTensor | None:
+        """The incoming gradient moved to the layout the compiled backward was traced with."""
+        if expected_type is not None and expected_type is not ShardedTensor:
+            return None
+        mesh, layout = expected
+        if mesh != self._mesh:
+            return None
+        if layout == self._layout:
+            return self
+        from ._api import _reshard_impl
+
+        return _reshard_impl(self, layout, "tangent", "backward")
+
 
 _NO_KWARGS: dict = {}  # shared and never written: ops receive it read-only
 
