@@ -43,7 +43,7 @@ P = sl.P
 aten = torch.ops.aten
 MESHES = [{"a": 2, "b": 2}, {"x": 4}]
 TOL = {"rtol": 1e-10, "atol": 1e-12}
-DRAWS = 4  # layout draws per case and mesh
+DRAWS = 3  # layout draws per case and mesh
 
 
 def _f(*shape, seed=0):
@@ -73,6 +73,7 @@ class Case:
     name: str
     fn: Callable
     inputs: tuple
+    grad: bool = True  # torch has a derivative
 
     def __repr__(self) -> str:
         return self.name
@@ -97,6 +98,17 @@ CASES = [
     Case("x[mask]", lambda x, m: x[m], (X, MASK)),
     Case("x[:, mask]", lambda x, m: x[:, m], (X, MASK[0])),
     Case("take", lambda x, i: torch.take(x, i - 20), (X, _i(35, 3, 3))),
+    Case("_unsafe_index", lambda x, i: aten._unsafe_index(x, [None, i]), (X, _i(5, 3, 2))),
+    Case(
+        "masked_fill tensor value",
+        lambda x, m, v: x.masked_fill(m, v),
+        (X, MASK, torch.tensor(-0.5, dtype=torch.float64)),
+    ),
+    Case(
+        "embedding max_norm",
+        lambda i, w: torch.nn.functional.embedding(i, w.clone(), max_norm=1.0),
+        (_i(7, 3, 4), X * 2),
+    ),
     Case(
         "_unsafe_masked_index",
         lambda x, m, i: aten._unsafe_masked_index(x, m, [i], 0.0),
@@ -105,6 +117,35 @@ CASES = [
     # -- writes --------------------------------------------------------------
     Case("scatter src", lambda x, i, s: x.scatter(0, i, s), (X, _rows(7, 3, 5), _f(3, 5, seed=1))),
     Case("scatter value", lambda x, i: x.scatter(1, i, -2.0), (X, _i(5, 7, 2))),
+    Case(
+        "scatter_ in place",
+        lambda x, i, s: x.clone().scatter_(0, i, s),
+        (X, _rows(7, 2, 5), _f(2, 5, seed=1)),
+    ),
+    Case(
+        "scatter reduce add",
+        lambda x, i, s: x.scatter(0, i, s, reduce="add"),
+        (X, _i(7, 6, 5), _f(6, 5, seed=1)),
+        grad=False,
+    ),
+    Case(
+        "scatter reduce multiply",
+        lambda x, i, s: x.scatter(0, i, s, reduce="multiply"),
+        (X, _i(7, 6, 5), _f(6, 5, seed=1)),
+        grad=False,
+    ),
+    Case(
+        "scatter value_reduce add",
+        lambda x, i: x.scatter(1, i, 2.0, reduce="add"),
+        (X, _i(5, 7, 3)),
+        grad=False,
+    ),
+    Case(
+        "scatter value_reduce multiply",
+        lambda x, i: x.scatter(1, i, 2.0, reduce="multiply"),
+        (X, _i(5, 7, 3)),
+        grad=False,
+    ),
     Case("scatter_add", lambda x, i, s: x.scatter_add(0, i, s), (X, _i(7, 6, 5), _f(6, 5, seed=1))),
     Case(
         "scatter_add_ small index",
@@ -116,6 +157,7 @@ CASES = [
     ),
     Case("index_copy", lambda x, i, s: x.index_copy(1, i, s), (X, _perm(5, 3), _f(7, 3, seed=1))),
     Case("index_fill", lambda x, i: x.index_fill(0, i, -1.5), (X, _i(7, 3) - 3)),
+    Case("index_fill_ in place", lambda x, i: x.clone().index_fill_(1, i, 2.0), (X, _i(5, 3))),
     Case(
         "index_fill tensor",
         lambda x, i, v: x.index_fill(1, i, v),
@@ -132,6 +174,11 @@ CASES = [
         "index_put_ 2 tensors",
         lambda x, i, j, v: x.clone().index_put_((i, j), v),
         (X, _perm(7, 4), _perm(5, 4, seed=1), _f(4, seed=2)),
+    ),
+    Case(
+        "_index_put_impl_",
+        lambda x, i, v: aten._index_put_impl_(x.clone(), [i], v, True, False),
+        (X, _i(7, 6), _f(6, 5, seed=1)),
     ),
     Case("x[mask] = 0", lambda x, m: x.clone().index_put_((m,), torch.tensor(0.0)), (X, MASK)),
     Case(
@@ -165,12 +212,11 @@ for reduce, include in [
             (X, _i(7, 6, 5), _f(6, 5, seed=1)),
         )
     )
+for reduce, include in [("prod", False), ("mean", True), ("amax", False), ("amin", True)]:
     CASES.append(
         Case(
             f"index_reduce {reduce} {include}",
-            lambda x, i, s, r=reduce, inc=include: x.index_reduce(
-                1, i, s, "prod" if r == "sum" else r, include_self=inc
-            ),
+            lambda x, i, s, r=reduce, inc=include: x.index_reduce(1, i, s, r, include_self=inc),
             (X, _i(5, 4), _f(7, 4, seed=1)),
         )
     )
@@ -185,7 +231,7 @@ def _draw(rng: random.Random, t: torch.Tensor, axes: dict) -> sl.Layout:
 
 def _run(case: Case, axes: dict, layouts: list) -> None:
     mesh = sl.Mesh.simulated(axes)
-    plain = [t.clone().requires_grad_(t.is_floating_point()) for t in case.inputs]
+    plain = [t.clone().requires_grad_(t.is_floating_point() and case.grad) for t in case.inputs]
     want = case.fn(*plain)
     sharded = [t if lay is None else _sharded(mesh, t, lay) for t, lay in zip(plain, layouts)]
     got = case.fn(*sharded)
@@ -204,7 +250,10 @@ def _run(case: Case, axes: dict, layouts: list) -> None:
         torch.testing.assert_close(ga, gb, **TOL, msg=f"grad of {where}")
 
 
-BETA = pytest.mark.filterwarnings("ignore:index_reduce\\(\\) is in beta")
+# torch's own warnings for index_reduce (beta) and scatter(reduce=) with a tensor src (deprecated)
+BETA = pytest.mark.filterwarnings(
+    "ignore:index_reduce\\(\\) is in beta", "ignore:The reduce argument of torch.scatter"
+)
 
 
 @BETA
