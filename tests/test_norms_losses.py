@@ -13,8 +13,8 @@ reordered):
 - group norm with batch, group-aligned channel, unaligned channel and spatial
   splits;
 - the fused losses (mse, huber, smooth_l1, soft_margin, bce, bce with logits
-  with weight and pos_weight) for reduction none/mean/sum; multi-margin and
-  multilabel-margin; ctc (int-list and plain-tensor lengths, 2-d and
+  with weight and pos_weight) for reduction none/mean/sum; multi-margin
+  (rows or classes split) and multilabel-margin; ctc (int-list and plain-tensor lengths, 2-d and
   concatenated targets) and its refusal of sharded lengths;
 - the activations and backwards torch does not tag pointwise, glu over split
   and unsplit dims, prelu with a sharded per-channel weight, rrelu in
@@ -23,8 +23,11 @@ reordered):
   the 2·C per-channel sums forward and one backward, whatever the batch size
   (never the activation); group norm with a split spatial dim one all-reduce
   of 2·N·G sums; a mean/sum loss moves nothing (a partial scalar; reducing it
-  moves one number); rrelu moves one bool sign mask; a backward keeps a
-  partial-sum incoming gradient partial (no collective).
+  moves one number); multi-margin over split classes moves N target logits,
+  not the input; rrelu moves one bool sign mask; a backward keeps a
+  partial-sum incoming gradient partial (no collective);
+- slow tier: every one-dim-per-axis layout of batch and group norm, and a
+  batch norm → rrelu → group norm → mse chain on 4 gloo ranks equal to torch.
 """
 
 from __future__ import annotations
@@ -373,6 +376,27 @@ def test_margin_losses_match_torch(reduction):
         _check(axes, multilabel, [x, labels], [lay, P(lay.dims[0], None)])
 
 
+def test_multi_margin_split_classes_move_rows_not_logits():
+    """Classes split: forward one all-reduce of the N target logits (no gather of the
+    (N, C) input); backward that pick again and one of the N row sums."""
+    n, c = 10, 7
+    mesh = sl.Mesh.simulated(X4)
+    x = torch.randn(n, c, dtype=F64)
+    t = torch.randint(0, c, (n,))
+    xs = sl.shard(x, mesh, P(None, "x")).requires_grad_()
+    with sl.comm_ledger() as forward:
+        loss = F.multi_margin_loss(xs, t, margin=0.5)
+    with sl.comm_ledger() as backward:
+        loss.backward()
+    one = ("all_reduce", _ring_all_reduce_bytes(n, 4))
+    assert [(r.kind, r.bytes) for r in forward.records] == [one]
+    assert [(r.kind, r.bytes) for r in backward.records] == [one, one]
+    assert loss.spec == P(partial="x") and xs.grad.spec == P(None, "x")
+    xr = x.clone().requires_grad_()
+    F.multi_margin_loss(xr, t, margin=0.5).backward()
+    torch.testing.assert_close(xs.grad.full(), xr.grad, **TOL)
+
+
 def _ctc_inputs(n: int = 6):
     g = torch.Generator().manual_seed(8)
     lp = torch.randn(12, n, 5, generator=g, dtype=F64).log_softmax(2)
@@ -544,3 +568,36 @@ def _product(choices: list, k: int) -> list[tuple]:
     if k == 0:
         return [()]
     return [(c, *rest) for c in choices for rest in _product(choices, k - 1)]
+
+
+# == real processes ============================================================
+def _gloo_case(mesh: sl.Mesh) -> dict[str, torch.Tensor]:
+    """Batch norm (batch split, plain running stats), group norm (spatial split), an mse
+    mean loss and rrelu in training, on a distributed mesh: global values and gradients."""
+    x, w, b, rm, rv = _bn_inputs(8, 3, 5)
+    xs = sl.shard(x, mesh, P("x", None, "y")).requires_grad_()
+    y = F.batch_norm(xs, rm, rv, w, b, training=True, momentum=0.3)
+    torch.manual_seed(13)  # every rank alike (torch's stream, DESIGN §6)
+    z = F.group_norm(F.rrelu(y, 0.1, 0.4, training=True), 3)
+    loss = F.mse_loss(z, sl.shard(torch.ones(8, 3, 5, dtype=F64), mesh, P("x", None, None)))
+    loss.backward()
+    return {"loss": loss.full(), "grad": xs.grad.full(), "rm": rm, "rv": rv}
+
+
+@pytest.mark.slow
+def test_gloo_matches_torch(workers4):
+    want = _gloo_case_plain()
+    for got in workers4.run(_gloo_case, {"x": 2, "y": 2}):
+        for k, v in want.items():
+            torch.testing.assert_close(got[k], v, **TOL)
+
+
+def _gloo_case_plain() -> dict[str, torch.Tensor]:
+    x, w, b, rm, rv = _bn_inputs(8, 3, 5)
+    x.requires_grad_()
+    y = F.batch_norm(x, rm, rv, w, b, training=True, momentum=0.3)
+    torch.manual_seed(13)
+    z = F.group_norm(F.rrelu(y, 0.1, 0.4, training=True), 3)
+    loss = F.mse_loss(z, torch.ones(8, 3, 5, dtype=F64))
+    loss.backward()
+    return {"loss": loss.detach(), "grad": x.grad, "rm": rm, "rv": rv}

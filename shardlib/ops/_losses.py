@@ -48,7 +48,14 @@ The rules, by op (A = the mesh axes that split the op's input):
   global count for ``mean``) times the local elementwise gradient.
 - ``multi_margin_loss``, ``multilabel_margin_loss_forward`` and their
   backwards: rows are independent (a batch dim), the class dim is coupled;
-  ``sum``/``mean`` as above (``mean`` over the global row count).
+  ``sum``/``mean`` as above (``mean`` over the global row count). A 2-d
+  multi-margin input split over its classes is not gathered: each row needs
+  only its target's logit (and class weight), picked in the owning chunk and
+  all-reduced (N numbers, 2·N with weights); the margins are local and the
+  loss is partial-``sum`` over the class axes. Its backward: the same pick,
+  the local margins' gradient, and one more all-reduce of the N row sums
+  (the target's entry is minus its row's sum) -- as vocabulary-parallel
+  cross-entropy (`_nn.py`).
 - ``_ctc_loss`` (int-list and tensor lengths) and its backward: batched over
   the batch dim (the time and class dims coupled); each device gets its
   samples' lengths (and, for concatenated 1-d targets, its samples' targets).
@@ -77,6 +84,7 @@ from ..layouts._shard import local_bounds
 from ._api import _local_blocks
 from ._batched import batched
 from ._dispatch import _move
+from ._nn import _in_order
 from ._pointwise import _broadcast_partial, _in_dims, candidate_dims
 from ._rng import _bind
 from ._rules import ArgSpec, RuleInput, Strategy, register_rule
@@ -375,6 +383,105 @@ def _per_row(x: ArgSpec, spec: ArgSpec | None) -> tuple:
     return ("n",) * spec.ndim if x.ndim == 2 else (None,) * spec.ndim
 
 
+# A 2-d multi-margin input split over its classes needs, per row, only the target's
+# logit (and class weight) from the chunk that owns it: one all-reduce of N numbers, not a
+# gather of the (N, C) input (as vocabulary-parallel cross-entropy, `_nn.py`).
+def _blocks(t: torch.Tensor | None, mesh: Any, layout: Layout) -> list:
+    """Per local device, `t`'s block in `layout` (a plain tensor is cut; None stays None)."""
+    if t is None:
+        return [None] * len(mesh.local_devices)
+    if isinstance(t, ShardedTensor):
+        return t._shards
+    return _local_blocks(t, mesh, layout)._shards
+
+
+def _at_target(func: Any, x: ShardedTensor, target: Any, weight: Any) -> list[tuple]:
+    """Per device: (its class bounds, is-target mask, x[n, y_n], w[y_n] or None) for its
+    rows, the picks all-reduced over the class axes (one collective of N or 2·N numbers)."""
+    mesh, dims = x._mesh, x._layout.dims
+    rows, classes = dims
+    ys = _blocks(target, mesh, Layout((rows,)))
+    ws = _blocks(weight, mesh, Layout((classes,)))
+    picks, found = [], []
+    for j, dev in enumerate(mesh.local_devices):
+        lo, hi = local_bounds(tuple(x.shape), Layout(dims), mesh.abstract, dev)[1]
+        xj, yj = x._shards[j], ys[j]
+        if bool(((yj < 0) | (yj >= x.shape[1])).any()):
+            raise IndexError(f"{func}: a target is out of range for {x.shape[1]} classes")
+        mask = torch.arange(lo, hi, device=xj.device)[None, :] == yj[:, None]
+        rows_ = [torch.where(mask, xj, 0).sum(1)]  # (not x * mask: inf * 0 is nan)
+        if ws[j] is not None:
+            rows_.append(torch.where(mask, ws[j][None, :].to(xj.dtype), 0).sum(1))
+        picks.append(torch.stack(rows_))
+        found.append(((lo, hi), mask))
+    shape = (len(picks[0]), x.shape[0])
+    whole = ShardedTensor(picks, mesh, Layout(((), rows), classes), shape)
+    summed = _move(func, whole, Layout(((), rows)))._shards
+    return [
+        (bounds, mask, pick[0], pick[1] if len(pick) > 1 else None)
+        for (bounds, mask), pick in zip(found, summed)
+    ]
+
+
+def _margins(xj: torch.Tensor, mask: torch.Tensor, picked: torch.Tensor, margin: float):
+    """z = margin - x[n, y] + x[n, c], and where it counts (z > 0, c != y)."""
+    z = margin - picked[:, None] + xj
+    return z, (z > 0) & ~mask
+
+
+def _multi_margin_split(func: Any) -> Callable:
+    """multi_margin_loss over split classes: local margins, loss partial over the class axes."""
+
+    def decompose(x, target, p=1, margin=1, weight=None, reduction=_MEAN):
+        mesh, dims = x._mesh, x._layout.dims
+        rows, classes = dims
+        n, c = x.shape
+        losses = []
+        for xj, (_, mask, picked, wy) in zip(x._shards, _at_target(func, x, target, weight)):
+            z, active = _margins(xj, mask, picked, margin)
+            h = torch.where(active, z if p == 1 else z * z, 0)
+            if wy is not None:
+                h = h * wy[:, None]
+            loss = h.sum(1) / c
+            losses.append(
+                loss if reduction == _NONE else loss.sum() / (n if reduction == _MEAN else 1)
+            )
+        if reduction == _NONE:
+            return ShardedTensor(losses, mesh, Layout((rows,), classes), (n,))
+        return ShardedTensor(losses, mesh, Layout((), tuple(rows) + tuple(classes)), ())
+
+    return decompose
+
+
+def _multi_margin_backward_split(func: Any) -> Callable:
+    """Its backward: d/dx[n, c] local for c != y; the target's entry is minus the row's sum
+    (one more all-reduce of N numbers)."""
+
+    def decompose(grad_output, x, target, p, margin, weight=None, reduction=_MEAN):
+        mesh, dims = x._mesh, x._layout.dims
+        rows, classes = dims
+        n, c = x.shape
+        gs = _blocks(grad_output, mesh, Layout((rows,) if reduction == _NONE else ()))
+        parts, sums = [], []
+        for j, (xj, (_, mask, picked, wy)) in enumerate(
+            zip(x._shards, _at_target(func, x, target, weight))
+        ):
+            z, active = _margins(xj, mask, picked, margin)
+            d = torch.where(active, 1.0 if p == 1 else 2 * z, 0).to(xj.dtype) / c
+            if wy is not None:
+                d = d * wy[:, None]
+            g = gs[j] if reduction == _NONE else gs[j] / (n if reduction == _MEAN else 1)
+            d = d * (g[:, None] if reduction == _NONE else g)
+            parts.append((d, mask))
+            sums.append(d.sum(1))
+        whole = ShardedTensor(sums, mesh, Layout((rows,), classes), (n,))
+        totals = _move(func, whole, Layout((rows,)))._shards
+        grads = [d - mask * total[:, None] for (d, mask), total in zip(parts, totals)]
+        return ShardedTensor(grads, mesh, Layout(dims), (n, c))
+
+    return decompose
+
+
 @register_rule(aten.multi_margin_loss.default)
 def multi_margin_loss_rule(ri: RuleInput) -> Iterator[Strategy]:
     """Rows independent, classes coupled; sum/mean: a partial-sum scalar over the row split."""
@@ -383,6 +490,11 @@ def multi_margin_loss_rule(ri: RuleInput) -> Iterator[Strategy]:
     labels = [_rows(x), _per_row(x, b["target"])]
     if isinstance(b["weight"], ArgSpec):
         labels.append((None,))
+    if x.ndim == 2 and x.layout.dims[1]:  # split classes: the target's logit, not the row
+        rows, classes = x.layout.dims
+        want = {"self": Layout((rows, classes)), "target": Layout((rows,))}
+        want["weight"] = Layout((classes,))
+        yield Strategy(_in_order(ri, want), decompose=_multi_margin_split(ri.op))
     for s in batched(ri, labels, [_per_row(x, ri.outputs[0])]):
         yield _reduced_outputs(ri, s, _batch_axes(s), reduction, _row_count(x))
 
@@ -395,6 +507,12 @@ def multi_margin_loss_backward_rule(ri: RuleInput) -> Iterator[Strategy]:
     labels = [_per_row(x, b["grad_output"]), _rows(x), _per_row(x, b["target"])]
     if isinstance(b["weight"], ArgSpec):
         labels.append((None,))
+    if x.ndim == 2 and x.layout.dims[1]:  # split classes: two all-reduces of N numbers
+        rows, classes = x.layout.dims
+        want = {"self": Layout((rows, classes)), "target": Layout((rows,))}
+        want["grad_output"] = Layout((rows,) if reduction == _NONE else ())
+        want["weight"] = Layout((classes,))
+        yield Strategy(_in_order(ri, want), decompose=_multi_margin_backward_split(ri.op))
     linear = (0,) if reduction == _NONE else ()
     for s in batched(ri, labels, [_rows(x)], linear=linear):
         yield _reduced_grad(ri, s, _batch_axes(s, 1), reduction, _row_count(x))
