@@ -27,10 +27,12 @@ encoding, ``DTensorSpec._convert_shard_order_to_StridedShard``); decoding
 tries every order of that dim's axes. shardlib cuts the dim flat into |x1|..|xk|
 chunks. The blocks agree whenever the sizes divide, and in many uneven cases
 (n=7 over 2x2: both give [0,2) [2,4) [4,6) [6,7)); where they differ (n=6:
-shardlib [0,2) [2,4) [4,6) [6,6), DTensor [0,2) [2,3) [3,5) [5,6)) data moves:
-shardlib-side, over the fewest minor axes whose prefix blocks contain
-DTensor's (a planner move or one ledgered all-gather, cause ``"to_dtensor"`` /
-``"from_dtensor"``); `sl.strict` refuses it instead, naming the blocks.
+shardlib [0,2) [2,4) [4,6) [6,6), DTensor [0,2) [2,3) [3,5) [5,6)) data moves
+on shardlib's side, in the ledger (cause ``"to_dtensor"`` / ``"from_dtensor"``):
+`to_dtensor` reshards (planner) to the longest prefix of the dim's axes whose
+blocks contain DTensor's, then cuts locally; `from_dtensor` all-gathers over
+the fewest minor axes whose group's DTensor blocks cover each device's block,
+then cuts locally. `sl.strict` refuses either move, naming both cuts.
 Every shardlib layout has placements; a DTensor converts unless it has a
 placement shardlib has no layout for: ``Partial("product")`` and the bitwise
 partials, or partials of mixed ops over several mesh dims (LayoutError with a
@@ -469,12 +471,34 @@ def _refuse_in_strict(where: str, layout: Layout, keys: tuple, grid: _Grid, shap
 
 
 # == conversions (no autograd) ===================================================
-def _to_dtensor_impl(x: ShardedTensor, grid: _Grid, cause: str, direction: str) -> DTensor:
+def _refuse_uneven_strided(shape, layout: Layout, keys: tuple, grid: _Grid) -> None:
+    """torch 2.13 DTensor mis-assembles some uneven `_StridedShard`s (``full_tensor`` and
+    ``redistribute`` return wrong values or fail on a 2x3x2 mesh): refuse to make one."""
+    for d in sorted({k[1] for k in keys if k[0] == "S" and k[2] > 1}):
+        axes = layout.dims[d]
+        k = grid.mesh.abstract.group_size(axes)
+        if shape[d] % k:
+            mesh_order = tuple(a for a in grid.names if a in axes)
+            raise LayoutError(
+                f"x.to_dtensor(): {layout!r} splits dim {d} (size {shape[d]}) over {axes!r}, "
+                f"an order other than the DeviceMesh's {mesh_order!r}; DTensor encodes it as "
+                f"_StridedShard ({_placements(keys)}), which torch's DTensor reassembles "
+                f"correctly only when the size is divisible by {k}. Reshard first to "
+                f"{layout.with_dim(d, mesh_order)!r} (the DeviceMesh order), or pad dim {d} to "
+                f"a multiple of {k}."
+            )
+
+
+def _to_dtensor_impl(
+    x: ShardedTensor, grid: _Grid, cause: str, direction: str, *, user: bool = True
+) -> DTensor:
     from torch.distributed._local_tensor import LocalTensor
     from torch.distributed.tensor import DTensor
 
     shape, layout, am = tuple(x.shape), x._layout, grid.mesh.abstract
     keys = _keys_of_layout(layout, grid)
+    if user:  # a gradient goes back in its DTensor input's own placements, whatever they are
+        _refuse_uneven_strided(shape, layout, keys, grid)
     bad = _bad_dims(shape, layout, keys, grid)
     shards = x.local_shards()
     if bad:
@@ -669,7 +693,7 @@ class _FromDTensor(torch.autograd.Function):
             target = ctx.layout.without_partial()
             if g._layout != target:
                 g = _reshard_impl(g, target, "from_dtensor", "backward")
-            return _to_dtensor_impl(g, ctx.grid, "from_dtensor", "backward"), None
+            return _to_dtensor_impl(g, ctx.grid, "from_dtensor", "backward", user=False), None
 
 
 def _is_dtensor(t: Any) -> bool:
