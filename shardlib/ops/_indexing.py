@@ -203,19 +203,6 @@ def _replicated(ri: RuleInput) -> Strategy:
     )
 
 
-def _tensor_order(ri: RuleInput) -> list[str]:
-    """Argument names of ``ri.tensors``, in order (a list argument repeats its name)."""
-    names = [a.name for a in ri.op._schema.arguments]
-    order = []
-    for i, a in enumerate(ri.args):
-        if isinstance(a, ArgSpec):
-            order.append(names[i])
-        elif isinstance(a, list | tuple):
-            order += [names[i]] * sum(isinstance(b, ArgSpec) for b in a)
-    order += [k for k, v in ri.kwargs.items() if isinstance(v, ArgSpec)]
-    return order
-
-
 # == per-device helpers ========================================================
 def _check_range(op: Any, idx: torch.Tensor, n: int, negative: bool) -> None:
     """Raise as torch does for an index outside ``[0, n)`` (``[-n, n)`` if `negative`).
@@ -257,7 +244,11 @@ def _finish(op: Any, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 
 def _functional(op: Any) -> Any:
-    return _functional_of(op) if _is_inplace(op) else op
+    """The out-of-place form of an in-place op (``hacked_twin`` overloads: the default one)."""
+    if not _is_inplace(op):
+        return op
+    name = op._schema.name.split("::")[-1][:-1]
+    return _functional_of(op) or getattr(aten, name).default
 
 
 def _split_dims(layout: Layout, dims: Sequence[int]) -> list[int]:
@@ -794,7 +785,12 @@ def _index_local(op: Any, x: ArgSpec, adv: _Advanced, mesh: Any) -> Callable:
     return make
 
 
-@register_rule(aten.index.Tensor, aten._unsafe_index.Tensor)
+@register_rule(
+    aten.index.Tensor,
+    aten.index.Tensor_hacked_twin,
+    aten._unsafe_index.Tensor,
+    aten._unsafe_index.Tensor_hacked_twin,
+)
 def index_rule(ri: RuleInput) -> Iterator[Strategy]:
     """x[indices] with long index tensors (None = a whole dim).
 
@@ -857,9 +853,13 @@ def _index_put_local(op: Any, x: ArgSpec, adv: _Advanced, mesh: Any) -> Callable
 
 _INDEX_PUTS = (
     aten.index_put.default,
+    aten.index_put.hacked_twin,
     aten.index_put_.default,
+    aten.index_put_.hacked_twin,
     aten._unsafe_index_put.default,
+    aten._unsafe_index_put.hacked_twin,
     aten._index_put_impl_.default,
+    aten._index_put_impl_.hacked_twin,
     aten._index_put_impl.default,
 )
 
