@@ -33,8 +33,13 @@ on shardlib's side, in the ledger (cause ``"to_dtensor"`` / ``"from_dtensor"``):
 blocks contain DTensor's, then cuts locally; `from_dtensor` all-gathers over
 the fewest minor axes whose group's DTensor blocks cover each device's block,
 then cuts locally. `sl.strict` refuses either move, naming both cuts.
-Every shardlib layout has placements; a DTensor converts unless it has a
-placement shardlib has no layout for: ``Partial("product")`` and the bitwise
+Every shardlib layout has placements, but `to_dtensor` refuses (LayoutError
+naming the fix) a dim split in an order other than the DeviceMesh's whose size
+the axes do not divide: that is an uneven ``_StridedShard``, whose rank blocks
+are not even nested chunks (13 over c=2 then b=3: a rank holds {6, 11}) and
+which torch 2.13's DTensor mis-assembles (``full_tensor`` wrong or failing on
+a 2x3x2 mesh). `from_dtensor` converts any ``_StridedShard`` it is given. A
+DTensor converts unless it has a placement shardlib has no layout for: ``Partial("product")`` and the bitwise
 partials, or partials of mixed ops over several mesh dims (LayoutError with a
 fix). A ``_StridedShard`` that no split order produces (DTensor view
 propagation makes them: a genuinely strided split) converts by the same move
@@ -527,7 +532,7 @@ def _cut(t: torch.Tensor, runs: tuple[Runs, ...], bounds, dims: list[int]) -> to
         if len(r) == 1:
             t = t.narrow(d, r[0][0] - lo, r[0][1] - r[0][0])
         else:
-            t = t.index_select(d, _indices(r, lo))
+            t = t.index_select(d, _indices(r, lo).to(t.device))
     return t.contiguous()
 
 
@@ -538,7 +543,11 @@ def _indices(runs: Runs, lo: int) -> torch.Tensor:
 
 
 def _local_tensors(dt: Any, mesh: Mesh) -> list[torch.Tensor]:
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+
     local = dt._local_tensor
+    if isinstance(local, AsyncCollectiveTensor):  # a collective DTensor has not waited on yet
+        local = local.wait()
     per_rank = getattr(local, "_local_tensors", None)
     if per_rank is None:
         return [local.detach()]
@@ -624,8 +633,9 @@ def _gather_blocks(shards, shape, keys, grid: _Grid, layout, axes, cause, direct
         for j, m in enumerate(am.group(dev, axes)):
             pairs = [_overlap(r, b) for r, b in zip(grid.runs(shape, keys, m), bounds)]
             if all(len(src) for src, _ in pairs):
-                src = tuple(_open_index(i, p, len(pairs)) for p, (i, _) in enumerate(pairs))
-                dst = tuple(_open_index(i, p, len(pairs)) for p, (_, i) in enumerate(pairs))
+                n = len(pairs)
+                src = tuple(_open_index(i, p, n).to(g.device) for p, (i, _) in enumerate(pairs))
+                dst = tuple(_open_index(i, p, n).to(g.device) for p, (_, i) in enumerate(pairs))
                 block.index_put_(dst, g[j][src])
         out.append(block)
     return out
