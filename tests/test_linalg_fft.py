@@ -429,6 +429,25 @@ def test_as_strided_needs_a_contiguous_or_replicated_input():
         view.as_strided((2, 2), (1, 1))
 
 
+def test_hash_tensor_and_tensor_linspace():
+    """hash_tensor over an unsplit dim of a batch-split tensor moves nothing; linspace from
+    a partial 0-dim end reduces that end (one small all-reduce) and gives torch's values."""
+    axes = {"x": 4}
+    mesh = sl.Mesh.simulated(axes)
+    x = _randn(5, 6, seed=54)
+    with sl.comm_ledger() as led:
+        h = torch.ops.aten.hash_tensor(sl.shard(x, mesh, P("x", None)), [1])
+    assert led.records == []
+    assert torch.equal(h.full(), torch.ops.aten.hash_tensor(x, [1]))
+    lay = P(partial="x")
+    end = sl.from_local(make_summands(torch.tensor(3.0, dtype=F64), lay, axes), mesh, lay, ())
+    with sl.comm_ledger() as led:
+        y = torch.linspace(torch.tensor(-1.0, dtype=F64), end, 7)
+    assert [r.kind for r in led.records] == ["all_reduce"]
+    want = torch.linspace(torch.tensor(-1.0, dtype=F64), torch.tensor(3.0, dtype=F64), 7)
+    _close(y, want, "linspace")
+
+
 # == rules (pure data) ==========================================================
 def _ri(op, specs: Sequence[ArgSpec], outs: Sequence[ArgSpec]) -> RuleInput:
     return RuleInput(
