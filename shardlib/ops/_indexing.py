@@ -30,6 +30,17 @@ alike, each device works on its blocks"; ``None`` means the dim must be whole.
   indices inside its chunk (the others go to a dummy slot past its end, dropped):
   the output keeps self's split, no communication. Uneven and empty chunks are exact.
 
+Rules by op: gather (and take_along_dim, which torch composes from it), scatter
+(.src, .value, .reduce, .value_reduce), scatter_add, scatter_reduce: dim-wise
+(self and index of one rank; a dim where the index is shorter than self is an index
+dim the device reads or writes at its block's rows of a whole self). index_select,
+index_add/copy/fill/reduce: along a dim with a 1-d index. index / _unsafe_index and
+index_put / index_put_ / _unsafe_index_put / _index_put_impl_ (hacked_twin overloads
+too): advanced indexing, None entries are batch dims. take / put: a flat index into
+every dim of self. ``_unsafe_masked_index`` and ``_unsafe_masked_index_put_accumulate``
+have no rule: torch's decompositions (clamp, _unsafe_index / _unsafe_index_put,
+masked_fill) run on these rules. In-place forms write each device's shard.
+
 Candidates are each tensor's own splits, their union where axes do not collide,
 and the replicated placement; the dispatcher prices the implied moves and keeps the
 cheapest, so an index that collides with a split table is gathered when that costs
