@@ -31,7 +31,8 @@ Also: `shard_by_name`'s errors (a pattern matching no name, a layout of the
 wrong length), and the ledger of one Llama SDPA step against Megatron's
 collectives (one all-reduce over tp per attention and per MLP, forward and
 backward, plus the embedding's and the vocabulary-parallel cross-entropy's),
-with bytes from the shapes.
+with bytes from the shapes; and the add rule that a tied embedding's two
+gradients need (partials over different axes keep the common ones).
 """
 
 from __future__ import annotations
