@@ -107,6 +107,23 @@ def _call(op: Any, b: dict[str, Any]) -> Any:
     return op(*args, **kwargs)
 
 
+def _with_sharded(func: Any, want: dict[str, Layout], decompose: Callable) -> Callable:
+    """`decompose` called with the plain tensors among the arguments named in `want` made
+    ShardedTensors in their layouts there (a plain tensor is a replicated constant: cut
+    locally, no communication), so a decomposition sees only sharded tensors there."""
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        b = _bind(func, args, kwargs)
+        mesh = next(v._mesh for v in b.values() if isinstance(v, ShardedTensor))
+        for name, layout in want.items():
+            v = b.get(name)
+            if isinstance(v, torch.Tensor) and not isinstance(v, ShardedTensor):
+                b[name] = _local_blocks(v, mesh, layout)
+        return decompose(*(b[a.name] for a in func._schema.arguments))
+
+    return run
+
+
 def _full(specs: Sequence[ArgSpec], dtype: torch.dtype) -> ArgSpec:
     """The broadcast shape of `specs`, as an output-like spec."""
     return ArgSpec(tuple(torch.broadcast_shapes(*(s.shape for s in specs))), dtype)
@@ -256,7 +273,9 @@ def rrelu_rule(ri: RuleInput) -> Iterator[Strategy]:
         for dims in candidate_dims((x,), x):
             yield Strategy((Layout(dims), noise.layout), (Layout(dims),), local=_rrelu_eval)
         return
-    yield Strategy((x.layout.without_partial(), noise.layout), decompose=_rrelu_train)
+    want = {"self": x.layout.without_partial()}
+    decompose = _with_sharded(ri.op, want, _rrelu_train)
+    yield Strategy((want["self"], noise.layout), decompose=decompose)
 
 
 # == reductions of a loss ======================================================

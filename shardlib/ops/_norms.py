@@ -67,7 +67,7 @@ from ..layouts._mesh import AbstractMesh
 from ..layouts._shard import chunk_bounds
 from ._api import _local_blocks
 from ._dispatch import _move
-from ._losses import _call
+from ._losses import _call, _with_sharded
 from ._nn import _in_order
 from ._rng import _bind
 from ._rules import ArgSpec, RuleInput, Strategy, register_rule
@@ -279,13 +279,15 @@ def batch_norm_rule(ri: RuleInput) -> Iterator[Strategy]:
     stats = ("running_mean", "running_var")
     if not training:
         want = {"input": Layout(dims), "weight": chan, "bias": chan, stats[0]: chan, stats[1]: chan}
-        yield Strategy(_in_order(ri, want), decompose=_bn_eval(ri.op))
+        yield Strategy(_in_order(ri, want), decompose=_with_sharded(ri.op, want, _bn_eval(ri.op)))
         return
     want = {"input": Layout(dims), "weight": chan, "bias": chan}
     for name in stats:  # written in place: taken as they are (the decomposition moves them)
         if isinstance(b.get(name), ArgSpec):
             want[name] = b[name].layout
-    yield Strategy(_in_order(ri, want), decompose=_bn_training(ri.op, variant))
+    values = {k: v for k, v in want.items() if k not in stats}  # (stats: written in place)
+    decompose = _with_sharded(ri.op, values, _bn_training(ri.op, variant))
+    yield Strategy(_in_order(ri, want), decompose=decompose)
 
 
 # == batch norm backward =======================================================
@@ -421,7 +423,8 @@ def batch_norm_backward_rule(ri: RuleInput) -> Iterator[Strategy]:
     if training and red:  # the reduced dims are split: statistics need one all-reduce
         want = {**current, "grad_out": Layout(dims), "input": Layout(dims), "weight": chan}
         want.update({"save_mean": chan, invstd_name: chan})
-        yield Strategy(_in_order(ri, want), decompose=_bn_backward_sums(ri.op, mask))
+        decompose = _with_sharded(ri.op, want, _bn_backward_sums(ri.op, mask))
+        yield Strategy(_in_order(ri, want), decompose=decompose)
         return
     g = dy.layout
     options: list[tuple[str, ...]] = [()]
@@ -596,9 +599,11 @@ def group_norm_rule(ri: RuleInput) -> Iterator[Strategy]:
     per = channels // groups if groups else 0
     for dims in _gn_dims(x, groups, ri.mesh):
         chan = Layout((dims[1],))
-        inputs = _in_order(ri, {"input": Layout(dims), "weight": chan, "bias": chan})
+        want = {"input": Layout(dims), "weight": chan, "bias": chan}
+        inputs = _in_order(ri, want)
         if _flat(dims, (0, 1)) and math.prod(x.shape):
-            yield Strategy(inputs, decompose=_gn_forward_sums(ri.op, groups, channels, hw))
+            decompose = _with_sharded(ri.op, want, _gn_forward_sums(ri.op, groups, channels, hw))
+            yield Strategy(inputs, decompose=decompose)
             continue
         stats = Layout((dims[0], dims[1]))
         yield Strategy(inputs, (Layout(dims), stats, stats), local=_gn_local(per))
@@ -618,6 +623,7 @@ def group_norm_backward_rule(ri: RuleInput) -> Iterator[Strategy]:
         if _flat(dims, (0, 1)) and math.prod(x.shape):
             want["grad_out"] = Layout(dims)
             decompose = _gn_backward_sums(ri.op, groups, channels, hw, mask)
+            decompose = _with_sharded(ri.op, dict(want), decompose)
             yield Strategy(_in_order(ri, want), decompose=decompose)
             continue
         g = dy.layout
