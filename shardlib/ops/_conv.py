@@ -93,7 +93,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -118,10 +118,6 @@ __all__: list[str] = []
 
 
 # == helpers ===================================================================
-def _replicated(ndim: int) -> Layout:
-    return Layout(((),) * ndim)
-
-
 def _sum_partial(layout: Layout) -> Axes:
     return layout.partial if layout.partial and layout.reduce_op == "sum" else ()
 
@@ -175,6 +171,14 @@ class _Rows:
     axes: Axes
     n: int
     srcs: tuple[tuple[int, ...], ...]
+    # derived in __post_init__: each device's own input block, the rows it receives per
+    # distance, the distances used, their buffer widths, and each output row's position
+    # in the device's pool of rows (own block, received rows, one fill row)
+    bounds: tuple[tuple[int, int], ...] = field(init=False, compare=False, repr=False)
+    need: dict[int, tuple[tuple[int, ...], ...]] = field(init=False, compare=False, repr=False)
+    shifts: tuple[int, ...] = field(init=False, compare=False, repr=False)
+    width: dict[int, int] = field(init=False, compare=False, repr=False)
+    pos: tuple[tuple[int, ...], ...] = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         p = len(self.srcs)
