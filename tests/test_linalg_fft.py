@@ -14,8 +14,8 @@ Covers `shardlib/ops/_linalg.py` and `shardlib/ops/_spectral.py`:
 - Ledger: batch-split linalg and fft move nothing (forward and backward); a
   split matrix (or transformed) dim gathers exactly that operand, closed form
   ``(k - 1) * largest block`` bytes; strict mode refuses it naming the op;
-  tril/triu/diag_embed/diagonal_scatter/slice_scatter on split matrices move
-  nothing; cdist with both row dims split moves nothing and its x1 gradient
+  tril/triu/diag_embed/diagonal_scatter/slice_scatter/trace on split matrices
+  move nothing; cdist with both row dims split moves nothing and its x1 gradient
   with x2's rows split is a partial sum (no collective in backward).
 - The lazy conjugate bit: `x.conj()` of a sharded complex tensor followed by
   any op gives the conjugate's values (shards never carry the bit).
@@ -377,7 +377,9 @@ def test_diagonal_ops_on_split_matrices_move_nothing(mesh: str):
 def test_structured_ops_match_torch(mesh: str):
     axes = MESHES[mesh]
     split = BATCH[mesh].dims[0]
-    run(torch.trace, [_randn(5, 5, seed=40)], [P(split, None)], axes)
+    for lay in (P(split, None), P(None, split)):  # a block sums its diagonal entries
+        fwd, _ = run(torch.trace, [_randn(5, 6, seed=40)], [lay], axes)
+        assert fwd == []
     run(
         lambda a, b: torch.linalg.cross(a, b),
         [_randn(5, 3, seed=41), _randn(1, 3, seed=42)],

@@ -28,7 +28,8 @@ The rules, by op:
 - diagonal_scatter: the input keeps any layout; each device writes the part
   of the diagonal inside its block (the source's diagonal dim unsplit).
 - slice_scatter: the same, for a slice along a dim.
-- trace: ``sum(diagonal(x))`` (its backward is torch's).
+- trace: each block sums the diagonal entries inside it: a partial sum over
+  the split axes (no gather).
 - linalg_cross: the dim of size 3 coupled, every other dim batch.
 - ``_cdist_forward``: batch and row splits of x1 and x2 are local (the output
   split on both row dims); ``_cdist_backward`` with the other operand's rows
@@ -117,7 +118,7 @@ _MATRIX: dict[Any, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = {
     aten.cholesky_inverse.default: ((2,), (2,), ()),
     aten.cholesky_solve.default: ((2, 2), (2,), (0,)),
     aten.linalg_qr.default: ((2,), (2, 2), ()),
-    aten.geqrf.default: ((2,), (2, 1), ()),
+    aten.geqrf.default: ((2,), (2, 1), ()),  # reached once torch has its meta kernel
     aten.linalg_householder_product.default: ((2, 1), (2,), ()),
     aten.ormqr.default: ((2, 1, 2), (2,), (2,)),
     aten.linalg_lu.default: ((2,), (2, 2, 2), ()),
@@ -298,15 +299,35 @@ def _linear_partial(lay: Layout) -> Layout:
     return lay if not lay.partial or lay.reduce_op in ("sum", "avg") else lay.without_partial()
 
 
-def _trace(x: Any) -> Any:
-    return aten.sum.default(aten.diagonal.default(x, 0, 0, 1))
-
-
 @register_rule(aten.trace.default)
 def trace_rule(ri: RuleInput) -> Iterator[Strategy]:
-    """``sum(diagonal(x))``, each part by its rule (a split diagonal sums to a partial)."""
+    """Each block sums the global diagonal's entries inside it: partial-sum over the split axes.
+
+    No communication on any layout. A sum-partial input adds its partial axes (trace is
+    linear); an avg-partial one stays avg when nothing is split; other partials are
+    reduced first.
+    """
     (x,) = ri.tensors
-    yield Strategy((x.layout,), decompose=_trace)
+    lay = x.layout
+    split = tuple(a for axes in lay.dims for a in axes)
+    if not split:
+        keep = lay.partial and lay.reduce_op in ("sum", "avg")
+        yield Strategy(
+            (lay if keep else lay.without_partial(),),
+            (Layout((), lay.partial, lay.reduce_op) if keep else Layout(()),),
+        )
+        return
+    want = lay if lay.partial and lay.reduce_op == "sum" else lay.without_partial()
+    shape, mesh, dtype = x.shape, ri.mesh, ri.outputs[0].dtype
+
+    def local(dev: int, t: torch.Tensor) -> torch.Tensor:
+        r0 = _block_start(shape, want, mesh, dev, 0)
+        c0 = _block_start(shape, want, mesh, dev, 1)
+        return t.diagonal(r0 - c0).sum(dtype=dtype)  # an empty block sums to 0
+
+    yield Strategy(
+        (want,), (Layout((), split + want.partial, "sum"),), local=local, local_device=True
+    )
 
 
 # == products and distances =====================================================
