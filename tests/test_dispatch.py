@@ -73,18 +73,30 @@ def test_replicate_fallback_gathers_in_the_ledger():
     torch.testing.assert_close(y.full(), torch.cummax(_v(6), 0).values, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("fn", [torch.unique], ids=["unique"])
-def test_data_dependent_shapes_raise_clearly(fn):
+# (h9b) nonzero, unique and x[mask] have rules (`_indexing.py`, `_scans.py`); a user's op
+# with a value-dependent shape and no rule still raises.
+# (its meta kernel is the composite's, which fails in nonzero as torch's own ops do)
+_LIB = torch.library.Library("shardlib_test", "FRAGMENT")
+_LIB.define("positives(Tensor t) -> Tensor", tags=(torch.Tag.dynamic_output_shape,))
+_LIB.impl("positives", lambda t: t[t > 0], "CompositeExplicitAutograd")
+
+
+def test_data_dependent_shapes_raise_clearly():
     mesh = sl.Mesh.simulated({"x": 2})
     x = sl.shard(_v(6), mesh, P("x"))
     with pytest.raises(sl.NoRuleError, match="depends on the values.*x.full"):
-        fn(x)
+        torch.ops.shardlib_test.positives(x)
 
 
-# (h9b) nonzero and x[mask] have rules (`_indexing.py`): nonzero's split input is gathered
-# (x[mask]: the mask's, then a partial lookup), in the ledger; strict mode refuses the gather.
+# nonzero's and unique's split input is gathered (x[mask]: the mask's, then a partial
+# lookup), in the ledger; strict mode refuses the gather.
 @pytest.mark.parametrize(
-    "fn, spec", [(torch.nonzero, P(None, None)), (lambda t: t[t > 0], P(None, partial="x"))]
+    "fn, spec",
+    [
+        (torch.nonzero, P(None, None)),
+        (torch.unique, P(None)),
+        (lambda t: t[t > 0], P(None, partial="x")),
+    ],
 )
 def test_data_dependent_shapes_gather_visibly(fn, spec):
     mesh = sl.Mesh.simulated({"x": 2})
@@ -93,7 +105,7 @@ def test_data_dependent_shapes_gather_visibly(fn, spec):
         y = fn(x)
     assert [r.kind for r in led.records] == ["all_gather"] and y.spec == spec
     torch.testing.assert_close(y.full(), fn(_v(6)), rtol=0, atol=0)
-    with sl.strict(), pytest.raises(sl.LayoutError, match="nonzero"):
+    with sl.strict(), pytest.raises(sl.LayoutError, match="nonzero|unique"):
         fn(x)
 
 
