@@ -21,7 +21,8 @@ Entry points that build ShardedTensors in Python (`sl.reshard`,
 traced constant: a function using them compiles with ``fullgraph=True`` and
 its value and gradient equal eager's. The active scheme is guarded: the same
 compiled function called under another scheme recompiles (and follows it),
-and under an equal scheme again reuses its graph.
+and under an equal scheme again reuses its graph; `snn.use` inside the
+compiled function is refused with the fix (enter it around the call).
 
 Tiers (compiling is slow on a small shared machine): the default tier runs
 tp1d under aot_eager, dp+tp2d's graph-break check, and inductor on a small
@@ -222,6 +223,22 @@ def test_another_scheme_recompiles_and_is_followed():
     assert spec["sp"] == eager_sp.spec
     assert spec["sp gathers"] == led.count("all_gather") > 0  # SP gathers the sequence
     assert spec["plain gathers"] == 0
+
+
+def test_use_inside_the_compiled_function_names_the_fix():
+    """`snn.use` sets a context variable dynamo cannot trace: the error says to enter it
+    around the compiled call (without fullgraph it is a graph break, and runs eagerly)."""
+    torch._dynamo.reset()
+    make_scheme, axes = SCHEMES["tp1d"]
+    mesh, scheme = sl.Mesh.simulated(axes), make_scheme()
+    params, batch = sharded(mesh, scheme)
+
+    def inside(p, b):
+        with snn.use(scheme, mesh):
+            return loss_fn(p, b)
+
+    with pytest.raises(torch._dynamo.exc.Unsupported, match=r"snn.use.*around the compiled call"):
+        torch.compile(inside, backend="eager", fullgraph=True)(params, batch)
 
 
 def test_inductor_compiles_a_sharded_contraction():

@@ -91,6 +91,13 @@ def use(scheme: Scheme, mesh: Any) -> Iterator[Scheme]:
         ...     snn.constrain(x, ("batch", "seq", "embed")).spec
         P('dp', None, None)
     """
+    if torch.compiler.is_dynamo_compiling():  # (h9g) dynamo cannot set a context variable
+        raise LayoutError(
+            "snn.use(scheme, mesh) inside a function torch.compile traces: the active scheme "
+            "is a context variable, which dynamo cannot set. Enter it around the compiled "
+            "call instead: `with snn.use(scheme, mesh): loss = compiled_step(params, batch)` "
+            "(the compiled step is guarded on the scheme and recompiles under another)."
+        )
     check_mesh(scheme, mesh, "snn.use(scheme, mesh)")
     token = _ACTIVE.set(_ACTIVE.get() + ((scheme, mesh),))
     global _USE_KEY  # (h9g) torch.compile's guard on the active scheme

@@ -44,7 +44,7 @@ Consequences (documented in the README):
   tracing (`tracing()`); the compiled step does what torch's compiled kernel
   does with such input.
 - `with snn.use(scheme, mesh):` must enclose the compiled call (dynamo cannot
-  trace the context variable it sets); `sl.strict()` and the other mode
+  trace the context variable it sets; inside, `use` raises naming that fix); `sl.strict()` and the other mode
   contexts likewise apply when they are open at the first (tracing) call.
 - Not traceable (a graph break, or an error under ``fullgraph=True``):
   `sl.shard_map` (its collectives are for plain tensors in eager code),
