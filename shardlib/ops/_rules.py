@@ -93,8 +93,12 @@ def register_rule(*ops: Any) -> Callable[[Rule], Rule]:
     Examples:
         >>> import torch
         >>> from shardlib.ops import register_rule, Strategy
-        >>> @register_rule(torch.ops.aten.sgn.default)
-        ... def sgn_rule(ri):
+        >>> @torch.library.custom_op("shardlib_doc::sign", mutates_args=())
+        ... def sign(t: torch.Tensor) -> torch.Tensor:
+        ...     return torch.sgn(t)
+        >>> _ = sign.register_fake(lambda t: torch.empty_like(t))
+        >>> @register_rule(torch.ops.shardlib_doc.sign.default)
+        ... def sign_rule(ri):
         ...     (x,) = ri.tensors
         ...     yield Strategy((x.layout.without_partial(),), (x.layout.without_partial(),))
     """
