@@ -38,7 +38,6 @@ aot_eager compiles faster and runs the traced aten graph as is).
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import sys
@@ -55,9 +54,11 @@ from shardlib.nn import gpt
 if __package__ in (None, ""):  # run as a script: benchmarks/ is not a package on the path
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import _megatron_ref as ref
+    from _gpt_args import add_model_args, check_losses, model_config, model_flags
     from schemes import finish_grads, make_batch
 else:
     from . import _megatron_ref as ref
+    from ._gpt_args import add_model_args, check_losses, model_config, model_flags
     from .schemes import finish_grads, make_batch
 
 VARIANTS = ("tp1d", "plain", "megatron")
@@ -275,19 +276,6 @@ def format_table(title: str, merged: dict) -> list[str]:
     return lines
 
 
-def _check_losses(merged: dict, want: float, where: str) -> None:
-    bad = {
-        key: m["loss"]
-        for key, (_, m) in merged.items()
-        if not math.isfinite(m["loss"]) or abs(m["loss"] - want) > 1e-4 * max(1.0, abs(want))
-    }
-    if bad:
-        raise AssertionError(
-            f"benchmarks/compile.py ({where}): losses {bad} differ from the unsharded model's "
-            f"{want:.6f} by more than 1e-4 relative: a variant computes another model"
-        )
-
-
 # == the command line ===================================================================
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
@@ -295,12 +283,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per variant")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps after the first")
     ap.add_argument("--backend", default="inductor", help="torch.compile backend")
-    ap.add_argument("--dim", type=int, default=256)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=1024)
+    add_model_args(ap, layers=2, seq=128, batch=4)
     ap.add_argument("--sim-tp", type=int, default=4, help="devices of the simulated tp1d mesh")
     ap.add_argument("--skip-gloo", action="store_true")
     ap.add_argument("--skip-sim", action="store_true")
@@ -320,8 +303,7 @@ def command_line(args: argparse.Namespace) -> str:
         "python benchmarks/compile.py",
         f"--ranks {args.ranks} --steps {args.steps} --warmup {args.warmup}",
         f"--backend {args.backend}",
-        f"--dim {args.dim} --heads {args.heads} --layers {args.layers} --seq {args.seq} "
-        f"--batch {args.batch} --vocab {args.vocab} --sim-tp {args.sim_tp}",
+        f"{model_flags(args)} --sim-tp {args.sim_tp}",
     ]
     parts += [
         f"--{f}"
@@ -343,10 +325,7 @@ class Report:
 def main(argv: Sequence[str] | None = None) -> Report:
     """Run the benchmark, print the tables as they complete, return a `Report`."""
     args = parse_args(argv)
-    config = gpt.Config(
-        vocab=args.vocab, dim=args.dim, heads=args.heads, layers=args.layers, seq=args.seq
-    )
-    cfg = {f: getattr(config, f) for f in ("vocab", "dim", "heads", "layers", "seq")}
+    config, cfg = model_config(args)
     want = ref.sanity_loss(config, gpt.init(config), make_batch(config, args.batch, args.seq))
     spec = {
         "config": cfg,
@@ -379,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
         t0 = time.perf_counter()
         per_rank = sl.launch(bench_rank, {"tp": args.ranks}, args=(spec,), timeout=3600)
         report.gloo = _merge(per_rank)
-        _check_losses(report.gloo, want, f"{args.ranks} gloo ranks")
+        check_losses(report.gloo, want, f"{args.ranks} gloo ranks", "benchmarks/compile.py")
         table = format_table(
             f"{args.ranks} gloo ranks (tp1d on {{tp: {args.ranks}}}):", report.gloo
         )
@@ -388,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
         print(f"[compile.py] simulated {{tp: {args.sim_tp}}} ...", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         report.sim = _merge([bench_simulated(config, args.batch, args.sim_tp, spec)])
-        _check_losses(report.sim, want, "simulated")
+        check_losses(report.sim, want, "simulated", "benchmarks/compile.py")
         title = f"simulated mesh (tp1d on {{tp: {args.sim_tp}}}, one process, one thread):"
         emit([*format_table(title, report.sim), f"({time.perf_counter() - t0:.0f} s)", ""])
     return report

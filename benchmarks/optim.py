@@ -89,8 +89,10 @@ from shardlib.nn import gpt
 
 if __package__ in (None, ""):  # run as a script: benchmarks/ is not a package on the path
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _gpt_args import add_model_args, model_config, model_flags
     from schemes import PeakMemory
 else:
+    from ._gpt_args import add_model_args, model_config, model_flags
     from .schemes import PeakMemory
 
 MiB = 2**20
@@ -693,14 +695,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)}"
     )
-    ap.add_argument("--dim", type=int, default=256)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--kv-heads", type=int, default=None)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=1024)
-    ap.add_argument("--mlp", type=int, default=None)
-    ap.add_argument("--seq", type=int, default=64, help="ZeRO part: tokens per sequence")
-    ap.add_argument("--batch", type=int, default=8, help="ZeRO part: global batch (split over dp)")
+    add_model_args(
+        ap,
+        layers=4,
+        seq=64,
+        batch=8,
+        seq_help="ZeRO part: tokens per sequence",
+        batch_help="ZeRO part: global batch (split over dp)",
+    )
     ap.add_argument("--zero-ranks", type=int, default=4, help="N, the dp size of the ZeRO part")
     ap.add_argument("--stages", default="0,1,2,3", help="ZeRO stages, comma-separated")
     ap.add_argument("--zero-steps", type=int, default=3, help="timed ZeRO steps per stage")
@@ -747,12 +749,9 @@ def command_line(args: argparse.Namespace) -> str:
         "python benchmarks/optim.py",
         f"--ranks {' '.join(map(str, args.ranks))}",
         f"--steps {args.steps} --warmup {args.warmup} --variants {','.join(args.variant_names)}",
-        f"--dim {args.dim} --heads {args.heads}"
-        + (f" --kv-heads {args.kv_heads}" if args.kv_heads else "")
-        + f" --layers {args.layers} --vocab {args.vocab}"
-        + (f" --mlp {args.mlp}" if args.mlp else ""),
+        model_flags(args),
         f"--zero-ranks {args.zero_ranks} --stages {','.join(map(str, args.stage_list))} "
-        f"--seq {args.seq} --batch {args.batch} --zero-steps {args.zero_steps} "
+        f"--zero-steps {args.zero_steps} "
         f"--zero-on {','.join(args.zero_where)}",
     ]
     parts += [f"--{f}" for f in ("skip-optim", "skip-zero") if getattr(args, f.replace("-", "_"))]
@@ -779,17 +778,7 @@ def main(argv: Sequence[str] | None = None, launch: Callable | None = None) -> R
     fresh ``sl.launch`` per rank count.
     """
     args = parse_args(argv)
-    config = gpt.Config(
-        vocab=args.vocab,
-        dim=args.dim,
-        heads=args.heads,
-        layers=args.layers,
-        seq=args.seq,
-        kv_heads=args.kv_heads,
-        mlp=args.mlp,
-    )
-    fields = ("vocab", "dim", "heads", "layers", "seq", "kv_heads", "mlp")
-    cfg = {f: getattr(config, f) for f in fields}
+    config, cfg = model_config(args)
     psi, n = param_bytes(config), args.zero_ranks
     report = Report([], {}, {}, psi, n)
 

@@ -74,8 +74,10 @@ from shardlib.nn import gpt
 if __package__ in (None, ""):  # run as a script: benchmarks/ is not a package on the path
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import _megatron_ref as ref
+    from _gpt_args import add_model_args, check_losses, model_config, model_flags
 else:
     from . import _megatron_ref as ref
+    from ._gpt_args import add_model_args, check_losses, model_config, model_flags
 
 MiB = 2**20
 
@@ -457,19 +459,6 @@ def _batch_split(name: str, ranks: int) -> int:
     return math.prod(axes[a] for a in split)
 
 
-def _check_losses(merged: dict, want: float, ranks: int) -> None:
-    bad = {
-        name: m["loss"]
-        for name, (_, m) in merged.items()
-        if not math.isfinite(m["loss"]) or abs(m["loss"] - want) > 1e-4 * max(1.0, abs(want))
-    }
-    if bad:
-        raise AssertionError(
-            f"benchmarks/schemes.py on {ranks} ranks: losses {bad} differ from the unsharded "
-            f"model's {want:.6f} by more than 1e-4 relative: a variant computes another model"
-        )
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--ranks", type=int, nargs="+", default=[4, 8], help="gloo rank counts (<= 8)")
@@ -480,14 +469,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="tp1d,tp1d_sp,dp,fsdp,tp2d,tp2p5d,tp3d,ulysses,ring",
         help=f"comma-separated subset of {','.join(SCHEMES)}",
     )
-    ap.add_argument("--dim", type=int, default=256)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--kv-heads", type=int, default=None)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=1024)
-    ap.add_argument("--mlp", type=int, default=None)
+    add_model_args(ap, layers=2, seq=128, batch=4)
     ap.add_argument(
         "--baselines",
         default=",".join(BASELINES),
@@ -533,10 +515,7 @@ def command_line(args: argparse.Namespace) -> str:
         f"--ranks {' '.join(map(str, args.ranks))}",
         f"--steps {args.steps} --warmup {args.warmup}",
         f"--schemes {','.join(args.scheme_names)} --baselines {','.join(args.baseline_names)}",
-        f"--dim {args.dim} --heads {args.heads}"
-        + (f" --kv-heads {args.kv_heads}" if args.kv_heads else "")
-        + f" --layers {args.layers} --seq {args.seq} --batch {args.batch} --vocab {args.vocab}"
-        + (f" --mlp {args.mlp}" if args.mlp else ""),
+        model_flags(args),
     ]
     if args.skip_3d:
         parts.append("--skip-3d")
@@ -562,17 +541,7 @@ class Report:
 def main(argv: Sequence[str] | None = None) -> Report:
     """Run the benchmark, print the table (each rank count's as it completes), return a `Report`."""
     args = parse_args(argv)
-    config = gpt.Config(
-        vocab=args.vocab,
-        dim=args.dim,
-        heads=args.heads,
-        layers=args.layers,
-        seq=args.seq,
-        kv_heads=args.kv_heads,
-        mlp=args.mlp,
-    )
-    fields = ("vocab", "dim", "heads", "layers", "seq", "kv_heads", "mlp")
-    cfg = {f: getattr(config, f) for f in fields}
+    config, cfg = model_config(args)
     want = ref.sanity_loss(config, gpt.init(config), make_batch(config, args.batch, args.seq))
     report = Report([], {}, None)
 
@@ -615,7 +584,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
         t0 = time.perf_counter()
         per_rank = sl.launch(bench_rank, {"tp": ranks}, args=(spec,), timeout=3600)
         merged = _merge(per_rank)
-        _check_losses(merged, want, ranks)
+        check_losses(merged, want, f"{ranks} ranks", "benchmarks/schemes.py")
         report.tables[ranks] = merged
         skipped = [n for n in args.scheme_names if n not in names]
         table = format_table(ranks, merged)
