@@ -2,12 +2,15 @@
 
 `workers4` and `workers8` are `shardlib.collectives.Workers` pools (4 and 8
 ranks on 127.0.0.1, one intra-op thread each, process-group timeout 60 s);
-they start on first use and stop when the session ends.
+they start on first use and stop when the session ends. `one_torch_thread` runs a module
+with one intra-op thread (tiny matrices on a loaded 2-core machine, as the examples' main()
+sets); a module opts in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``.
 """
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from shardlib.collectives import Workers
 
@@ -28,3 +31,11 @@ def workers4():
 @pytest.fixture(scope="session")
 def workers8():
     yield from _pool(8)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

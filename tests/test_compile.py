@@ -39,6 +39,8 @@ import shardlib as sl
 from shardlib import nn as snn
 from shardlib.nn import gpt
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # tiny: every size divides 2 and 4 (tp=4 on gloo must align heads and kv heads)
 CONFIG = gpt.Config(vocab=12, dim=16, heads=4, layers=1, seq=8)
 SCHEMES = {
@@ -124,14 +126,6 @@ def compiled_matches_eager(mesh, name: str, backend: str) -> int:
 
 
 # ----------------------------------------------------------------------------- simulated
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def test_eager_tp1d_step_equals_unsharded_float64():

@@ -55,6 +55,8 @@ sys.path.insert(0, str(ROOT / "examples"))  # spawned gloo workers inherit sys.p
 
 import train_gpt as tg  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 STEPS = 50
 TINY = [
     "--vocab", "16", "--dim", "32", "--heads", "4", "--layers", "1", "--seq", "16",
@@ -106,15 +108,6 @@ def _train(*extra: str) -> tg.Result:
     if extra not in _RUNS:
         _RUNS[extra] = tg.train(_args(*extra))
     return _RUNS[extra]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices on a loaded 2-core machine: one intra-op thread (as main() sets)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
