@@ -885,15 +885,11 @@ class _Pool:
         return out
 
 
-_HALO_POOLS = {
-    aten.max_pool2d_with_indices.default: ("max", 2),
-    aten.max_pool3d_with_indices.default: ("max", 3),
-    aten.avg_pool2d.default: ("avg", 2),
-    aten.avg_pool3d.default: ("avg", 3),
-    aten.max_pool2d_with_indices_backward.default: ("max", 2),
-    aten.max_pool3d_with_indices_backward.default: ("max", 3),
-    aten.avg_pool2d_backward.default: ("avg", 2),
-    aten.avg_pool3d_backward.default: ("avg", 3),
+_HALO_POOLS = {  # aten.max_pool2d_with_indices, ..._backward, aten.avg_pool3d, ...: (kind, nsp)
+    getattr(aten, f"{name}{n}d{suffix}{grad}").default: (kind, n)
+    for kind, name, suffix in (("max", "max_pool", "_with_indices"), ("avg", "avg_pool", ""))
+    for n in (2, 3)
+    for grad in ("", "_backward")
 }
 
 
@@ -1230,23 +1226,17 @@ def _zeroed(pad: Sequence[int], ndim: int, dims: set[int]) -> list[int]:
     return out
 
 
-_PADS = {
-    aten.constant_pad_nd.default: ("constant", None),
-    aten.reflection_pad1d.default: ("reflect", 1),
-    aten.reflection_pad2d.default: ("reflect", 2),
-    aten.reflection_pad3d.default: ("reflect", 3),
-    aten.replication_pad1d.default: ("replicate", 1),
-    aten.replication_pad2d.default: ("replicate", 2),
-    aten.replication_pad3d.default: ("replicate", 3),
-}
-_PAD_BACKWARDS = {
-    aten.reflection_pad1d_backward.default: ("reflect", 1),
-    aten.reflection_pad2d_backward.default: ("reflect", 2),
-    aten.reflection_pad3d_backward.default: ("reflect", 3),
-    aten.replication_pad1d_backward.default: ("replicate", 1),
-    aten.replication_pad2d_backward.default: ("replicate", 2),
-    aten.replication_pad3d_backward.default: ("replicate", 3),
-}
+def _mode_pads(suffix: str) -> dict:
+    """aten.reflection_pad{1,2,3}d{suffix}, aten.replication_pad...: (mode, spatial dims)."""
+    return {
+        getattr(aten, f"{name}_pad{n}d{suffix}").default: (mode, n)
+        for name, mode in (("reflection", "reflect"), ("replication", "replicate"))
+        for n in (1, 2, 3)
+    }
+
+
+_PADS = {aten.constant_pad_nd.default: ("constant", None), **_mode_pads("")}
+_PAD_BACKWARDS = _mode_pads("_backward")
 
 
 def _pad_partial(layout: Layout, mode: str, value: Any) -> tuple[Axes, str]:
