@@ -24,15 +24,11 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
-import sys
 
 import pytest
 import torch
 
 from shardlib.nn import gpt
-
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 
 TINY = dict(dim=32, heads=4, layers=1, vocab=64, seq=16, batch=4)
 N = 4
@@ -40,9 +36,9 @@ ONE_STEP = ["--steps", "1", "--warmup", "0", "--zero-steps", "1", "--zero-ranks"
 
 
 def _optim():
-    if BENCH not in sys.path:
-        sys.path.insert(0, BENCH)  # the ranks inherit it and import the same module
-    return importlib.import_module("optim")
+    # As the package module: the session's worker pool may have started before this file put
+    # anything on sys.path, and it unpickles `bench_rank` by its module's name.
+    return importlib.import_module("benchmarks.optim")
 
 
 def _config() -> gpt.Config:
