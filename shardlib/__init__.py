@@ -61,5 +61,6 @@ from .ops._tensor import ShardedTensor as ShardedTensor
 
 __version__ = "0.1.0"
 from . import checkpoint as checkpoint  # noqa: E402
+from . import cuda as cuda  # noqa: E402  (kernels; imports no cuda-python until used)
 from . import nn as nn  # noqa: E402  (schemes stand on everything above)
 from . import optim as optim  # noqa: E402  (optimizers and ZeRO stand on the ops)

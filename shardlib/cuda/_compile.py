@@ -1,0 +1,247 @@
+"""Compiling kernel sources: NVRTC through cuda.core and cuda.bindings, and the disk cache.
+
+Owns: the import of the optional extra (`require_extra`: the one place that says what to
+install), architecture names (`parse_arch`, the architectures this NVRTC supports), the
+compile of a source to a cubin (cuda.core's ``Program(src, "c++", ProgramOptions(arch=
+sm_XY)).compile("cubin")``) or to PTX (``cuda.bindings.nvrtc`` with ``compute_XY``), and
+the persistent cache in front of both. It does not own the registry (`_kernel.py`) or
+launches (`_launch.py`), and it never needs a driver or a GPU.
+
+The cache is cuda.core's own (`cuda.core.utils.FileStreamProgramCache`: one file per
+entry, atomic writes, safe across processes) keyed by
+`cuda.core.utils.make_program_cache_key`, which digests the source text, the target, the
+options (the arch among them) and the NVRTC version. Its directory is ``$SHARDLIB_CACHE/
+cuda`` when that is set, else ``$XDG_CACHE_HOME/shardlib/cuda`` (``~/.cache/shardlib/
+cuda``). `compile_cache()` returns the cache of the current directory, whose ``hits`` and
+``misses`` count this process's lookups.
+
+Invariants: nothing here runs at import (importing shardlib never imports cuda-python);
+equal inputs give equal keys in every process; a cache entry is exactly the bytes NVRTC
+returned.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+from typing import Any
+
+from ._errors import INSTALL_HINT, ArchError, CudaNotInstalledError, KernelCompileError
+
+CXX_STANDARD = "c++17"
+TARGETS = ("cubin", "ptx")
+
+
+# == the optional extra =========================================================
+def require_extra(where: str) -> Any:
+    """The `cuda.core` module, or `CudaNotInstalledError` saying what to install."""
+    try:
+        import cuda.bindings.nvrtc  # noqa: F401
+        import cuda.core
+        import cuda.core.utils  # noqa: F401
+    except ImportError as exc:  # no wheel, or an NVRTC library that will not load
+        raise CudaNotInstalledError(
+            f"{where}: shardlib's CUDA kernels need the optional extra (cuda-core, "
+            f"cuda-bindings and the NVRTC wheel), which does not import here ({exc}). "
+            f"Fix: {INSTALL_HINT}. The torch references (shardlib.cuda._quant, "
+            "shardlib.cuda._adamw) work without it."
+        ) from exc
+    return cuda.core
+
+
+def nvrtc_version() -> tuple[int, int]:
+    """(major, minor) of the NVRTC library in use."""
+    require_extra("sl.cuda nvrtc_version()")
+    from cuda.bindings import nvrtc
+
+    return tuple(_nvrtc_check(nvrtc.nvrtcVersion(), "nvrtcVersion"))  # type: ignore[return-value]
+
+
+def supported_archs() -> tuple[int, ...]:
+    """The compute capabilities this NVRTC compiles for, as ints (80 for sm_80)."""
+    require_extra("sl.cuda supported_archs()")
+    from cuda.bindings import nvrtc
+
+    return tuple(_nvrtc_check(nvrtc.nvrtcGetSupportedArchs(), "nvrtcGetSupportedArchs"))
+
+
+def _nvrtc_check(result: tuple, call: str) -> Any:
+    from cuda.bindings import nvrtc
+
+    err, *values = result
+    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        raise KernelCompileError(f"sl.cuda: {call} failed: {err!r}")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else values
+
+
+# == architectures ==============================================================
+_ARCH = re.compile(r"^(?:sm_|compute_)?(\d{2,3})([af]?)$")
+
+
+def parse_arch(arch: Any, where: str) -> tuple[int, str]:
+    """``"sm_90"``, ``"sm_90a"``, ``90``, ``"90"`` or ``(9, 0)`` -> ``(90, "a" or "")``."""
+    if isinstance(arch, tuple) and len(arch) == 2 and all(isinstance(a, int) for a in arch):
+        return arch[0] * 10 + arch[1], ""
+    if isinstance(arch, int) and not isinstance(arch, bool):
+        arch = str(arch)
+    m = _ARCH.match(arch) if isinstance(arch, str) else None
+    if m is None:
+        raise ArchError(
+            f"{where}: arch={arch!r} is not an architecture name. Fix: pass 'sm_80', "
+            "'sm_90' (or 80, 90, or torch.cuda.get_device_capability()'s (9, 0))."
+        )
+    return int(m.group(1)), m.group(2)
+
+
+def check_arch(arch: Any, where: str, *, min_arch: int | None = None) -> tuple[int, str]:
+    """`parse_arch`, then `ArchError` if NVRTC or the kernel (``min_arch``) cannot do it."""
+    cc, suffix = parse_arch(arch, where)
+    if min_arch is not None and cc < min_arch:
+        raise ArchError(
+            f"{where}: arch sm_{cc} is below this kernel's minimum sm_{min_arch} (its "
+            f"instructions exist from sm_{min_arch} on). Fix: compile for sm_{min_arch} or "
+            "newer, or use the int8 kernels on older GPUs."
+        )
+    archs = supported_archs()
+    if cc not in archs:
+        major, minor = nvrtc_version()
+        raise ArchError(
+            f"{where}: NVRTC {major}.{minor} does not compile for sm_{cc}; it supports "
+            f"{', '.join(f'sm_{a}' for a in archs)}. Fix: pick one of those, or install "
+            "an NVRTC wheel whose CUDA version supports your GPU."
+        )
+    return cc, suffix
+
+
+# == the cache ==================================================================
+def cache_dir() -> pathlib.Path:
+    """Where compiled kernels are kept (see the module docstring)."""
+    root = os.environ.get("SHARDLIB_CACHE")
+    if root:
+        return pathlib.Path(root) / "cuda"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = pathlib.Path(xdg) if xdg else pathlib.Path.home() / ".cache"
+    return base / "shardlib" / "cuda"
+
+
+class CompileCache:
+    """cuda.core's `FileStreamProgramCache` at `path`, counting this process's lookups.
+
+    ``hits`` and ``misses`` count `get` calls that found / did not find an entry.
+    """
+
+    def __init__(self, path: pathlib.Path) -> None:
+        require_extra("sl.cuda compile cache")
+        from cuda.core.utils import FileStreamProgramCache
+
+        self.path = path
+        self.hits = 0
+        self.misses = 0
+        self._files = FileStreamProgramCache(path)
+
+    def get(self, key: bytes) -> bytes | None:
+        data = self._files.get(key)
+        if data is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return data
+
+    def put(self, key: bytes, data: bytes) -> None:
+        self._files[key] = data
+
+    def clear(self) -> None:
+        """Remove every entry (the counters stay)."""
+        self._files.clear()
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def __repr__(self) -> str:
+        return f"CompileCache({str(self.path)!r}, hits={self.hits}, misses={self.misses})"
+
+
+_caches: dict[pathlib.Path, CompileCache] = {}  # one per directory, keyed by its path
+
+
+def compile_cache() -> CompileCache:
+    """The cache of the current `cache_dir()` (``$SHARDLIB_CACHE`` is read on every call).
+
+    Examples:
+        >>> import shardlib as sl
+        >>> cache = sl.cuda.compile_cache()
+        >>> cache.path.name
+        'cuda'
+    """
+    path = cache_dir()
+    cache = _caches.get(path)
+    if cache is None:
+        cache = _caches[path] = CompileCache(path)
+    return cache
+
+
+# == compiling ==================================================================
+def program_options(cc: int, suffix: str, target: str) -> Any:
+    """cuda.core `ProgramOptions` for ``sm_XY`` (cubin) or ``compute_XY`` (PTX)."""
+    from cuda.core import ProgramOptions
+
+    prefix = "sm" if target == "cubin" else "compute"
+    return ProgramOptions(arch=f"{prefix}_{cc}{suffix}", std=CXX_STANDARD)
+
+
+def compile_source(source: str, name: str, cc: int, suffix: str, target: str) -> bytes:
+    """`source` compiled for ``sm_{cc}{suffix}`` to `target`, through the cache."""
+    from cuda.core.utils import make_program_cache_key
+
+    options = program_options(cc, suffix, target)
+    key = make_program_cache_key(code=source, code_type="c++", options=options, target_type=target)
+    cache = compile_cache()
+    data = cache.get(key)
+    if data is None:
+        data = (
+            _compile_cubin(source, name, options)
+            if target == "cubin"
+            else _compile_ptx(source, name, options)
+        )
+        cache.put(key, data)
+    return data
+
+
+def _compile_cubin(source: str, name: str, options: Any) -> bytes:
+    from cuda.core import Program
+
+    try:
+        obj = Program(source, "c++", options).compile("cubin")
+    except Exception as exc:  # cuda.core raises its nvrtc error with the log attached
+        raise KernelCompileError(
+            f"sl.cuda: NVRTC could not compile {name} for {options.arch}:\n{exc}"
+        ) from exc
+    return bytes(obj.code)
+
+
+def _compile_ptx(source: str, name: str, options: Any) -> bytes:
+    from cuda.bindings import nvrtc
+
+    prog = _nvrtc_check(
+        nvrtc.nvrtcCreateProgram(source.encode(), name.encode(), 0, [], []), "nvrtcCreateProgram"
+    )
+    try:
+        opts = options.as_bytes("nvrtc")
+        (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+        if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            size = _nvrtc_check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
+            log = b" " * size
+            _nvrtc_check(nvrtc.nvrtcGetProgramLog(prog, log), "nvrtcGetProgramLog")
+            raise KernelCompileError(
+                f"sl.cuda: NVRTC could not compile {name} to PTX for {options.arch} "
+                f"({err!r}):\n{log.decode(errors='replace').rstrip(chr(0))}"
+            )
+        size = _nvrtc_check(nvrtc.nvrtcGetPTXSize(prog), "nvrtcGetPTXSize")
+        ptx = b" " * size
+        _nvrtc_check(nvrtc.nvrtcGetPTX(prog, ptx), "nvrtcGetPTX")
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+    return ptx.rstrip(b"\0")

@@ -1,0 +1,45 @@
+// Shared pieces of the blockwise quantization kernels (shardlib.cuda, DESIGN §10).
+//
+// The contract (torch reference: shardlib/cuda/_quant.py) is bitwise: a tensor is its flat
+// float32 view of n elements cut into blocks of `block` elements (the last one may be
+// short); block b has
+//     absmax_b = max |x_i|,  scale_b = absmax_b / QMAX   (QMAX = 127 for int8, 448 for e4m3)
+//     q_i = clamp(rint(x_i / scale_b), -127, 127)         (int8)
+//     q_i = e4m3_satfinite_rn(x_i / scale_b)              (fp8 e4m3)
+//     q_i = 0 where scale_b == 0;
+//     dequantize: y_i = float(q_i) * scale_b;
+//     dequantize-reduce of k pieces: y_i = sum_{j = 0..k-1} float(q_{j,i}) * scale_{j,b},
+//     accumulated in float32 from j = 0 up.
+// Every division, multiplication and addition is written with the _rn intrinsics, so no
+// compiler flag (fast math, FMA contraction) changes a bit. No CUDA header is included:
+// NVRTC compiles these sources from the pip wheel alone. shardlib's registry splices this
+// file into the sources that `#include` it, so the compile cache key covers it.
+//
+// Launch shapes: quantize runs one warp per quantization block, dequantize one thread per
+// element; any grid works (both stride over the work).
+
+typedef long long i64;
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int offset = 16; offset > 0; offset >>= 1)
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+// The absmax over x[start, end), on every lane of the warp.
+__device__ __forceinline__ float block_absmax(const float* __restrict__ x, i64 start, i64 end,
+                                              int lane) {
+  float m = 0.0f;
+  for (i64 i = start + lane; i < end; i += 32) m = fmaxf(m, fabsf(x[i]));
+  return warp_max(m);
+}
+
+// Index of this thread's warp among all the grid's warps, and their number.
+__device__ __forceinline__ i64 global_warp() {
+  return (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+}
+__device__ __forceinline__ i64 grid_warps() { return (i64)gridDim.x * (blockDim.x >> 5); }
+__device__ __forceinline__ i64 global_thread() {
+  return (i64)blockIdx.x * blockDim.x + threadIdx.x;
+}
+__device__ __forceinline__ i64 grid_threads() { return (i64)gridDim.x * blockDim.x; }
