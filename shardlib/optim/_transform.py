@@ -714,6 +714,11 @@ def _adam_kernel(
     group of contiguous float32/float64 blocks -- the arithmetic of
     ``torch.optim.AdamW(fused=True)``; the other blocks (16-bit, strided, other devices)
     take its foreach sequence (``foreach=True``; one temporary, the denominator).
+
+    On CUDA, float32 groups run shardlib's own fused kernel instead (``adamw_flat``,
+    `shardlib.cuda._adamw.adamw_flat_cuda`: the same arithmetic in one pass, one launch per
+    block) when `shardlib.cuda.available()` -- the ``shardlib[cuda]`` extra, a driver and a
+    GPU; otherwise torch's. CPU blocks never take it.
     """
     groups: dict[tuple, list[int]] = {}
     rest: list[int] = []
@@ -735,7 +740,24 @@ def _adam_kernel(
             groups.setdefault((device, dtype), []).append(k)
         else:
             rest.append(k)
-    for (device, _), idx in groups.items():
+    for (device, dtype), idx in groups.items():
+        if device.type == "cuda" and dtype == torch.float32 and _cuda_adamw_available():
+            from ..cuda import _adamw  # the cuda layer: imported only on CUDA
+
+            for k in idx:
+                _adamw.adamw_flat_cuda(
+                    target[k],
+                    g[k].contiguous(),
+                    mu[k],
+                    nu[k],
+                    lr=lr,
+                    step=t,
+                    b1=b1,
+                    b2=b2,
+                    eps=eps,
+                    weight_decay=weight_decay,
+                )
+            continue
         step_t = torch.full((), float(t), dtype=torch.float32, device=device)
         torch._fused_adamw_(
             [target[k] for k in idx],
@@ -764,6 +786,13 @@ def _adam_kernel(
         torch._foreach_div_(denom, bc2**0.5)
         torch._foreach_add_(denom, eps)
         torch._foreach_addcdiv_(a, m, denom, value=-lr / bc1)
+
+
+def _cuda_adamw_available() -> bool:
+    """Whether shardlib's fused AdamW kernel can run (`shardlib.cuda.available()`)."""
+    from ..cuda import _launch
+
+    return _launch.available()
 
 
 def _adam_grads(lv: _Leaves) -> list[torch.Tensor]:
@@ -1002,6 +1031,12 @@ def adamw(
 
     ``updates = -lr * (mu_hat / (sqrt(nu_hat) + eps) + weight_decay * params)``, the same
     as AdamW's ``p *= 1 - lr*wd`` then its Adam step. State `ScaleByAdamState`.
+
+    Kernels: contiguous float32/float64 blocks run torch's fused ``_fused_adamw_``; on CUDA,
+    float32 blocks run shardlib's ``adamw_flat`` kernel instead (one pass over parameter,
+    gradient and both moments; `shardlib.cuda`) when `shardlib.cuda.available()` is True
+    (the ``shardlib[cuda]`` extra, a driver and a GPU). The values agree with
+    torch.optim.AdamW to float32 rounding either way; CPU runs never use the CUDA kernel.
 
     Examples:
         >>> import shardlib as sl, torch
