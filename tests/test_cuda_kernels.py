@@ -211,6 +211,24 @@ def test_cache_key_covers_the_nvrtc_version(tmp_path, monkeypatch):
     assert (cache.hits, cache.misses) == (1, 2)
 
 
+def test_cache_without_cuda_core_s_program_cache(tmp_path, monkeypatch):
+    """A cuda.core older than 1.2 has no FileStreamProgramCache: the directory cache keys on
+    the same inputs (a second compile hits, another arch or a source change misses)."""
+    import cuda.core.utils
+
+    monkeypatch.delattr(cuda.core.utils, "FileStreamProgramCache")
+    monkeypatch.delattr(cuda.core.utils, "make_program_cache_key")
+    monkeypatch.setenv("SHARDLIB_CACHE", str(tmp_path))
+    cache = sl.cuda.compile_cache()
+    k = _tmp_kernel(tmp_path / "k.cu")
+    first = k.compile("sm_90")
+    assert k.compile("sm_90") == first and first[:4] == b"\x7fELF"
+    k.compile("sm_80")
+    _tmp_kernel(tmp_path / "k.cu", body="x[0] = 3.0f;")
+    k.compile("sm_90")
+    assert (cache.hits, cache.misses, len(cache)) == (1, 3, 3)
+
+
 def test_import_compiles_nothing_and_the_cache_persists(module_cache):
     """In a fresh process: `import shardlib` imports no cuda.core and creates no cache;
     without the extra `sl.cuda.kernels()` names the pip command; with it, a kernel this

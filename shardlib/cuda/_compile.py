@@ -13,7 +13,9 @@ entry, atomic writes, safe across processes) keyed by
 options (the arch among them) and the NVRTC version. Its directory is ``$SHARDLIB_CACHE/
 cuda`` when that is set, else ``$XDG_CACHE_HOME/shardlib/cuda`` (``~/.cache/shardlib/
 cuda``). `compile_cache()` returns the cache of the current directory, whose ``hits`` and
-``misses`` count this process's lookups.
+``misses`` count this process's lookups. (A cuda.core older than 1.2 has no program
+cache: a directory of atomically written files keyed by a digest of the same inputs
+stands in.)
 
 Invariants: nothing here runs at import (importing shardlib never imports cuda-python);
 equal inputs give equal keys in every process; a cache entry is exactly the bytes NVRTC
@@ -22,9 +24,11 @@ returned.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pathlib
 import re
+import tempfile
 from typing import Any
 
 from ._errors import INSTALL_HINT, ArchError, CudaNotInstalledError, KernelCompileError
@@ -127,20 +131,67 @@ def cache_dir() -> pathlib.Path:
     return base / "shardlib" / "cuda"
 
 
+class _Files:
+    """A directory of entries named by their key's digest, written atomically: the cache
+    for a cuda.core older than 1.2, which has no `FileStreamProgramCache`."""
+
+    def __init__(self, path: pathlib.Path) -> None:
+        self.root = path / "entries"
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _file(self, key: bytes) -> pathlib.Path:
+        return self.root / hashlib.sha256(key).hexdigest()
+
+    def get(self, key: bytes) -> bytes | None:
+        try:
+            return self._file(key).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def __setitem__(self, key: bytes, data: bytes) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, self._file(key))
+
+    def clear(self) -> None:
+        for f in self.root.iterdir():
+            f.unlink(missing_ok=True)
+
+    def __len__(self) -> int:
+        return sum(1 for f in self.root.iterdir() if not f.name.startswith(".tmp"))
+
+
+def _cache_key(source: str, options: Any, target: str) -> bytes:
+    """cuda.core's `make_program_cache_key` (source, options with the arch, target, NVRTC
+    version), or the same inputs digested here on a cuda.core without it."""
+    try:
+        from cuda.core.utils import make_program_cache_key
+    except ImportError:
+        parts = [source.encode(), target.encode(), *options.as_bytes("nvrtc")]
+        parts.append(".".join(map(str, nvrtc_version())).encode())
+        return hashlib.sha256(b"\0".join(parts)).digest()
+    return make_program_cache_key(code=source, code_type="c++", options=options, target_type=target)
+
+
 class CompileCache:
     """cuda.core's `FileStreamProgramCache` at `path`, counting this process's lookups.
 
-    ``hits`` and ``misses`` count `get` calls that found / did not find an entry.
+    ``hits`` and ``misses`` count `get` calls that found / did not find an entry. (On a
+    cuda.core older than 1.2, which has none, a directory of atomically written files.)
     """
 
     def __init__(self, path: pathlib.Path) -> None:
         require_extra("sl.cuda compile cache")
-        from cuda.core.utils import FileStreamProgramCache
-
         self.path = path
         self.hits = 0
         self.misses = 0
-        self._files = FileStreamProgramCache(path)
+        try:
+            from cuda.core.utils import FileStreamProgramCache
+        except ImportError:
+            self._files: Any = _Files(path)
+        else:
+            self._files = FileStreamProgramCache(path)
 
     def get(self, key: bytes) -> bytes | None:
         data = self._files.get(key)
@@ -194,10 +245,8 @@ def program_options(cc: int, suffix: str, target: str) -> Any:
 
 def compile_source(source: str, name: str, cc: int, suffix: str, target: str) -> bytes:
     """`source` compiled for ``sm_{cc}{suffix}`` to `target`, through the cache."""
-    from cuda.core.utils import make_program_cache_key
-
     options = program_options(cc, suffix, target)
-    key = make_program_cache_key(code=source, code_type="c++", options=options, target_type=target)
+    key = _cache_key(source, options, target)
     cache = compile_cache()
     data = cache.get(key)
     if data is None:
