@@ -48,7 +48,8 @@ def quantize_cuda(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Blockwise quantize `x`'s flat float32 view: ``(q [n], scales [ceil(n/block)])``.
 
-    One warp per quantization block. bf16/fp16 inputs are converted to float32 first.
+    bf16/fp16 inputs are converted to float32 first. Every kernel here runs one warp per
+    quantization block (8 per CUDA block of 256 threads).
     """
     where = f"shardlib.cuda._ops.quantize_cuda(x, fmt={fmt!r}, block={block!r})"
     if fmt not in _FORMATS:
@@ -85,7 +86,7 @@ def dequantize_cuda(
         )
     y = torch.empty(n, dtype=torch.float32, device=q.device)
     if n:
-        grid = min(_blocks(n, THREADS), _MAX_GRID)
+        grid = min(_blocks(_blocks(n, block), THREADS // 32), _MAX_GRID)  # a warp per block
         kernels()[f"dequantize_{fmt}"].launch(
             grid, THREADS, flat, scales.reshape(-1).contiguous(), y, np.int64(n), np.int32(block)
         )
@@ -113,7 +114,7 @@ def dequantize_reduce_cuda(
         )
     y = torch.empty(n, dtype=torch.float32, device=q.device)
     if n and k:
-        grid = min(_blocks(n, THREADS), _MAX_GRID)
+        grid = min(_blocks(_blocks(n, block), THREADS // 32), _MAX_GRID)  # a warp per block
         kernels()[f"dequantize_reduce_{fmt}"].launch(
             grid,
             THREADS,

@@ -15,8 +15,9 @@
 // NVRTC compiles these sources from the pip wheel alone. shardlib's registry splices this
 // file into the sources that `#include` it, so the compile cache key covers it.
 //
-// Launch shapes: quantize runs one warp per quantization block, dequantize one thread per
-// element; any grid works (both stride over the work).
+// Launch shape: one warp per quantization block (the block's absmax is a warp reduction,
+// its scale one load), any grid (the warps stride over the blocks), a whole number of
+// warps per CUDA block.
 
 typedef long long i64;
 
@@ -39,7 +40,3 @@ __device__ __forceinline__ i64 global_warp() {
   return (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
 }
 __device__ __forceinline__ i64 grid_warps() { return (i64)gridDim.x * (blockDim.x >> 5); }
-__device__ __forceinline__ i64 global_thread() {
-  return (i64)blockIdx.x * blockDim.x + threadIdx.x;
-}
-__device__ __forceinline__ i64 grid_threads() { return (i64)gridDim.x * blockDim.x; }

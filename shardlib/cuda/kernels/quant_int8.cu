@@ -22,24 +22,33 @@ extern "C" __global__ void quantize_int8(const float* __restrict__ x, signed cha
   }
 }
 
+// One warp per quantization block: the block's scale is read once, no index division.
 extern "C" __global__ void dequantize_int8(const signed char* __restrict__ q,
-                                           const float* __restrict__ scales,
-                                           float* __restrict__ y, i64 n, int block) {
-  for (i64 i = global_thread(); i < n; i += grid_threads())
-    y[i] = __fmul_rn((float)q[i], scales[i / block]);
+                                          const float* __restrict__ scales,
+                                          float* __restrict__ y, i64 n, int block) {
+  const int lane = threadIdx.x & 31;
+  const i64 nblocks = (n + block - 1) / block;
+  for (i64 b = global_warp(); b < nblocks; b += grid_warps()) {
+    const float scale = scales[b];
+    const i64 end = min((b + 1) * block, n);
+    for (i64 i = b * block + lane; i < end; i += 32) y[i] = __fmul_rn((float)q[i], scale);
+  }
 }
 
-// q: [k, n] row-major, scales: [k, ceil(n / block)].
+// q: [k, n] row-major, scales: [k, ceil(n / block)]; one warp per quantization block.
 extern "C" __global__ void dequantize_reduce_int8(const signed char* __restrict__ q,
                                                   const float* __restrict__ scales,
                                                   float* __restrict__ y, i64 n, int block,
                                                   int k) {
+  const int lane = threadIdx.x & 31;
   const i64 nblocks = (n + block - 1) / block;
-  for (i64 i = global_thread(); i < n; i += grid_threads()) {
-    const i64 b = i / block;
-    float acc = 0.0f;
-    for (int j = 0; j < k; ++j)
-      acc = __fadd_rn(acc, __fmul_rn((float)q[(i64)j * n + i], scales[(i64)j * nblocks + b]));
-    y[i] = acc;
+  for (i64 b = global_warp(); b < nblocks; b += grid_warps()) {
+    const i64 end = min((b + 1) * block, n);
+    for (i64 i = b * block + lane; i < end; i += 32) {
+      float acc = 0.0f;
+      for (int j = 0; j < k; ++j)
+        acc = __fadd_rn(acc, __fmul_rn((float)q[(i64)j * n + i], scales[(i64)j * nblocks + b]));
+      y[i] = acc;
+    }
   }
 }
