@@ -319,6 +319,97 @@ def test_launch_without_a_driver_says_so():
         _ops.quantize_cuda(torch.randn(300), "int8", 256)
 
 
+class _FakeCuda(torch.Tensor):
+    """A CPU tensor that says it is on cuda:0 (only the launch glue reads its memory)."""
+
+    @property
+    def device(self):
+        return torch.device("cuda", 0)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """The launch path with a pretend sm_90 GPU: the driver-facing cuda.core calls (Device,
+    ObjectCode, launch) and torch's stream are stand-ins that record what they are given."""
+    import cuda.core
+
+    from shardlib.cuda import _launch
+
+    launches = []
+
+    class Device:
+        compute_capability = (9, 0)
+
+        def __init__(self, index):
+            self.index = index
+
+        def set_current(self):
+            launches.append(("set_current", self.index))
+
+    class ObjectCode:
+        @staticmethod
+        def from_cubin(cubin, name):
+            launches.append(("load", name))
+            return ObjectCode(cubin, name)
+
+        def __init__(self, cubin, name):
+            self.cubin, self.name = cubin, name
+
+        def get_kernel(self, entry):
+            return ("function", self.name, entry, self.cubin)
+
+    class Stream:
+        cuda_stream = 0xABC
+
+    def launch(stream, config, fn, *args):
+        launches.append((stream.__cuda_stream__(), config.grid, config.block, fn, args))
+
+    monkeypatch.setattr(_launch, "gpu_problem", lambda: None)
+    monkeypatch.setattr(_launch, "_loaded", {})
+    monkeypatch.setattr(cuda.core, "Device", Device)
+    monkeypatch.setattr(cuda.core, "ObjectCode", ObjectCode)
+    monkeypatch.setattr(cuda.core, "launch", launch)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda index=None: Stream())
+    real_empty = torch.empty
+    monkeypatch.setattr(
+        torch, "empty", lambda *a, device=None, **k: real_empty(*a, **k).as_subclass(_FakeCuda)
+    )
+    return launches
+
+
+def test_launch_glue_with_a_pretend_gpu(fake_gpu):
+    """What reaches cuda.core: the sm_90 cubin of the kernel's file and its entry point, the
+    grid, torch's current stream, pointers and typed scalars (a null pointer for None);
+    the module is loaded once."""
+    from shardlib.cuda import _ops
+    from shardlib.cuda._adamw import adamw_flat_cuda
+
+    x = torch.randn(3000).as_subclass(_FakeCuda)
+    q, scales = _ops.quantize_cuda(x, "int8", 256)
+    (_, dev), load, (stream, grid, block, fn, args) = fake_gpu
+    assert load == ("load", "quant_int8.cu")
+    assert dev == 0 and stream == (0, 0xABC) and grid == (2, 1, 1) and block == (256, 1, 1)
+    cubin = sl.cuda.kernels()["quantize_int8"].compile("sm_90")
+    assert fn == ("function", "quant_int8.cu", "quantize_int8", cubin)
+    assert args[:3] == (x.data_ptr(), q.data_ptr(), scales.data_ptr())
+    assert args[3:] == (3000, 256) and type(args[3]) is np.int64 and type(args[4]) is np.int32
+    assert q.dtype == torch.int8 and q.shape == (3000,) and scales.shape == (12,)
+    _ops.dequantize_reduce_cuda(torch.stack([q, q]), torch.stack([scales, scales]), 256)
+    stream, grid, _, fn, args = fake_gpu[-1]
+    assert fn[2] == "dequantize_reduce_int8" and grid == (2, 1, 1) and args[3:] == (3000, 256, 2)
+    p, g, m, v = (torch.zeros(10).as_subclass(_FakeCuda) for _ in range(4))
+    adamw_flat_cuda(p, g, m, v, lr=0.5, step=2, b1=0.5, weight_decay=0.1, clip=0.25)
+    *_, fn, args = fake_gpu[-1]
+    assert fn[1:3] == ("adamw.cu", "adamw_flat") and args[4] == 0  # no bf16 copy: null
+    floats = dict(zip([p.name for p in sl.cuda.kernels()["adamw_flat"].params[6:]], args[6:]))
+    assert all(type(a) is np.float32 for a in floats.values())
+    assert floats["decay"] == np.float32(0.95) and floats["clip"] == np.float32(0.25)
+    assert floats["step_size"] == np.float32(0.5 / 0.75)  # lr / (1 - b1^2)
+    _ops.quantize_cuda(x, "int8", 256)
+    assert sum(1 for e in fake_gpu if e[0] == "set_current") == 4  # once per launch
+    assert sum(1 for e in fake_gpu if e[0] == "load") == 3  # once per (kernel, arch, device)
+
+
 def test_wrappers_check_shapes_before_launching():
     from shardlib.cuda import _ops
 
@@ -411,3 +502,17 @@ def test_sl_optim_adamw_on_cpu_does_not_touch_the_kernel(monkeypatch):
     new, _ = sl.optim.step(tx, {"w": g}, tx.init(params), params)
     tp, _, _ = _adamw_torch(p0, [g], torch.float32, **HP)
     torch.testing.assert_close(new["w"], tp, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.slow
+def test_every_kernel_compiles_for_every_supported_arch():
+    """The full sweep: each kernel file for every arch this NVRTC supports, cubin and PTX;
+    archs below a kernel's minimum raise ArchError."""
+    for name, k in sl.cuda.kernels().items():
+        for cc in sl.cuda.supported_archs():
+            if k.min_arch and cc < k.min_arch:
+                with pytest.raises(sl.cuda.ArchError, match=f"sm_{cc} is below"):
+                    k.compile(cc)
+                continue
+            assert k.compile(cc)[:4] == b"\x7fELF", (name, cc)
+            assert f".target sm_{cc}" in k.compile(cc, target="ptx").decode(), (name, cc)
