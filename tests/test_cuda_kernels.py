@@ -370,6 +370,18 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(cuda.core, "ObjectCode", ObjectCode)
     monkeypatch.setattr(cuda.core, "launch", launch)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda index=None: Stream())
+
+    class DeviceGuard:
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            launches.append(("torch.cuda.device", self.index))
+
+        def __exit__(self, *exc):
+            launches.append(("torch.cuda.device exit", self.index))
+
+    monkeypatch.setattr(torch.cuda, "device", DeviceGuard)
     real_empty = torch.empty
     monkeypatch.setattr(
         torch, "empty", lambda *a, device=None, **k: real_empty(*a, **k).as_subclass(_FakeCuda)
@@ -379,14 +391,15 @@ def fake_gpu(monkeypatch):
 
 def test_launch_glue_with_a_pretend_gpu(fake_gpu):
     """What reaches cuda.core: the sm_90 cubin of the kernel's file and its entry point, the
-    grid, torch's current stream, pointers and typed scalars (a null pointer for None);
-    the module is loaded once."""
+    grid, torch's current stream, pointers and typed scalars (a null pointer for None),
+    all inside torch's device guard; the module is loaded once."""
     from shardlib.cuda import _ops
     from shardlib.cuda._adamw import adamw_flat_cuda
 
     x = torch.randn(3000).as_subclass(_FakeCuda)
     q, scales = _ops.quantize_cuda(x, "int8", 256)
-    (_, dev), load, (stream, grid, block, fn, args) = fake_gpu
+    guard, (_, dev), load, (stream, grid, block, fn, args), guard_exit = fake_gpu
+    assert guard == ("torch.cuda.device", 0) and guard_exit == ("torch.cuda.device exit", 0)
     assert load == ("load", "quant_int8.cu")
     assert dev == 0 and stream == (0, 0xABC) and grid == (2, 1, 1) and block == (256, 1, 1)
     cubin = sl.cuda.kernels()["quantize_int8"].compile("sm_90")
@@ -395,11 +408,11 @@ def test_launch_glue_with_a_pretend_gpu(fake_gpu):
     assert args[3:] == (3000, 256) and type(args[3]) is np.int64 and type(args[4]) is np.int32
     assert q.dtype == torch.int8 and q.shape == (3000,) and scales.shape == (12,)
     _ops.dequantize_reduce_cuda(torch.stack([q, q]), torch.stack([scales, scales]), 256)
-    stream, grid, _, fn, args = fake_gpu[-1]
+    stream, grid, _, fn, args = fake_gpu[-2]
     assert fn[2] == "dequantize_reduce_int8" and grid == (2, 1, 1) and args[3:] == (3000, 256, 2)
     p, g, m, v = (torch.zeros(10).as_subclass(_FakeCuda) for _ in range(4))
     adamw_flat_cuda(p, g, m, v, lr=0.5, step=2, b1=0.5, weight_decay=0.1, clip=0.25)
-    *_, fn, args = fake_gpu[-1]
+    *_, fn, args = fake_gpu[-2]
     assert fn[1:3] == ("adamw.cu", "adamw_flat") and args[4] == 0  # no bf16 copy: null
     floats = dict(zip([p.name for p in sl.cuda.kernels()["adamw_flat"].params[6:]], args[6:]))
     assert all(type(a) is np.float32 for a in floats.values())

@@ -195,6 +195,9 @@ def launch(kernel: Any, grid: Any, block: Any, args: tuple, stream: Any) -> None
 
     device = next(iter(devices)) if devices else torch.device("cuda", torch.cuda.current_device())
     index = device.index if device.index is not None else torch.cuda.current_device()
-    fn = _function(kernel, index)
-    torch_stream = stream if stream is not None else torch.cuda.current_stream(index)
-    cuda_launch(_TorchStream(torch_stream), LaunchConfig(grid=grid, block=block), fn, *values)
+    # torch's device guard: making the device's primary context current (cuda.core's
+    # set_current) is then no change for torch, and its current device comes back after
+    with torch.cuda.device(index):
+        fn = _function(kernel, index)
+        torch_stream = stream if stream is not None else torch.cuda.current_stream(index)
+        cuda_launch(_TorchStream(torch_stream), LaunchConfig(grid=grid, block=block), fn, *values)
