@@ -141,14 +141,27 @@ class Kernel:
 
 
 @functools.cache
-def _read_text(path: pathlib.Path, mtime_ns: int) -> str:
-    del mtime_ns  # in the key only: an edited file is read again
-    return path.read_text()
+def _parsed(path: pathlib.Path, mtime_ns: int) -> tuple[str, tuple[str, ...]]:
+    """A file's text and the local files it includes (``mtime_ns`` in the key only: an
+    edited file is read again)."""
+    del mtime_ns
+    text = path.read_text()
+    return text, tuple(_INCLUDE.findall(text))
+
+
+@functools.cache
+def _splice(text: str, included: tuple[str, ...]) -> str:
+    parts = iter(included)
+    return _INCLUDE.sub(lambda m: next(parts), text)
 
 
 def _read_source(path: pathlib.Path) -> str:
-    text = _read_text(path, path.stat().st_mtime_ns)
-    return _INCLUDE.sub(lambda m: _read_source(path.with_name(m.group(1))), text)
+    """`path`'s text with each ``#include "x.cuh"`` line replaced by that file's source
+    (recursively); one stat per file per call, the rest cached."""
+    text, includes = _parsed(path, path.stat().st_mtime_ns)
+    if not includes:
+        return text
+    return _splice(text, tuple(_read_source(path.with_name(name)) for name in includes))
 
 
 # == the registry ===============================================================
