@@ -278,6 +278,18 @@ def test_without_the_extra_kernels_says_what_to_install(monkeypatch):
         k.launch(1, 32)
 
 
+def test_an_nvrtc_library_that_does_not_load_says_what_to_install(monkeypatch):
+    from shardlib.cuda import _compile
+
+    monkeypatch.setattr(_compile, "_nvrtc_load_problem", lambda: "the NVRTC library does not load")
+    with pytest.raises(sl.cuda.CudaNotInstalledError) as e:
+        sl.cuda.kernels()
+    msg = str(e.value)
+    assert "the NVRTC library does not load" in msg and "nvidia-cuda-nvrtc" in msg
+    assert 'Fix: pip install "shardlib[cuda]"' in msg
+    assert sl.cuda.available() is False
+
+
 # == launching ==================================================================
 def _launch_error_type():
     return sl.cuda.KernelArgumentError if sl.cuda.available() else sl.cuda.NoGpuError

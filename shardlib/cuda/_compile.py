@@ -24,6 +24,7 @@ returned.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import pathlib
@@ -44,14 +45,36 @@ def require_extra(where: str) -> Any:
         import cuda.bindings.nvrtc  # noqa: F401
         import cuda.core
         import cuda.core.utils  # noqa: F401
-    except ImportError as exc:  # no wheel, or an NVRTC library that will not load
-        raise CudaNotInstalledError(
-            f"{where}: shardlib's CUDA kernels need the optional extra (cuda-core, "
-            f"cuda-bindings and the NVRTC wheel), which does not import here ({exc}). "
-            f"Fix: {INSTALL_HINT}. The torch references (shardlib.cuda._quant, "
-            "shardlib.cuda._adamw) work without it."
-        ) from exc
+    except ImportError as exc:  # a wheel is missing, or built for another CUDA major
+        raise CudaNotInstalledError(_missing(where, f"it does not import here ({exc})")) from exc
+    problem = _nvrtc_load_problem()
+    if problem is not None:
+        raise CudaNotInstalledError(_missing(where, problem))
     return cuda.core
+
+
+def _missing(where: str, why: str) -> str:
+    return (
+        f"{where}: shardlib's CUDA kernels need the optional extra (cuda-core, "
+        f"cuda-bindings 13 and the NVRTC 13 wheel, nvidia-cuda-nvrtc); {why}. "
+        f"Fix: {INSTALL_HINT}. The torch references (shardlib.cuda._quant, "
+        "shardlib.cuda._adamw) work without it."
+    )
+
+
+@functools.cache
+def _nvrtc_load_problem() -> str | None:
+    """Why the NVRTC library does not load (cuda.bindings finds it only when called), or
+    None; probed once per process."""
+    from cuda.bindings import nvrtc
+
+    try:
+        err, *_ = nvrtc.nvrtcVersion()
+    except Exception as exc:  # the library is missing or of another major
+        return f"the NVRTC library does not load ({type(exc).__name__}: {exc})"
+    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        return f"nvrtcVersion failed ({err!r})"
+    return None
 
 
 def nvrtc_version() -> tuple[int, int]:
