@@ -165,11 +165,12 @@ def adamw_flat_cuda(
         exp_avg_sq,
         param_bf16,
         np.int64(n),
-        *(s[name] for name in _SCALAR_ORDER),
+        *(s[name] for name in SCALARS),
     )
 
 
-_SCALAR_ORDER = (
+# The kernel's float scalars, in its parameter order (after the tensors and n).
+SCALARS = (
     "clip",
     "decay",
     "b1",

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _compile
+from . import _adamw, _compile
 from ._errors import ArchError
 
 KERNEL_DIR = pathlib.Path(__file__).with_name("kernels")
@@ -214,20 +214,7 @@ def _registry() -> dict[str, Kernel]:
             Param("param_bf16", torch.bfloat16, optional=True),
             Param("n", np.int64),
         )
-        + tuple(
-            Param(name, f32)
-            for name in (
-                "clip",
-                "decay",
-                "b1",
-                "one_minus_b1",
-                "b2",
-                "one_minus_b2",
-                "step_size",
-                "bc2_sqrt",
-                "eps",
-            )
-        ),
+        + tuple(Param(name, f32) for name in _adamw.SCALARS),
         80,  # cvt.rn.bf16.f32
         "shardlib.cuda._adamw:adamw_flat_reference",
     )
