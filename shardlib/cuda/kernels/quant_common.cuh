@@ -40,3 +40,54 @@ __device__ __forceinline__ i64 global_warp() {
   return (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
 }
 __device__ __forceinline__ i64 grid_warps() { return (i64)gridDim.x * (blockDim.x >> 5); }
+
+// The three kernels' bodies, for a format F with: F::Q (the stored type), F::QMAX, and
+// F::encode (the quotient x_i / scale_b -> Q) and F::decode (Q -> float, exact).
+template <class F>
+__device__ __forceinline__ void quantize_blocks(const float* __restrict__ x,
+                                                typename F::Q* __restrict__ q,
+                                                float* __restrict__ scales, i64 n, int block) {
+  const int lane = threadIdx.x & 31;
+  const i64 nblocks = (n + block - 1) / block;
+  for (i64 b = global_warp(); b < nblocks; b += grid_warps()) {
+    const i64 start = b * block;
+    const i64 end = min(start + (i64)block, n);
+    const float scale = __fdiv_rn(block_absmax(x, start, end, lane), F::QMAX);
+    if (lane == 0) scales[b] = scale;
+    for (i64 i = start + lane; i < end; i += 32)
+      q[i] = scale != 0.0f ? F::encode(__fdiv_rn(x[i], scale)) : (typename F::Q)0;
+  }
+}
+
+// One warp per quantization block: the block's scale is read once, no index division.
+template <class F>
+__device__ __forceinline__ void dequantize_blocks(const typename F::Q* __restrict__ q,
+                                                  const float* __restrict__ scales,
+                                                  float* __restrict__ y, i64 n, int block) {
+  const int lane = threadIdx.x & 31;
+  const i64 nblocks = (n + block - 1) / block;
+  for (i64 b = global_warp(); b < nblocks; b += grid_warps()) {
+    const float scale = scales[b];
+    const i64 end = min((b + 1) * block, n);
+    for (i64 i = b * block + lane; i < end; i += 32) y[i] = __fmul_rn(F::decode(q[i]), scale);
+  }
+}
+
+// q: [k, n] row-major, scales: [k, ceil(n / block)]; one warp per quantization block.
+template <class F>
+__device__ __forceinline__ void dequantize_reduce_blocks(const typename F::Q* __restrict__ q,
+                                                         const float* __restrict__ scales,
+                                                         float* __restrict__ y, i64 n, int block,
+                                                         int k) {
+  const int lane = threadIdx.x & 31;
+  const i64 nblocks = (n + block - 1) / block;
+  for (i64 b = global_warp(); b < nblocks; b += grid_warps()) {
+    const i64 end = min((b + 1) * block, n);
+    for (i64 i = b * block + lane; i < end; i += 32) {
+      float acc = 0.0f;
+      for (int j = 0; j < k; ++j)
+        acc = __fadd_rn(acc, __fmul_rn(F::decode(q[(i64)j * n + i]), scales[(i64)j * nblocks + b]));
+      y[i] = acc;
+    }
+  }
+}

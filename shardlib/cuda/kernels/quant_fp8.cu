@@ -21,47 +21,27 @@ __device__ __forceinline__ float e4m3_to_float(unsigned char q) {
   return f;
 }
 
+struct E4M3 {
+  typedef unsigned char Q;
+  static constexpr float QMAX = 448.0f;
+  static __device__ __forceinline__ Q encode(float v) { return float_to_e4m3(v); }
+  static __device__ __forceinline__ float decode(Q q) { return e4m3_to_float(q); }
+};
+
 extern "C" __global__ void quantize_fp8(const float* __restrict__ x, unsigned char* __restrict__ q,
                                         float* __restrict__ scales, i64 n, int block) {
-  const int lane = threadIdx.x & 31;
-  const i64 nblocks = (n + block - 1) / block;
-  for (i64 b = global_warp(); b < nblocks; b += grid_warps()) {
-    const i64 start = b * block;
-    const i64 end = min(start + (i64)block, n);
-    const float scale = __fdiv_rn(block_absmax(x, start, end, lane), 448.0f);
-    if (lane == 0) scales[b] = scale;
-    for (i64 i = start + lane; i < end; i += 32)
-      q[i] = scale != 0.0f ? float_to_e4m3(__fdiv_rn(x[i], scale)) : (unsigned char)0;
-  }
+  quantize_blocks<E4M3>(x, q, scales, n, block);
 }
 
-// One warp per quantization block: the block's scale is read once, no index division.
 extern "C" __global__ void dequantize_fp8(const unsigned char* __restrict__ q,
                                           const float* __restrict__ scales,
                                           float* __restrict__ y, i64 n, int block) {
-  const int lane = threadIdx.x & 31;
-  const i64 nblocks = (n + block - 1) / block;
-  for (i64 b = global_warp(); b < nblocks; b += grid_warps()) {
-    const float scale = scales[b];
-    const i64 end = min((b + 1) * block, n);
-    for (i64 i = b * block + lane; i < end; i += 32) y[i] = __fmul_rn(e4m3_to_float(q[i]), scale);
-  }
+  dequantize_blocks<E4M3>(q, scales, y, n, block);
 }
 
-// q: [k, n] row-major, scales: [k, ceil(n / block)]; one warp per quantization block.
 extern "C" __global__ void dequantize_reduce_fp8(const unsigned char* __restrict__ q,
-                                                  const float* __restrict__ scales,
-                                                  float* __restrict__ y, i64 n, int block,
-                                                  int k) {
-  const int lane = threadIdx.x & 31;
-  const i64 nblocks = (n + block - 1) / block;
-  for (i64 b = global_warp(); b < nblocks; b += grid_warps()) {
-    const i64 end = min((b + 1) * block, n);
-    for (i64 i = b * block + lane; i < end; i += 32) {
-      float acc = 0.0f;
-      for (int j = 0; j < k; ++j)
-        acc = __fadd_rn(acc, __fmul_rn(e4m3_to_float(q[(i64)j * n + i]), scales[(i64)j * nblocks + b]));
-      y[i] = acc;
-    }
-  }
+                                                 const float* __restrict__ scales,
+                                                 float* __restrict__ y, i64 n, int block,
+                                                 int k) {
+  dequantize_reduce_blocks<E4M3>(q, scales, y, n, block, k);
 }
