@@ -22,7 +22,11 @@ Columns: median ms of a step (after the first step and ``--warmup`` more;
 each rank's median, the slowest rank's reported), the first step's time
 (shardlib's layout decisions and plan caches are made there), ratios of
 shardlib's tp1d (and tp1d SP) to Megatron and DTensor of the same flavour
-(other schemes against the non-SP ones), bytes sent per device forward and
+(other schemes against the non-SP ones), the step's CPU time on its own
+thread (``time.thread_time``; each rank's median, the largest reported) and
+its ratios (the robust comparison on a small shared machine: with more ranks
+than cores the wall time is mostly scheduling, and it inflates Python-heavy
+steps more than BLAS-heavy ones), bytes sent per device forward and
 backward (shardlib's ledger; the same ring-model formulas counted for
 Megatron's collectives and for DTensor's ``_c10d_functional`` ops), the
 step's peak memory per rank (see below), parameter bytes per rank, and the
@@ -157,6 +161,7 @@ class Measured:
 
     first_s: float
     times_s: list[float]
+    cpu_s: list[float]  # this rank's thread CPU time of each timed step (time.thread_time)
     fwd_bytes: float
     bwd_bytes: float
     collectives: int
@@ -327,23 +332,28 @@ def bench_rank(mesh, spec: dict) -> dict[str, tuple[str, Measured]]:
             variants[name] = _DTensorVariant(config, params, batch, sequence)
     steps = {name: _step_of(v) for name, v in variants.items()}
 
-    def timed(fn) -> tuple[float, float]:
+    def timed(fn) -> tuple[float, float, float]:
+        """(wall seconds between barriers, this thread's CPU seconds in the step, loss)."""
         dist.barrier()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         loss = fn()
+        c1 = time.thread_time()
         dist.barrier()
-        return time.perf_counter() - t0, loss
+        return time.perf_counter() - t0, c1 - c0, loss
 
     first, losses = {}, {}
     for name, fn in steps.items():
-        first[name], losses[name] = timed(fn)
+        first[name], _, losses[name] = timed(fn)
     for _ in range(spec["warmup"]):
         for fn in steps.values():
             timed(fn)
     times = {name: [] for name in steps}
+    cpu = {name: [] for name in steps}
     for _ in range(spec["steps"]):
         for name, fn in steps.items():
-            times[name].append(timed(fn)[0])
+            wall, used, _ = timed(fn)
+            times[name].append(wall)
+            cpu[name].append(used)
     for name in spec.get("profile_variants", ()):
         if name not in steps:
             continue
@@ -362,9 +372,10 @@ def bench_rank(mesh, spec: dict) -> dict[str, tuple[str, Measured]]:
         dist.barrier()
         fwd, bwd, n, peak = v.measure()
         dist.barrier()
+        held = v.param_bytes()
         out[name] = (
             v.label,
-            Measured(first[name], times[name], fwd, bwd, n, peak, v.param_bytes(), losses[name]),
+            Measured(first[name], times[name], cpu[name], fwd, bwd, n, peak, held, losses[name]),
         )
     return out
 
@@ -413,6 +424,7 @@ def _merge(per_rank: Sequence[dict]) -> dict[str, tuple[str, dict]]:
             {
                 "first_s": max(m.first_s for m in ms),
                 "median_s": max(statistics.median(m.times_s) for m in ms),
+                "cpu_s": max(statistics.median(m.cpu_s) for m in ms),
                 "fwd": m0.fwd_bytes,
                 "bwd": m0.bwd_bytes,
                 "colls": m0.collectives,
@@ -431,20 +443,24 @@ def _ratio(a: float, b: float | None) -> str:
 def format_table(ranks: int, merged: dict) -> list[str]:
     head = (
         f"{'variant':<44}{'ms':>9}{'first s':>9}{'/Megatron':>11}{'/DTensor':>10}"
+        f"{'cpu ms':>8}{'cpu/Meg':>9}{'cpu/DT':>8}"
         f"{'fwd MiB':>9}{'bwd MiB':>9}{'colls':>7}{'peak MiB':>10}{'param MiB':>11}{'loss':>9}"
     )
     lines = [f"{ranks} gloo ranks:", head]
-    base = {name: merged[name][1]["median_s"] for name in BASELINES if name in merged}
+    base = {name: merged[name][1] for name in BASELINES if name in merged}
     for name, (label, m) in merged.items():
         sp = name.endswith("_sp")
-        vs_meg = vs_dt = None
+        meg = dt = {}
         if name in SCHEMES:
-            vs_meg = base.get("megatron_sp" if sp else "megatron")
-            vs_dt = base.get("dtensor_sp" if sp else "dtensor")
+            meg = base.get("megatron_sp" if sp else "megatron", {})
+            dt = base.get("dtensor_sp" if sp else "dtensor", {})
         fwd, bwd = f"{m['fwd'] / MiB:.2f}", f"{m['bwd'] / MiB:.2f}"
         lines.append(
             f"{label:<44.44}{m['median_s'] * 1e3:>9.1f}{m['first_s']:>9.2f}"
-            f"{_ratio(m['median_s'], vs_meg):>11}{_ratio(m['median_s'], vs_dt):>10}"
+            f"{_ratio(m['median_s'], meg.get('median_s')):>11}"
+            f"{_ratio(m['median_s'], dt.get('median_s')):>10}"
+            f"{m['cpu_s'] * 1e3:>8.1f}{_ratio(m['cpu_s'], meg.get('cpu_s')):>9}"
+            f"{_ratio(m['cpu_s'], dt.get('cpu_s')):>8}"
             f"{fwd:>9}{bwd:>9}{m['colls']:>7}{m['peak'] / MiB:>10.2f}{m['params'] / MiB:>11.2f}"
             f"{m['loss']:>9.4f}"
         )
@@ -555,6 +571,9 @@ def main(argv: Sequence[str] | None = None) -> Report:
             f"# torch {torch.__version__}, CPU, {os.cpu_count()} cores, 1 thread per rank, gloo loopback",
             f"# model: {config}, batch {args.batch}, float32; unsharded loss {want:.4f}",
             "# ms: median step (forward+backward+gradients finished), slowest rank; first s: first step;",
+            "# cpu ms: median CPU time of the step's own thread (time.thread_time: what the step",
+            "# computes, without the time spent descheduled or waiting for peers; gloo's threads are",
+            "# not in it), largest rank; the wall ratios follow it, amplified, when ranks outnumber cores;",
             "# fwd/bwd MiB: bytes sent per device (ring model: shardlib's ledger, the same formulas for the",
             "# references' collectives); colls: collectives per step; peak MiB: high-water mark of",
             "# the bytes torch's CPU allocator handed out in one step, not yet freed (torch.profiler",

@@ -105,6 +105,13 @@ def test_equal_placements_compare_equal(left, right):
 )
 def test_different_placements_differ(left, right):
     assert left != right
+    assert not left == right  # noqa: SIM201 (__eq__ itself, not only __ne__)
+
+
+def test_a_layout_never_equals_another_type():
+    assert P("x", None) != (("x",), ())
+    assert P() != None  # noqa: E711
+    assert P("x") != "P('x')"
 
 
 LAYOUTS = [

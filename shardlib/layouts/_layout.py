@@ -74,7 +74,7 @@ def _partial_arg(partial: Any) -> tuple[tuple[str, ...], str]:
     )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Layout:
     """Placement of a tensor over a mesh: per-dim split axes plus partial axes.
 
@@ -97,6 +97,19 @@ class Layout:
 
     def __hash__(self) -> int:  # layouts key plans and dispatch decisions: hash once
         return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        # the hot path compares layouts per op: identity first, then the cached hash
+        if self is other:
+            return True
+        if type(other) is not type(self):
+            return NotImplemented
+        return (
+            self._hash == other._hash
+            and self.dims == other.dims
+            and self.partial == other.partial
+            and self.reduce_op == other.reduce_op
+        )
 
     def __post_init__(self) -> None:
         dims = tuple(tuple(d) for d in self.dims)
