@@ -124,7 +124,7 @@ def _smoke(capsys, flavour: str):
     want = _f64_loss(TINY["batch"])
     for name, (label, m) in rows.items():
         assert label in out, name
-        assert m["median_s"] > 0 and m["first_s"] > 0, name
+        assert m["median_s"] > 0 and m["first_s"] > 0 and m["cpu_s"] > 0, name
         assert m["peak"] > 0 and m["params"] > 0 and m["colls"] > 0, name
         assert m["fwd"] > 0 and m["bwd"] > 0, name
         assert math.isclose(m["loss"], want, rel_tol=1e-4), name
@@ -133,6 +133,8 @@ def _smoke(capsys, flavour: str):
     ms = rows[scheme][1]["median_s"]
     assert f"{ms / rows[megatron][1]['median_s']:.2f}x" in row
     assert f"{ms / rows[dtensor][1]['median_s']:.2f}x" in row
+    cpu = rows[scheme][1]["cpu_s"]
+    assert f"{cpu / rows[megatron][1]['cpu_s']:.2f}x" in row
 
     fwd, bwd = _megatron_bytes(flavour == "sp")
     assert rows[megatron][1]["fwd"] == pytest.approx(fwd)
