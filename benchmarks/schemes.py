@@ -45,7 +45,11 @@ largest rank's figure is shown.
 Reading it on a small machine: with more ranks than cores (8 ranks on 2
 cores) every collective waits for the other ranks to be scheduled, so a
 step's time follows its collective count (``colls``) more than its bytes;
-cProfile one variant's steps on rank 0 with ``--profile PATH``.
+cProfile one variant's steps on rank 0 with ``--profile PATH``. Eager tp1d
+sends Megatron's collectives (counts and bytes) and copies; its gap to the
+hand-written step is per-op ``__torch_dispatch__`` cost times the model's op
+count (~300 subclass dispatches a step, forward and backward), most of it the
+floor any wrapper subclass pays: ``benchmarks/dispatch.py`` attributes it.
 
 Last, the 64-device simulated 3D step (``{i: 4, j: 4, k: 4}``,
 ``sl.Mesh.simulated``, this process, one thread): the first step (layout
