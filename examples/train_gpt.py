@@ -50,6 +50,11 @@ exists (default 1 there, 0 elsewhere); without one, and under ``--fsdp``
 parameters' layouts by ``sl.reshard`` and ``--zero`` must be 0. A combination
 outside this table raises `TrainConfigError` naming the valid ones.
 
+Compressed communication (ZeRO++): ``--comm-dtype int8|fp8|bf16`` sends ZeRO-3's
+weight gathers in that format (the stored shards stay exact), ``--grad-comm-dtype``
+the gradient reduce-scatters (ZeRO 1-3); ``sl.optim.zero(stage, "dp", comm_dtype=...,
+grad_comm_dtype=...)``. The ledger of one step shows the wire dtype and bytes.
+
 Backends: ``--backend sim`` (default) runs every device in this process;
 ``--backend gloo`` runs one local process per device through `sl.launch`;
 under ``torchrun`` (its environment set) the script runs on
@@ -101,6 +106,7 @@ IGNORE = -100  # cross_entropy's ignore_index: targets on the unsorted half
 LOGICAL_AXES = ("dp", "tp", "sp")
 TP_KINDS = ("1d", "2d", "2.5d", "3d", "none")
 SP_KINDS = ("none", "megatron", "ulysses", "ring")
+COMM_DTYPES = ("int8", "fp8", "bf16")  # sl.optim.zero(comm_dtype=, grad_comm_dtype=)
 
 
 class TrainConfigError(sl.ShardlibError, ValueError):
@@ -329,6 +335,8 @@ class Setup:
     def describe(self) -> str:
         mesh = "none (plain tensors)" if not self.axes else str(self.axes)
         zero = f"ZeRO-{self.zero.stage}" if isinstance(self.zero, sl.optim.Zero) else "no ZeRO"
+        for flag, what in ((self.args.comm_dtype, "gathers"), (self.args.grad_comm_dtype, "grads")):
+            zero += f" ({flag} {what})" if flag else ""
         return f"mesh {mesh}, scheme {self.scheme!r}, {zero}, {self.args.dtype}"
 
 
@@ -349,6 +357,24 @@ def resolve_zero(args: argparse.Namespace, logical: dict[str, int]) -> int:
             "(ZeRO-3 as a scheme); pass --zero 0 with --fsdp, or drop --fsdp for ZeRO on dp."
         )
     return args.zero
+
+
+def compressed_comm(args: argparse.Namespace, stage: int) -> dict[str, Any]:
+    """`sl.optim.zero`'s comm_dtype / grad_comm_dtype from --comm-dtype / --grad-comm-dtype."""
+    wire = {"int8": "int8", "fp8": "fp8", "bf16": torch.bfloat16, None: None}
+    if args.comm_dtype and stage != 3:
+        raise TrainConfigError(
+            f"--comm-dtype {args.comm_dtype} compresses ZeRO-3's weight gathers; this run is "
+            f"ZeRO-{stage}. Pass --zero 3 (with a dp axis, without --fsdp), or "
+            f"--grad-comm-dtype {args.comm_dtype} for the gradient reduce-scatters."
+        )
+    if args.grad_comm_dtype and stage == 0:
+        raise TrainConfigError(
+            f"--grad-comm-dtype {args.grad_comm_dtype} compresses ZeRO's gradient "
+            "reduce-scatters (stages 1-3, a dp axis, no --fsdp); this run has none. Pass "
+            "--zero 1, 2 or 3."
+        )
+    return {"comm_dtype": wire[args.comm_dtype], "grad_comm_dtype": wire[args.grad_comm_dtype]}
 
 
 def make_config(args: argparse.Namespace) -> gpt.Config:
@@ -409,7 +435,9 @@ def build(args: argparse.Namespace, mesh: Any = None) -> Setup:
             "(or mesh=None for a simulated one)."
         )
     bf16 = args.dtype == "bf16"
-    zero = sl.optim.zero(stage, "dp") if "dp" in axes and not args.fsdp else Finish()
+    uses_zero = "dp" in axes and not args.fsdp
+    comm = compressed_comm(args, stage if uses_zero else 0)
+    zero = sl.optim.zero(stage, "dp", **comm) if uses_zero else Finish()
     dtype = torch.bfloat16 if bf16 else torch.float32
     return Setup(args, config, axes, mesh, scheme, zero, make_tx(args, bf16), dtype)
 
@@ -728,6 +756,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     a("--fsdp", action="store_true", help="store weights split over dp (snn.fsdp) instead of replicated")
     a("--zero", type=int, default=None, help="ZeRO stage 0-3 over dp (default 1 with a dp axis, else 0)")
     a("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: bf16 params and compute, fp32 master weights")
+    a("--comm-dtype", choices=COMM_DTYPES, default=None, help="ZeRO-3's weight gathers in this wire format (ZeRO++ qwZ)")
+    a("--grad-comm-dtype", choices=COMM_DTYPES, default=None,
+      help="ZeRO 1-3's gradient reduce-scatters in this wire format (ZeRO++ qgZ)")
     a("--backend", choices=("sim", "gloo"), default="sim", help="sim: one process; gloo: one local process per device")
     a("--steps", type=int, default=300)
     a("--batch", type=int, default=16, help="sequences per step (global)")

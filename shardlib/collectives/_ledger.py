@@ -34,7 +34,12 @@ KINDS = (
 
 @dataclass(frozen=True, slots=True)
 class CommRecord:
-    """One collective: what, over which axes, how many bytes the busiest device sent."""
+    """One collective: what, over which axes, how many bytes the busiest device sent.
+
+    `dtype` is what travelled (the wire format of a compressed move: ``"int8"``,
+    ``"float8_e4m3fn"``, ``"bfloat16"``); `scale_bytes` is the part of `bytes` that is
+    quantization scales (0 for uncompressed moves).
+    """
 
     kind: str
     axes: tuple[str, ...]
@@ -43,6 +48,7 @@ class CommRecord:
     dtype: str
     direction: str
     cause: str
+    scale_bytes: int = 0
 
 
 @dataclass(eq=False)  # ledgers nest: identity, not contents, tells them apart
@@ -187,12 +193,15 @@ def record(
     dtype: str,
     direction: str,
     cause: str,
+    scale_bytes: int = 0,
 ) -> None:
     if not _open:
         return
     if _compiling() and not _tracing_the_graph():
         return  # (h9g) see `_tracing_the_graph`
-    rec = CommRecord(kind, tuple(axes), group_size, int(nbytes), dtype, direction, cause)
+    rec = CommRecord(
+        kind, tuple(axes), group_size, int(nbytes), dtype, direction, cause, int(scale_bytes)
+    )
     with _lock:
         for led in _open:
             led.records.append(rec)

@@ -10,12 +10,14 @@ the values and a fix.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
 
 from .._errors import LayoutError, MeshMismatchError
 from .._format import dtype_name
+from ..collectives._compressed import Wire, execute_compressed, wire_of
 from ..collectives._ledger import record
 from ..collectives._redistribute import execute, pad_to_shape
 from ..layouts._layout import Layout
@@ -99,6 +101,8 @@ def _local_blocks(tensor: torch.Tensor, mesh: Mesh, layout: Layout) -> ShardedTe
 
 # == reshard ===================================================================
 def _reshard_impl(x: ShardedTensor, layout: Layout, cause: str, direction: str) -> ShardedTensor:
+    if _COMPRESSED_SOURCES and id(x) in _COMPRESSED_SOURCES:  # issue 10: a compressed regather
+        return _reshard_compressed(x, layout, _COMPRESSED_SOURCES[id(x)], cause, direction)
     sync(x)
     p = plan(x._layout, layout, tuple(x.shape), x._mesh, x.dtype)
     shards = execute(p, x._mesh, x._shards, direction=direction, cause=cause)
@@ -208,23 +212,78 @@ def reshard(
     """
     _check_sharded(x, "sl.reshard(x=...)")
     # -- dtype= (issue 8, mixed precision): cast the blocks first, then move them --
-    if comm_dtype is not None:
-        raise NotImplementedError(
-            f"sl.reshard(comm_dtype={comm_dtype!r}): compressed communication is issue 10's "
-            "(not built yet). Use dtype= to cast before moving, or move in x's dtype."
-        )
     layout = _check_layout(
         layout, x._mesh, x.ndim, x.dtype if dtype is None else dtype, "sl.reshard(layout=...)"
     )
     if dtype is not None and dtype != x.dtype:
         x = _Cast.apply(_check_cast(x, dtype), dtype)
     # -- end dtype= --
+    if comm_dtype is not None:  # issue 10: compressed communication
+        wire = wire_of(comm_dtype, x.dtype, "sl.reshard(comm_dtype=...)")
+        if layout == x._layout:
+            return x
+        y = _CompressedReshard.apply(x, layout, wire, wire, "reshard", "forward")
+        if remat:
+            y._remat = (compressed_source(x, wire), layout)
+        return y
     if layout == x._layout:
         return x
     y = _Reshard.apply(x, layout, "reshard", "forward")
     if remat:
         y._remat = (x, layout)
     return y
+
+
+# -- comm_dtype= of reshard (issue 10, compressed communication) --
+def _reshard_compressed(
+    x: ShardedTensor, layout: Layout, wire: Wire, cause: str, direction: str
+) -> ShardedTensor:
+    """`x` moved to `layout` by the planner's plan, each step through `wire`."""
+    sync(x)
+    p = plan(x._layout, layout, tuple(x.shape), x._mesh, x.dtype)
+    shards = execute_compressed(p, x._mesh, x._shards, wire, direction=direction, cause=cause)
+    return ShardedTensor(shards, x._mesh, layout, tuple(x.shape))
+
+
+class _CompressedReshard(torch.autograd.Function):
+    """A compressed move; backward moves the cotangent back to the source layout (partial
+    axes replicated) through `grad_wire` (None: uncompressed), ZeRO++ style: a gather's
+    backward is a compressed reduce-scatter when the cotangent arrives partial."""
+
+    @staticmethod
+    def forward(ctx, x, layout, wire, grad_wire, cause, direction):
+        ctx.src_layout, ctx.mesh, ctx.cause, ctx.grad_wire = x._layout, x._mesh, cause, grad_wire
+        return _reshard_compressed(x, layout, wire, cause, direction)
+
+    @staticmethod
+    def backward(ctx, g):
+        g = _as_sharded(g, ctx.mesh, tuple(g.shape))
+        target = ctx.src_layout.without_partial()
+        if g._layout != target:
+            if ctx.grad_wire is None:
+                g = _Reshard.apply(g, target, ctx.cause, "backward")
+            else:
+                w = ctx.grad_wire
+                g = _CompressedReshard.apply(g, target, w, w, ctx.cause, "backward")
+        return g, None, None, None, None, None
+
+
+# id(alias) -> its wire: sources whose regathers (`remat`) compress (see `compressed_source`)
+_COMPRESSED_SOURCES: dict[int, Wire] = {}
+
+
+def compressed_source(x: ShardedTensor, wire: Wire) -> ShardedTensor:
+    """An alias of `x`'s blocks (no copy) that `_reshard_impl` moves through `wire`: the
+    source a compressed ``remat`` move keeps, so its regather in backward (by `sl.einsum`,
+    `snn.linear` or `remat_saves`) is compressed like the forward move."""
+    sync(x)
+    alias = ShardedTensor(list(x._shards), x._mesh, x._layout, tuple(x.shape))
+    _COMPRESSED_SOURCES[id(alias)] = wire
+    weakref.finalize(alias, _COMPRESSED_SOURCES.pop, id(alias), None)
+    return alias
+
+
+# -- end comm_dtype= --
 
 
 def _pack(t: torch.Tensor) -> Any:

@@ -38,12 +38,13 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .._errors import LayoutError
+from ..collectives._compressed import Wire, wire_of
 from ..collectives._ledger import current_direction
 from ..layouts._layout import Layout
 from ..layouts._mesh import AbstractMesh
 from ..layouts._shard import chunk_bounds, local_shape, max_chunk
 from ..ops._aliasing import sync
-from ..ops._api import _as_sharded, _reshard_impl
+from ..ops._api import _as_sharded, _reshard_compressed, _reshard_impl, compressed_source
 from ..ops._contractions import gradient_layout
 from ..ops._foreach import reduced_copies
 from ..ops._tensor import ShardedTensor
@@ -121,50 +122,71 @@ def _base(t: Any) -> Any:
     return t
 
 
-def _move_cotangent(g: torch.Tensor, mesh: Any, target: Layout) -> torch.Tensor:
-    """`g` moved to `target`'s gradient layout (`gradient_layout`), inside a backward.
+def _move_cotangent(
+    g: torch.Tensor, mesh: Any, target: Layout, wire: Wire | None = None
+) -> torch.Tensor:
+    """`g` moved to `target`'s gradient layout (`gradient_layout`), inside a backward
+    (through `wire` when given: a compressed reduce-scatter).
 
     Under `torch.func` the cotangent arrives wrapped; it is unwrapped, moved by the
     planner and wrapped again at the same levels (first-order transforms only).
     """
     if not _F.is_functorch_wrapped_tensor(g):
-        return _to_gradient_layout(g, mesh, target)
+        return _to_gradient_layout(g, mesh, target, wire)
     from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
 
     interpreter = retrieve_current_functorch_interpreter()
     level = interpreter.level()
     inner = _F._unwrap_for_grad(g, level)
     with interpreter.lower():  # run the move below the transform, as its forward ran
-        moved = _move_cotangent(inner, mesh, target)
+        moved = _move_cotangent(inner, mesh, target, wire)
     return _F._wrap_for_grad(moved, level)
 
 
-def _to_gradient_layout(g: torch.Tensor, mesh: Any, target: Layout) -> ShardedTensor:
+def _to_gradient_layout(
+    g: torch.Tensor, mesh: Any, target: Layout, wire: Wire | None = None
+) -> ShardedTensor:
     g = _as_sharded(g, mesh, tuple(g.shape))
     want = gradient_layout(target, mesh.abstract, g._layout)
-    return g if g._layout == want else _reshard_impl(g, want, "zero.grad", "backward")
+    if g._layout == want:
+        return g
+    if wire is not None:
+        return _reshard_compressed(g, want, wire, "zero.grad", "backward")
+    return _reshard_impl(g, want, "zero.grad", "backward")
 
 
 class _ToComputed(torch.autograd.Function):
     """Forward: `x` to `layout` (an alias when it is there already, else a planned move,
-    cause ``zero.gather``). Backward: the cotangent to `grad_layout` (a partial cotangent
-    over the ZeRO axis is reduce-scattered there as backward produces it, cause
-    ``zero.grad``). New-style (``setup_context``) so `torch.func.grad` runs it too."""
+    cause ``zero.gather``, through `wire` when given). Backward: the cotangent to
+    `grad_layout` (a partial cotangent over the ZeRO axis is reduce-scattered there as
+    backward produces it, cause ``zero.grad``, through `grad_wire` when given).
+    New-style (``setup_context``) so `torch.func.grad` runs it too."""
 
     @staticmethod
-    def forward(x: ShardedTensor, layout: Layout, grad_layout: Layout, mesh: Any) -> Any:
+    def forward(
+        x: ShardedTensor,
+        layout: Layout,
+        grad_layout: Layout,
+        mesh: Any,
+        wire: Wire | None = None,
+        grad_wire: Wire | None = None,
+    ) -> Any:
         if x._layout == layout:
             sync(x)
             return ShardedTensor(list(x._shards), x._mesh, layout, tuple(x.shape))
+        if wire is not None:
+            return _reshard_compressed(x, layout, wire, "zero.gather", current_direction())
         return _reshard_impl(x, layout, "zero.gather", current_direction())
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
         ctx.grad_layout, ctx.mesh = inputs[2], inputs[3]
+        ctx.grad_wire = inputs[5] if len(inputs) > 5 else None
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple:
-        return _move_cotangent(g, ctx.mesh, ctx.grad_layout), None, None, None
+        moved = _move_cotangent(g, ctx.mesh, ctx.grad_layout, ctx.grad_wire)
+        return moved, None, None, None, None, None
 
 
 # == flat buffers: one collective for many tensors ====================================
@@ -212,6 +234,7 @@ def _bucket_reduce_scatter(
     members: list[_Member],
     axis: str,
     partial: tuple[str, ...] | None = None,
+    wire: Wire | None = None,
 ) -> list[ShardedTensor]:
     """Tensors in L partial over `partial` (`axis` and maybe others) -> reduced in L+dp: one
     reduce-scatter over `axis` in all, then one all-reduce of the scattered bucket over the
@@ -242,7 +265,11 @@ def _bucket_reduce_scatter(
     free = tuple(a for a in mesh.axis_names if a not in partial)
     length = n_axis * size * am.group_size(free)
     bucket = ShardedTensor(bufs, mesh, Layout((free,), partial), (length,))
-    out = _reshard_impl(bucket, Layout((free + (axis,),)), "zero.reduce", current_direction())
+    dst = Layout((free + (axis,),))
+    if wire is not None:  # compressed (grad_comm_dtype): one quantization per summand chunk
+        out = _reshard_compressed(bucket, dst, wire, "zero.reduce", current_direction())
+    else:
+        out = _reshard_impl(bucket, dst, "zero.reduce", current_direction())
     results = []
     offsets = [0] * len(mesh.local_devices)
     for m in members:
@@ -326,6 +353,13 @@ class Zero:
 
     stage: int
     axis: str = "dp"
+    comm_dtype: Any = None
+    grad_comm_dtype: Any = None
+
+    def _wire(self, comm_dtype: Any, t: ShardedTensor, arg: str) -> Wire | None:
+        if comm_dtype is None or not t.dtype.is_floating_point:
+            return None  # (an integer buffer moves exactly)
+        return wire_of(comm_dtype, t.dtype, f"sl.optim.zero({self.stage}, {arg}=...)")
 
     # -- layouts ---------------------------------------------------------------
     def layouts(self, x: ShardedTensor) -> ZeroLayouts:
@@ -474,9 +508,16 @@ class Zero:
         table = self._table(base, split)
         if table.computed == table.stored and table.gradient == table.stored:
             return p  # too small to split: the gradient comes as it is and `reduce` finishes it
-        out = _ToComputed.apply(p, table.computed, table.gradient, t._mesh)
+        wire = self._wire(self.comm_dtype, t, "comm_dtype") if self.stage == 3 else None
+        grad_wire = self._wire(self.grad_comm_dtype, t, "grad_comm_dtype")
+        out = _ToComputed.apply(p, table.computed, table.gradient, t._mesh, wire, grad_wire)
         if isinstance(out, ShardedTensor) and table.computed != t._layout:
-            out._remat = (p, table.computed)  # sl.einsum / snn.linear / sl.remat_saves
+            # sl.einsum / snn.linear / sl.remat_saves re-gather from the source in backward:
+            # through `wire` too, from an alias that `_reshard_impl` compresses
+            if wire is None:
+                out._remat = (p, table.computed)
+            elif t is p:  # (under torch.func the gathered weight is kept instead)
+                out._remat = (compressed_source(t, wire), table.computed)
         return _carry_dims(p, out)
 
     def reduce(self, grads: Any) -> Any:
@@ -533,8 +574,9 @@ class Zero:
                 for t in tensors:
                     sync(t)
                 members = [m for _, m in group]
+                wire = self._wire(self.grad_comm_dtype, tensors[0], "grad_comm_dtype")
                 for (i, _), t in zip(
-                    group, _bucket_reduce_scatter(tensors, members, self.axis, partial)
+                    group, _bucket_reduce_scatter(tensors, members, self.axis, partial, wire)
                 ):
                     out[i] = t
         return pytree.tree_unflatten(out, spec)
@@ -613,7 +655,9 @@ class _Computed(Mapping):
         return f"<{self._policy!r}.compute of {len(self)} params>"
 
 
-def zero(stage: int, axis: str = "dp") -> Zero:
+def zero(
+    stage: int, axis: str = "dp", *, comm_dtype: Any = None, grad_comm_dtype: Any = None
+) -> Zero:
     """ZeRO (Rajbhandari et al. 2020) as a layout policy over mesh axis `axis`.
 
     For a parameter of layout L (what the scheme stores and computes it in) and
@@ -634,9 +678,23 @@ def zero(stage: int, axis: str = "dp") -> Zero:
     re-gather, reduce-scatter); uneven splits pad to the largest device's share.
     Optimizer state per device Ψ_state/N at stages >= 1.
 
+    Compressed communication (ZeRO++, Wang et al. 2023; the formats of
+    ``sl.reshard(comm_dtype=...)``): `comm_dtype` sends stage 3's weight gathers
+    (``zero.gather`` and their ``regather`` in backward) in that format, so the model
+    computes with the dequantized weights while the stored L+dp shards stay exact
+    (qwZ); `grad_comm_dtype` sends the gradient reduce-scatters (``zero.grad`` in
+    backward at stages 2-3, the bucket of `reduce` at stage 1) in it, each summand chunk
+    quantized once and dequantize-reduced in float32 (qgZ). Gradient all-reduces (stage
+    0, tensors too small to split) and `place`'s gathers (which write the stored weights)
+    stay exact. Integer tensors always move exactly.
+
     Args:
         stage: 0, 1, 2 or 3.
         axis: the data-parallel mesh axis (gradients arrive partial over it).
+        comm_dtype: None, ``"int8"``, ``"fp8"`` or ``torch.bfloat16``: the wire format
+            of stage 3's weight gathers (stage 3 only).
+        grad_comm_dtype: None or one of the same: the wire format of the gradient
+            reduce-scatters (stages 1-3).
 
     Returns:
         A `Zero` with `place`, `compute`, `reduce`, `state` and `layouts`.
@@ -673,4 +731,21 @@ def zero(stage: int, axis: str = "dp") -> Zero:
             f"sl.optim.zero({stage}, axis={axis!r}): axis is the name of the data-parallel "
             'mesh axis, e.g. zero(2, axis="dp").'
         )
-    return Zero(stage, axis)
+    for arg, value in (("comm_dtype", comm_dtype), ("grad_comm_dtype", grad_comm_dtype)):
+        if value is not None:
+            wire_of(value, torch.float32, f"sl.optim.zero({stage}, {arg}={value!r})")
+    if comm_dtype is not None and stage != 3:
+        raise LayoutError(
+            f"sl.optim.zero({stage}, comm_dtype={comm_dtype!r}): comm_dtype compresses stage "
+            "3's weight gathers; below stage 3 weights are gathered only by place, which "
+            "writes the stored weights and stays exact. Use zero(3, comm_dtype=...), or "
+            f"grad_comm_dtype={comm_dtype!r} to compress the gradient reduce-scatters."
+        )
+    if grad_comm_dtype is not None and stage == 0:
+        raise LayoutError(
+            f"sl.optim.zero(0, grad_comm_dtype={grad_comm_dtype!r}): stage 0 reduces "
+            "gradients by all-reduce, which grad_comm_dtype does not compress (it compresses "
+            "the reduce-scatters of stages 1-3). Use stage >= 1, or sl.reshard(g, layout, "
+            "comm_dtype=...) on the gradients yourself."
+        )
+    return Zero(stage, axis, comm_dtype, grad_comm_dtype)
