@@ -47,8 +47,13 @@ from typing import Any
 import torch
 
 from ..layouts._layout import Layout
+from ..layouts._mesh import AbstractMesh
+from ..layouts._planner import plan
 from ..layouts._shard import chunk_bounds
+from . import _aliasing, _dispatch
+from ._rechunk import RowMove, block_srcs, row_bytes
 from ._rules import ArgSpec, RuleInput, Strategy, register_rule
+from ._tensor import ShardedTensor
 
 aten = torch.ops.aten
 
@@ -135,6 +140,84 @@ _COPIES = {
     aten.slice_copy.Tensor,
     aten.select_copy.int,
     aten.diagonal_copy.default,
+}
+
+
+# == row moves along a split dim (`_rechunk.py`) ===============================
+def _moves_pay(
+    moves: Sequence[RowMove], x: ArgSpec, want: Layout, am: AbstractMesh, layout: Layout
+) -> bool:
+    """Whether `moves` (rows of `x` in `layout`) cost no more bytes than moving `x` to `want`.
+
+    At equal bytes the move wins: its output stays split (O(local) memory, nothing to
+    slice again later).
+    """
+    moved = sum(m.bytes(row_bytes(x.shape, layout, m.dim, am, x.dtype)) for m in moves)
+    return moved <= plan(x.layout, want, x.shape, am, x.dtype).total_bytes
+
+
+def _as_blocks(t: Any, mesh: Any, layout: Layout) -> list:
+    if isinstance(t, ShardedTensor):
+        return list(t._shards)
+    return _dispatch._constant_blocks(t, mesh, layout)
+
+
+def _moved(
+    op: Any,
+    move: RowMove,
+    layout: Layout,
+    outs: Sequence[ArgSpec],
+    *,
+    sources: Callable[..., list] = lambda x, *a, **k: [x],
+    view: bool = False,
+    fill: Any = 0,
+) -> Callable:
+    """A decomposition: `move` on the tensors `sources(*args)`, its output cut into `outs`.
+
+    Every output is split along ``move.dim`` like `layout` (each device's block of every
+    output, in order, is its block of the move's output). A view op's outputs are
+    linked copies of its input (`_aliasing`: writes go back, reads refresh).
+    """
+    p = len(move.srcs)
+
+    def decompose(*args: Any, **kwargs: Any) -> Any:
+        ins = sources(*args, **kwargs)
+        mesh = next(t._mesh for t in ins if isinstance(t, ShardedTensor))
+        blocks = move.run(op, mesh, [_as_blocks(t, mesh, layout) for t in ins], fill)
+        am, d = mesh.abstract, move.dim
+        results = []
+        for k, o in enumerate(outs):
+            shards = []
+            for j, dev in enumerate(mesh.local_devices):
+                i = am.index_along(dev, move.axes)
+                at = sum(_block_len(q.shape[d], p, i) for q in outs[:k])
+                shards.append(blocks[j].narrow(d, at, _block_len(o.shape[d], p, i)))
+            results.append(ShardedTensor(shards, mesh, layout, o.shape, False, o.stride, o.offset))
+        out = results if len(outs) > 1 or op in _MULTI else results[0]
+        if view:
+            _aliasing.link_view(op, args, kwargs, args[0], out, True)
+        return out
+
+    return decompose
+
+
+def _block_len(n: int, p: int, i: int) -> int:
+    lo, hi = chunk_bounds(n, p, i)
+    return hi - lo
+
+
+def _slice_start_step(b: dict, n: int) -> tuple[int, int]:
+    start = b["start"] if b["start"] is not None else 0
+    end = b["end"] if b["end"] is not None else n
+    first, _, step = slice(start, end, b["step"]).indices(n)
+    return first, step
+
+
+_MULTI = {
+    aten.split.Tensor,
+    aten.split_with_sizes.default,
+    aten.split_copy.Tensor,
+    aten.split_with_sizes_copy.default,
 }
 
 
@@ -345,9 +428,11 @@ def unsqueeze_rule(ri: RuleInput) -> Iterator[Strategy]:
     aten.split_with_sizes_copy.default,
 )
 def split_rule(ri: RuleInput) -> Iterator[Strategy]:
-    """Split along an unsplit dim locally; a split dim is gathered first.
+    """Split along an unsplit dim locally; along a split dim every piece stays split.
 
-    A split into one piece (the whole tensor) keeps any layout.
+    A split dim: each device gets the rows of its block of every piece (a `RowMove`,
+    GPT-2's fused q/k/v: only the columns across the block boundaries move), unless
+    gathering the dim is cheaper. A split into one piece (the whole tensor) keeps any layout.
     """
     x = ri.tensors[0]
     d = _wrap(_bind(ri.op, ri.args, ri.kwargs)["dim"], x.ndim)
@@ -357,6 +442,19 @@ def split_rule(ri: RuleInput) -> Iterator[Strategy]:
         yield Strategy((x.layout,), (x.layout,), local=lambda t, *a, **k: [piece(t)])
         return
     want = _cleared(x.layout, d) if x.ndim else x.layout
+    axes = x.layout.dims[d] if x.ndim else ()
+    if axes:
+        p, srcs, at = ri.mesh.group_size(axes), [() for _ in range(ri.mesh.group_size(axes))], 0
+        for o in ri.outputs:
+            for i, rows in enumerate(block_srcs(o.shape[d], p, lambda q, at=at: at + q)):
+                srcs[i] += rows
+            at += o.shape[d]
+        move = RowMove(d, axes, (x.shape[d],), tuple(srcs))
+        if _moves_pay([move], x, want, ri.mesh, x.layout):
+            view = ri.op not in _COPIES
+            decompose = _moved(ri.op, move, x.layout, ri.outputs, view=view)
+            yield Strategy((x.layout,), (x.layout,) * n, decompose=decompose)
+            return
     yield Strategy((want,), (want,) * n)
 
 
@@ -391,20 +489,62 @@ def _joint_candidates(specs: Sequence[ArgSpec], clear: int | None) -> list[Layou
 
 @register_rule(aten.cat.default)
 def cat_rule(ri: RuleInput) -> Iterator[Strategy]:
-    """All operands in one layout whose cat dim is unsplit; partial if they share it.
+    """All operands in one layout; partial if they share it. Along a split dim: a `RowMove`.
 
     Candidates take each operand's layout in turn (the planner turns replicated
-    operands partial for free); the dispatcher keeps the cheapest.
+    operands partial for free); the dispatcher keeps the cheapest. Where an operand's
+    cat dim is split, the candidate keeping that split (every operand moved to it, then
+    each device takes the rows of its block of the result from their owners: split's
+    backward, GPT-2's fused q/k/v gradients) is offered alone when its bytes, moves
+    included, are no more than the cheapest candidate gathering the dim.
     """
     out = ri.outputs[0]
     specs = ri.tensors
     kept = [s for s in specs if not _skipped_by_cat(s, out)]
     d = _wrap(_bind(ri.op, ri.args, ri.kwargs)["dim"], out.ndim)
-    for cand in _joint_candidates(kept, d):
-        yield Strategy(
-            tuple(_lay(((),), cand) if _skipped_by_cat(s, out) else cand for s in specs),
-            (cand,),
-        )
+
+    def strategy(cand: Layout, **kw: Any) -> Strategy:
+        ins = tuple(_lay(((),), cand) if _skipped_by_cat(s, out) else cand for s in specs)
+        return Strategy(ins, (cand,), **kw)
+
+    cleared = _joint_candidates(kept, d)
+    split = [s.layout for s in kept if s.layout.dims[d]]
+    if split:
+        am = ri.mesh
+
+        def moving(cand: Layout) -> int:
+            return sum(plan(s.layout, cand, s.shape, am, s.dtype).total_bytes for s in kept)
+
+        best = min(cleared, key=moving)
+        cand = min(_unique_layouts(split), key=moving)
+        axes = cand.dims[d]
+        p = am.group_size(axes)
+        sizes = tuple(s.shape[d] for s in kept)
+        move = RowMove(d, axes, sizes, block_srcs(out.shape[d], p, lambda q: q))
+        row = max(row_bytes(s.shape, cand, d, am, s.dtype) for s in kept)
+        if moving(cand) + move.bytes(row) <= moving(best):
+            yield strategy(
+                cand,
+                decompose=_moved(
+                    ri.op, move, cand, (out,), sources=lambda ts, *a, **k: _kept(ts, out)
+                ),
+            )
+            return
+    for cand in cleared:
+        yield strategy(cand)
+
+
+def _unique_layouts(layouts: Sequence[Layout]) -> list[Layout]:
+    found: list[Layout] = []
+    for lay in layouts:
+        if lay not in found:
+            found.append(lay)
+    return found
+
+
+def _kept(tensors: Sequence[Any], out: ArgSpec) -> list:
+    """cat's operands without the 1-d empty ones it ignores."""
+    return [t for t in tensors if not (t.ndim == 1 and t.shape[0] == 0 and out.ndim != 1)]
 
 
 @register_rule(aten.stack.default)
@@ -421,7 +561,8 @@ def stack_rule(ri: RuleInput) -> Iterator[Strategy]:
 # == slicing and indexing along a dim ==========================================
 @register_rule(aten.slice.Tensor, aten.slice_copy.Tensor)
 def slice_rule(ri: RuleInput) -> Iterator[Strategy]:
-    """Slice an unsplit dim locally; a split dim is gathered first (a full slice keeps it)."""
+    """Slice an unsplit dim locally; a split dim stays split (a `RowMove`, unless gathering
+    is cheaper: then it is gathered first). A full slice keeps any layout."""
     x, out = ri.tensors[0], ri.outputs[0]
     if x.ndim == 0:
         yield Strategy((x.layout,), (x.layout,))
@@ -432,6 +573,17 @@ def slice_rule(ri: RuleInput) -> Iterator[Strategy]:
         yield Strategy((x.layout,), (x.layout,), local=_fresh if ri.op in _COPIES else _alias)
         return
     want = _cleared(x.layout, d)
+    axes = x.layout.dims[d]
+    if axes:
+        start, step = _slice_start_step(b, x.shape[d])
+        srcs = block_srcs(out.shape[d], ri.mesh.group_size(axes), lambda q: start + q * step)
+        move = RowMove(d, axes, (x.shape[d],), srcs)
+        if _moves_pay([move], x, want, ri.mesh, x.layout):
+            view = ri.op not in _COPIES
+            yield Strategy(
+                (x.layout,), (x.layout,), decompose=_moved(ri.op, move, x.layout, (out,), view=view)
+            )
+            return
     yield Strategy((want,), (want,))
 
 
@@ -446,21 +598,89 @@ def select_rule(ri: RuleInput) -> Iterator[Strategy]:
 
 @register_rule(aten.flip.default)
 def flip_rule(ri: RuleInput) -> Iterator[Strategy]:
-    """Flip unsplit dims locally (split ones are gathered first)."""
+    """Flip unsplit dims locally; a split dim stays split (device i's rows go to device P-1-i
+    when blocks are even, re-chunked when not: a `RowMove`), unless gathering is cheaper."""
     x = ri.tensors[0]
-    dims = _bind(ri.op, ri.args, ri.kwargs)["dims"]
-    want = _cleared(x.layout, *(_wrap(d, x.ndim) for d in dims)) if x.ndim else x.layout
+    dims = sorted({_wrap(d, x.ndim) for d in _bind(ri.op, ri.args, ri.kwargs)["dims"]})
+    if x.ndim == 0:
+        yield Strategy((x.layout,), (x.layout,))
+        return
+    split = [d for d in dims if x.layout.dims[d]]
+    want = _cleared(x.layout, *dims)
+    if split:
+        moves = [_reindexed(x, d, ri.mesh, lambda q, n=x.shape[d]: n - 1 - q) for d in split]
+        if _moves_pay(moves, x, want, ri.mesh, x.layout):
+            local = [d for d in dims if d not in split]
+            yield Strategy(
+                (x.layout,),
+                (x.layout,),
+                decompose=_moved_along(ri.op, moves, x.layout, local, ri.outputs[0]),
+            )
+            return
     yield Strategy((want,), (want,))
 
 
 @register_rule(aten.roll.default)
 def roll_rule(ri: RuleInput) -> Iterator[Strategy]:
-    """Roll unsplit dims locally; a roll of the flattened tensor needs it unsplit."""
+    """Roll unsplit dims locally; a split dim stays split (a `RowMove` of the rows that wrap
+    across block boundaries), unless gathering is cheaper. A roll of the flattened tensor
+    needs it unsplit."""
     x = ri.tensors[0]
-    dims = list(_bind(ri.op, ri.args, ri.kwargs)["dims"])
-    rolled = [_wrap(d, x.ndim) for d in dims] if dims else list(range(x.ndim))
-    want = _cleared(x.layout, *rolled)
+    b = _bind(ri.op, ri.args, ri.kwargs)
+    dims, shifts = list(b["dims"]), list(b["shifts"])
+    if not dims or x.ndim == 0:
+        want = _cleared(x.layout, *range(x.ndim))
+        yield Strategy((want,), (want,))
+        return
+    total: dict[int, int] = {}
+    for d, s in zip(dims, shifts):
+        total[_wrap(d, x.ndim)] = total.get(_wrap(d, x.ndim), 0) + s
+    want = _cleared(x.layout, *total)
+    split = [d for d in sorted(total) if x.layout.dims[d] and x.shape[d]]
+    if split:
+        moves = [
+            _reindexed(x, d, ri.mesh, lambda q, n=x.shape[d], s=total[d]: (q - s) % n)
+            for d in split
+        ]
+        if _moves_pay(moves, x, want, ri.mesh, x.layout):
+            rest = [d for d in sorted(total) if d not in split]
+            local = _rolled(rest, [total[d] for d in rest])
+            yield Strategy(
+                (x.layout,),
+                (x.layout,),
+                decompose=_moved_along(ri.op, moves, x.layout, local, ri.outputs[0]),
+            )
+            return
     yield Strategy((want,), (want,))
+
+
+def _rolled(dims: list[int], shifts: list[int]) -> Callable:
+    return lambda t: torch.roll(t, shifts, dims) if dims else t
+
+
+def _reindexed(x: ArgSpec, d: int, am: AbstractMesh, source: Callable[[int], int]) -> RowMove:
+    """Output row q of dim d (same size) is input row source(q)."""
+    axes = x.layout.dims[d]
+    return RowMove(d, axes, (x.shape[d],), block_srcs(x.shape[d], am.group_size(axes), source))
+
+
+def _moved_along(
+    op: Any, moves: list[RowMove], layout: Layout, local: Any, out: ArgSpec
+) -> Callable:
+    """A same-shape decomposition: a local op on every shard (flipped dims, or a function),
+    then each move in turn."""
+
+    def decompose(x: ShardedTensor, *args: Any, **kwargs: Any) -> ShardedTensor:
+        mesh = x._mesh
+        if callable(local):
+            shards = [local(s) for s in x._shards]
+        else:
+            shards = [torch.flip(s, local) if local else s for s in x._shards]
+        for m in moves:
+            shards = m.run(op, mesh, [shards])
+        return ShardedTensor(shards, mesh, layout, out.shape, False, out.stride, out.offset)
+
+    return decompose
 
 
 @register_rule(aten.diagonal.default, aten.diagonal_copy.default)
@@ -477,7 +697,9 @@ def diagonal_rule(ri: RuleInput) -> Iterator[Strategy]:
 # == backward ops ==============================================================
 @register_rule(aten.slice_backward.default)
 def slice_backward_rule(ri: RuleInput) -> Iterator[Strategy]:
-    """Zeros of the input's shape with the gradient placed in the slice, along an unsplit dim."""
+    """Zeros of the input's shape with the gradient placed in the slice; along a split dim
+    each device takes its rows of the result from their owners (a `RowMove` with zero
+    fill), unless gathering the dim is cheaper."""
     g, out = ri.tensors[0], ri.outputs[0]
     b = _bind(ri.op, ri.args, ri.kwargs)
     d = _wrap(b["dim"], g.ndim)
@@ -485,6 +707,21 @@ def slice_backward_rule(ri: RuleInput) -> Iterator[Strategy]:
         yield Strategy((g.layout,), (g.layout,), local=_fresh)
         return
     want = _cleared(g.layout, d)
+    axes = g.layout.dims[d]
+    if axes:
+        n, m = out.shape[d], g.shape[d]
+        start, step = _slice_start_step(b, n)
+
+        def source(r: int) -> int:
+            q, off = divmod(r - start, step)
+            return q if r >= start and off == 0 and q < m else -1
+
+        move = RowMove(d, axes, (m,), block_srcs(n, ri.mesh.group_size(axes), source))
+        if _moves_pay([move], g, want, ri.mesh, g.layout):
+            yield Strategy(
+                (g.layout,), (g.layout,), decompose=_moved(ri.op, move, g.layout, (out,))
+            )
+            return
     sizes = _local_sizes_keeping(d, out.shape[d])
     yield Strategy((want,), (want,), local=_rewrite(ri.op, "input_sizes", sizes))
 
