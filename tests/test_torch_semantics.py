@@ -149,13 +149,6 @@ def test_data_assignment_replaces_the_value():
         lambda m: m.type(torch.float64),
     ],
 )
-@pytest.mark.xfail(
-    strict=True,
-    reason="known regression (issue 9, torch.compile support): with __tensor_flatten__, "
-    "Module._apply swaps parameters (torch.utils.swap_tensors), which refuses a Parameter "
-    "that is registered by weak reference as an alias view of its sharded source "
-    "(_aliasing). Workaround: convert the plain module before sharding its parameters.",
-)
 def test_module_dtype_conversion_keeps_shards_and_wrapper_in_step(convert):
     torch.manual_seed(0)
     plain = torch.nn.Linear(4, 8)

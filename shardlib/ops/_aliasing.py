@@ -26,6 +26,13 @@ Invariants:
   only has to test ``a._root is not None``.
 - A family's *stamp* (its write count and its shards' version counters) changes whenever any
   member's storage is written; a link remembers the base family's stamp it last agreed with.
+- No ShardedTensor is referenced weakly (``torch.utils.swap_tensors``, which
+  ``Module._apply`` uses to convert sharded parameters, refuses such a tensor): a root's
+  ``_views`` and a base's ``_linked`` are lists of weak references to the members' records
+  (`_tensor.Record`), which reach the members' attributes. Members reference their root
+  (``_root``) and base (``_link.base``) strongly and nothing references them back
+  strongly, so a dropped alias view or root is freed by reference counting. (A linked
+  copy is its own ``_root``: a cycle, freed by the garbage collector.)
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ import torch
 from .._errors import AliasError
 from ..layouts._layout import Layout
 from ..layouts._shard import local_bounds
-from ._tensor import ShardedTensor
+from ._tensor import ShardedTensor, record_of
 
 __all__ = [
     "after_write",
@@ -140,21 +147,29 @@ def link_view(func: Any, args: tuple, kwargs: dict, base: ShardedTensor, out: An
 def _register(owner: ShardedTensor, name: str, member: ShardedTensor) -> None:
     """Remember `member` weakly on `owner` (a family's alias views; copies linked to a base).
 
-    A list of weak references (cheap on the view hot path; a WeakSet would also compare
-    tensors with ==), pruned of dead ones whenever it doubles.
+    A list of weak references to the members' records (cheap on the view hot path),
+    pruned of dead ones whenever it doubles. So ``owner._views`` / ``owner._linked`` is
+    truthy while it has members (or had them, until the next pruning).
     """
     refs = getattr(owner, name)
     if refs is None:
-        setattr(owner, name, [weakref.ref(member)])
+        setattr(owner, name, [weakref.ref(record_of(member))])
         return
-    refs.append(weakref.ref(member))
+    refs.append(weakref.ref(record_of(member)))
     if len(refs) >= 64 and len(refs) & (len(refs) - 1) == 0:
         refs[:] = [r for r in refs if r() is not None]
 
 
-def _members(refs: list | None) -> list[ShardedTensor]:
-    """The live members of a registry made by `_register`."""
-    return [m for m in (r() for r in refs or ()) if m is not None]
+def _unregister(owner: ShardedTensor, name: str, member: ShardedTensor) -> None:
+    """Forget `member` on `owner` (and the dead members)."""
+    record = record_of(member)
+    live = [r for r in getattr(owner, name) or () if r() not in (None, record)]
+    setattr(owner, name, live or None)
+
+
+def _members(refs: list | None) -> list[dict[str, Any]]:
+    """The attributes (``__dict__``) of the live members of a registry made by `_register`."""
+    return [m.attrs for m in (r() for r in refs or ()) if m is not None]
 
 
 def rebind_data(t: ShardedTensor, value: ShardedTensor) -> None:
@@ -171,15 +186,18 @@ def rebind_data(t: ShardedTensor, value: ShardedTensor) -> None:
         old._link, old._views, old._writes = t._link, t._views, t._writes
         old._root = old if old._link is not None else None
         for v in _members(old._views):
-            v._root = old
+            v["_root"] = old
+        if old._link is not None:  # t was a linked copy: `old` is linked to the base instead
+            _unregister(old._link.base, "_linked", t)
+            _register(old._link.base, "_linked", old)
     else:  # t was an alias view: `old` takes its place in that family
         old._root = t._root
-        root = t._root
-        root._views = [r for r in root._views or () if r() is not t]
-        _register(root, "_views", old)
+        _unregister(t._root, "_views", t)
+        _register(old._root, "_views", old)
     for c in _members(t._linked):
-        if c._link is not None and c._link.base is t:
-            c._link.base = old
+        link = c.get("_link")
+        if link is not None and link.base is t:
+            link.base = old
     old._linked = t._linked
     root = _family_root(value)
     t._shards, t._mesh, t._layout, t._sig = list(value._shards), value._mesh, value._layout, None
@@ -299,11 +317,10 @@ def family_root(t: ShardedTensor) -> ShardedTensor:
 
 def drop_partial(root: ShardedTensor) -> None:
     """After `root`'s shards were reduced in place: it and its live alias views drop partial axes."""
-    members = [root, *_members(root._views)]
-    root._views = None
-    for m in members:
-        if m._layout.partial:
-            m._layout, m._sig = m._layout.without_partial(), None
+    root._views = [r for r in root._views or () if r() is not None] or None  # pruned
+    for m in (root.__dict__, *_members(root._views)):
+        if m["_layout"].partial:
+            m["_layout"], m["_sig"] = m["_layout"].without_partial(), None
 
 
 # == overlap checks ============================================================

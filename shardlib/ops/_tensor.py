@@ -21,7 +21,7 @@ from .._errors import LayoutError
 from ..layouts._layout import Layout
 from ..layouts._mesh import Mesh
 
-__all__ = ["ShardedTensor"]
+__all__ = ["Record", "ShardedTensor", "record_of"]
 
 _grad_descriptor = torch.Tensor.grad
 _data_descriptor = torch.Tensor.data
@@ -56,6 +56,9 @@ class ShardedTensor(torch.Tensor):
     _linked: Any = None
     _writes: int = 0
     _grad_hooked: bool = False
+    # Outside the attribute dict: the tensor's `Record`, made on first use by `record_of`.
+    # Family registries and the gradient hook reference it weakly instead of the tensor.
+    __slots__ = ("_record",)
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 
@@ -407,29 +410,73 @@ def _dispatch(func, args, kwargs):
 _REQUIRES_GRAD = torch._C.TensorBase.requires_grad
 
 
+# == records: what is referenced weakly instead of a tensor =======================
+# `torch.utils.swap_tensors` refuses a tensor that has weak references, and
+# `Module._apply` (module.double(), .to(dtype), .half()) swaps every parameter that is a
+# traceable wrapper subclass, as a ShardedTensor is. So nothing references a ShardedTensor
+# weakly: whoever must reach a tensor without keeping it alive (its family's registries
+# in `_aliasing`, the gradient hook below) references its record weakly.
+class Record:
+    """A ShardedTensor's attributes, for whoever must reach them without keeping it alive.
+
+    The tensor holds its record in the `_record` slot; the record holds the tensor's
+    attribute dict, not the tensor. So there is no cycle: tensor, record and dict are
+    freed together by reference counting. `swap_tensors` exchanges the two tensors'
+    dicts and slots together, so a record always holds the attributes of the tensor
+    that holds it.
+
+    Examples:
+        >>> import shardlib as sl, torch
+        >>> from shardlib.ops._tensor import record_of
+        >>> x = sl.shard(torch.zeros(4), sl.Mesh.simulated({"x": 2}), sl.P("x"))
+        >>> record_of(x).attrs["_layout"] is x.spec
+        True
+    """
+
+    __slots__ = ("attrs", "__weakref__")
+
+    def __init__(self, attrs: dict[str, Any]) -> None:
+        self.attrs = attrs
+
+
+_RECORD = ShardedTensor.__dict__["_record"]  # the slot (no __getattr__ fallback when unset)
+
+
+def record_of(t: ShardedTensor) -> Record:
+    """`t`'s record, made on first use."""
+    try:
+        return _RECORD.__get__(t)
+    except AttributeError:  # not made yet (tensors are also made without __new__: _dispatch)
+        record = Record(t.__dict__)
+        _RECORD.__set__(t, record)
+        return record
+
+
 def _hook_leaf(t: ShardedTensor) -> None:
     if t._grad_hooked or not t.is_leaf:
         return
     t._grad_hooked = True
-    ref = weakref.ref(t)  # the hook must not keep its tensor alive
+    ref = weakref.ref(record_of(t))  # the hook must not keep its tensor alive
 
     def to_own_layout(g: torch.Tensor) -> torch.Tensor | None:
-        leaf = ref()
-        if leaf is None or not isinstance(g, ShardedTensor):
+        record = ref()
+        if record is None or not isinstance(g, ShardedTensor):
             return None
-        if g._layout is leaf._layout or g._layout == leaf._layout:
+        leaf = record.attrs
+        layout, mesh = leaf["_layout"], leaf["_mesh"]
+        if g._layout is layout or g._layout == layout:
             return None  # already the leaf's blocks (the common case: nothing to do)
-        want = leaf._layout.without_partial()
+        want = layout.without_partial()
         reordered = g._layout.dims != want.dims and all(
             set(a) == set(b) for a, b in zip(g._layout.dims, want.dims)
         )  # the same axes per dim in another order: a permute puts it in the leaf's blocks
         if not reordered and max(t.numel() for t in g._shards) <= max(
-            t.numel() for t in leaf._shards
+            t.numel() for t in leaf["_shards"]
         ):
             return None  # no larger than the leaf's blocks: left as it came (no communication)
         from ._api import _reshard_impl
         from ._contractions import gradient_layout
 
-        return _reshard_impl(g, gradient_layout(leaf._layout, leaf._mesh, g._layout), "grad", "backward")
+        return _reshard_impl(g, gradient_layout(layout, mesh, g._layout), "grad", "backward")
 
     t.register_hook(to_own_layout)
