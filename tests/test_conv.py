@@ -266,6 +266,31 @@ def test_cropping_and_a_fill_value_on_a_split_dim():
     _run(lambda x: F.pad(x, (1, 0, -3, 2), value=1.5), [x], [sl.P(None, "x")], X4)
 
 
+def test_circular_pad_under_inference_mode_moves_only_wrapped_rows():
+    # torch reaches _pad_circular whole only under inference_mode. x [3, 2, 10], the last
+    # dim over 4 (blocks 0..2, 3..5, 6..8, 9), padded (2, 1): 13 rows in blocks of 4, 4, 4, 1
+    # reading rows (8, 9, 0, 1), (2..5), (6..9), (0). Device 0 lacks 8 (device 2) and 9
+    # (device 3), device 1 lacks 2 (device 0), device 2 lacks 9 (device 3), device 3 lacks 0
+    # (device 0): device 0 receives twice, so two ppermute rounds of 1 row (3*2 float64).
+    row = 3 * 2 * 8
+    x = _t(3, 2, 10)
+    for axes, lay in ((X4, sl.P(None, None, "x")), (A2B2, sl.P("a", None, "b"))):
+        mesh = sl.Mesh.simulated(axes)
+        xs = sl.shard(x, mesh, lay)
+        with torch.inference_mode(), sl.comm_ledger() as led:
+            y = F.pad(xs, (2, 1), mode="circular")
+            z = F.pad(xs, (3, 3, 1, 1), mode="circular")  # two padded dims, one split
+        assert y.spec == lay and z.spec == lay
+        torch.testing.assert_close(y.full(), F.pad(x, (2, 1), mode="circular"), rtol=0, atol=0)
+        want = F.pad(x, (3, 3, 1, 1), mode="circular")
+        torch.testing.assert_close(z.full(), want, rtol=0, atol=0)
+        kinds = {r.kind for r in led.records if r.cause.startswith("_pad_circular")}
+        assert kinds == {"ppermute"}
+        if axes is X4:
+            y_records = [(r.kind, r.bytes) for r in led.records][:2]
+            assert y_records == [("ppermute", row)] * 2
+
+
 def test_pad_on_an_unsplit_dim_is_local():
     # GPT-2's attention pads the last dim of a tensor split on its batch (and head) dims
     x = _t(4, 6, 8)

@@ -73,8 +73,11 @@ The rules, by op (A = mesh axes; N batch, C channels, S spatial dims):
   partial (each output element copies one input element); their backwards
   (sums of contributions) keep ``sum``/``avg``. ``F.pad(mode="circular")``
   is decomposed by torch above dispatch (``_pad_circular`` is
-  CompositeImplicitAutograd: slices copied into a new tensor), so a split
-  padded dim is gathered there (in the ledger).
+  CompositeImplicitAutograd: slices copied into a new tensor), so with autograd
+  on a split padded dim is gathered there (one all-gather of the input, in the
+  ledger; the output is whole along that dim). Under ``torch.inference_mode``
+  ``_pad_circular`` arrives whole and its rule keeps the split: each device takes
+  only the wrapped rows it lacks (`_rechunk.RowMove`).
 
 Strict mode refuses the row exchanges (they are implicit communication),
 naming the op, the dim, the axes and the fix.
@@ -101,11 +104,13 @@ import torch
 from .._errors import LayoutError
 from ..layouts._layout import Layout
 from ..layouts._mesh import AbstractMesh, Mesh
+from ..layouts._planner import plan as _plan
 from ..layouts._shard import chunk_bounds, local_shape
 from . import _dispatch
 from ._batched import batched, leading_batch
 from ._named import _Call
 from ._named import _run as _collective
+from ._rechunk import RowMove, block_srcs, row_bytes
 from ._rng import _bind
 from ._rules import ArgSpec, RuleInput, Strategy, register_rule
 from ._tensor import ShardedTensor
@@ -1353,6 +1358,48 @@ def pad_backward_rule(ri: RuleInput) -> Iterator[Strategy]:
         yield Strategy(inputs, (g_layout,), decompose=decompose)
     labels = tuple(None if d in pairs else d for d in range(x.ndim))
     yield from _guarded(ri, batched(ri, [labels, labels], [labels], linear=(0,)))
+
+
+@register_rule(aten._pad_circular.default)
+def circular_pad_rule(ri: RuleInput) -> Iterator[Strategy]:
+    """A padded split dim keeps its split: each device takes the wrapped rows it lacks (a
+    `RowMove`: at most the pad width per boundary), unless gathering is cheaper.
+
+    torch reaches this op whole only under ``torch.inference_mode`` (it is
+    CompositeImplicitAutograd: with autograd on it is decomposed above dispatch into
+    ``new_empty`` and slice copies, which gather a split padded dim).
+    """
+    x, out = ri.tensors[0], ri.outputs[0]
+    pairs = _pad_pairs(_bind(ri.op, ri.args, ri.kwargs)["pad"], x.ndim)
+    split = [d for d in sorted(pairs) if x.layout.dims[d] and x.shape[d]]
+    if not split:
+        yield Strategy((x.layout,), (x.layout,))
+        return
+    moves, shape, moved = [], list(x.shape), 0
+    for d in split:
+        axes, n, (lo, hi) = x.layout.dims[d], x.shape[d], pairs[d]
+        srcs = block_srcs(n + lo + hi, ri.mesh.group_size(axes), lambda q, n=n, lo=lo: (q - lo) % n)
+        moves.append(RowMove(d, axes, (n,), srcs))
+        moved += moves[-1].bytes(row_bytes(shape, x.layout, d, ri.mesh, x.dtype))
+        shape[d] = n + lo + hi
+    want = x.layout
+    for d in split:
+        want = want.with_dim(d, ())
+    if moved > _plan(x.layout, want, x.shape, ri.mesh, x.dtype).total_bytes:
+        yield Strategy((want,), (want,))
+        return
+
+    def decompose(t: ShardedTensor, pad: Sequence[int]) -> ShardedTensor:
+        mesh = t._mesh
+        local_pad = _zeroed(pad, t.ndim, set(split))
+        shards = list(t._shards)
+        if any(local_pad):
+            shards = [aten._pad_circular.default(s, local_pad) for s in shards]
+        for m in moves:
+            shards = m.run(ri.op, mesh, [shards])
+        return _wrap(shards, mesh, x.layout, out)
+
+    yield Strategy((x.layout,), (x.layout,), decompose=decompose)
 
 
 # == meta kernels torch lacks ==================================================

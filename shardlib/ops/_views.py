@@ -12,11 +12,20 @@ of the backward ops autograd emits for them):
 - transpose / t / permute: the layout's dims are permuted, no communication.
 - expand / repeat: expanded or repeated dims are replicated, others keep their split.
 - squeeze / unsqueeze: a size-1 dim (never split) is removed or inserted.
-- split / split_with_sizes / unbind / cat / stack, slice / select /
-  flip / roll / diagonal, and the backward ops
-  slice_backward / select_backward / diagonal_backward / new_zeros: the dim
-  the op works along must not be split (it is gathered first); every other
-  dim keeps its split. (index_select / index_add: `_indexing.py`.)
+- split / split_with_sizes / slice (narrow) / cat / flip / roll and
+  slice_backward along a split dim: the output stays split over the same axes
+  (standard chunks of its own size); each device gets the rows of its block it
+  does not hold from their owners by ppermute (`_rechunk.RowMove`: GPT-2's
+  fused q/k/v split moves the columns across block boundaries, a flip moves
+  device i's block to device P-1-i, a roll the wrapped rows), taken when its
+  bytes are no more than gathering the dim (it never costs more than the
+  all-gather; else the dim is gathered first). Their view ops' outputs are
+  linked copies (`_aliasing`). cat moves its operands to one operand's layout
+  first when that, plus the move, is cheapest.
+- unbind / stack / select / diagonal, and the backward ops select_backward /
+  diagonal_backward / new_zeros: the dim the op works along must not be split
+  (it is gathered first); every other dim keeps its split. (index_select /
+  index_add: `_indexing.py`.)
 - the ``*_copy`` variants (functionalization) follow their view op.
 
 Every op here places each output element from exactly one input element (or
