@@ -17,9 +17,9 @@ per piece: the payload, then the scales) and decodes what arrives:
   float32. Never requantized per ring hop.
 - ``all_reduce``: the reduce-scatter above over ceil(B/k)-element chunks of the flat
   block, the reduced chunk encoded again and all-gathered (two encodings in all).
-- ``all_to_all``: each piece encoded, moved, decoded.
-- ``ppermute`` raises (`CompressionError` says which moves compress); so do partial max
-  and min, whose reduction is not a sum of dequantized pieces.
+- ``all_to_all`` and ``ppermute``: each piece (block) encoded, moved, decoded.
+- partial max and min raise (`CompressionError`): their reduction is not a sum of
+  dequantized pieces. Local steps (slices, to-partial) run as they are.
 
 Invariants: results come back in the source dtype; the ledger records, per step, the
 bytes the busiest device sends on the wire (payload + scales, the ring model of the
@@ -40,14 +40,13 @@ from .._errors import LayoutError
 from ..cuda import _quant
 from ..layouts._mesh import Mesh
 from ..layouts._planner import AllGather, AllReduce, AllToAll, Plan, PPermute, ReduceScatter
-from ..layouts._shard import local_bounds, max_chunk
+from ..layouts._shard import local_bounds, max_chunk, max_local_numel
 from ._ledger import record
-from ._redistribute import _comm_group, _run_step, pad_to
+from ._redistribute import _comm_group, _run_step, pad_to, ppermute_sources
 
 __all__ = ["BLOCK", "CompressionError", "Wire", "execute_compressed", "wire_of"]
 
 BLOCK = 256  # elements per scale
-COMPRESSED_MOVES = "all_gather, reduce_scatter, all_reduce and all_to_all"
 
 
 class CompressionError(LayoutError):
@@ -83,7 +82,8 @@ class Wire:
         """Bytes ``[..., nbytes(n)]`` -> (q ``[..., n]``, scales ``[..., nblocks]``)."""
         qdtype = torch.int8 if self.fmt == "int8" else torch.float8_e4m3fn
         q = b[..., :n].contiguous().view(qdtype)
-        scales = b[..., n:].contiguous().view(torch.float32)
+        scales = b[..., n:].clone(memory_format=torch.contiguous_format)  # (aligned for the view)
+        scales = scales.view(torch.float32)
         return q, scales
 
     def decode(self, b: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -143,13 +143,6 @@ def wire_of(comm_dtype: Any, x_dtype: torch.dtype, where: str) -> Wire:
 def check_plan(plan: Plan, where: str) -> None:
     """Raise before anything moves if `plan` has a step compression cannot do."""
     for ps in plan.steps:
-        if isinstance(ps.step, PPermute):
-            raise CompressionError(
-                f"{where}: the move {plan.src!r} -> {plan.dst!r} needs a ppermute "
-                f"({ps.step}), which comm_dtype does not compress; compressed moves are "
-                f"{COMPRESSED_MOVES}. Move through an intermediate layout, or pass "
-                "comm_dtype=None."
-            )
         if isinstance(ps.step, ReduceScatter | AllReduce) and ps.src.reduce_op not in (
             "sum",
             "avg",
@@ -301,9 +294,22 @@ def _all_to_all(step, ps, shape, mesh: Mesh, shards, wire: Wire):
     return out, n, am.group_size(step.axes) - 1
 
 
+def _ppermute(step, ps, shape, mesh: Mesh, shards, wire: Wire):
+    am, be, devs = mesh.abstract, mesh.backend, mesh.local_devices
+    src_of = ppermute_sources(ps.src, ps.dst, am)
+    shapes = [tuple(hi - lo for lo, hi in local_bounds(shape, ps.dst, am, dev)) for dev in devs]
+    recv = [(wire.nbytes(math.prod(s)),) for s in shapes]
+    received = be.ppermute(am, [wire.encode(t) for t in shards], src_of, recv)
+    out = [
+        wire.decode(r, math.prod(s), t.dtype).view(s) for t, r, s in zip(shards, received, shapes)
+    ]
+    return out, max_local_numel(shape, ps.src, am), 1
+
+
 _STEPS = {
     AllGather: _all_gather,
     ReduceScatter: _reduce_scatter,
     AllReduce: _all_reduce,
     AllToAll: _all_to_all,
+    PPermute: _ppermute,
 }
