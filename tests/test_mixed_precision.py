@@ -138,11 +138,15 @@ def test_reshard_dtype_of_a_partial_sums_in_the_target_dtype():
         sl.reshard(x, sl.P(None), dtype=torch.int32)
 
 
-def test_reshard_comm_dtype_names_issue_10():
+def test_reshard_comm_dtype_moves_in_it_and_returns_x_dtype():
+    # issue 10 built comm_dtype (tests/test_compressed.py); unlike dtype=, the result keeps x's
     mesh = sl.Mesh.simulated({"x": 2})
     x = sl.shard(torch.ones(4), mesh, sl.P("x"))
-    with pytest.raises(NotImplementedError, match="issue 10"):
-        sl.reshard(x, sl.P(None), comm_dtype=BF16)
+    with sl.comm_ledger() as led:
+        y = sl.reshard(x, sl.P(None), comm_dtype=BF16)
+    assert y.dtype == torch.float32 and [(r.dtype, r.bytes) for r in led.records] == [
+        ("bfloat16", 4)
+    ]
 
 
 # ============================================================================ master weights
