@@ -186,15 +186,16 @@ def test_partial_casts():
     assert torch.equal(x.to(torch.float64).full(), torch.tensor([1.0, 3.0], dtype=torch.float64))
     # int(0.5) + int(0.5) = 0 != int(1.0): the cast is nonlinear, so the partial sum is
     # reduced first (an all_reduce in the ledger) and the result is exact, not [0, 2].
-    # Nothing is remembered on x: each nonlinear cast reduces again (the same ledger each time).
-    for dtype, reductions in ((torch.int64, ["all_reduce"]), (torch.bool, ["all_reduce"])):
+    # The reduction is kept with x (dispatch's `move`): the second nonlinear cast reuses it.
+    for dtype, reductions in ((torch.int64, ["all_reduce"]), (torch.bool, [])):
         with sl.comm_ledger() as led:
             y = x.to(dtype)
         assert y.spec == P(None)
         assert torch.equal(y.full(), torch.tensor([1.0, 3.0]).to(dtype))
         assert [r.kind for r in led.records] == reductions
+    x = sl.from_local([torch.tensor([0.5, 1.5])] * 2, mesh, P(None, partial="x"), (2,))
     with sl.strict(), pytest.raises(sl.LayoutError, match=r"sl\.reshard\(x, P\(None\)\)"):
-        x.to(torch.int64)
+        x.to(torch.int64)  # (a fresh x: nothing kept, so the cast would communicate)
     avg = sl.from_local([torch.tensor([0.5])] * 2, mesh, P(None, partial={"x": "avg"}), (1,))
     assert avg.to(torch.int64).full().tolist() == [0]
     # Integer partial sums cast between integer types, and max casts truncation, exactly.

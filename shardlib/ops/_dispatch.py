@@ -391,11 +391,17 @@ def _decide(func: Any, args: tuple, kwargs: dict) -> _Decision:
             f"{func}: a {odd[0].layout} operand beside sharded tensors; shardlib shards strided "
             "(dense) tensors only. Convert it with .to_dense(), or compute on x.full()."
         )
+    schema = getattr(func, "_schema", None)
+    reads_kept = not (
+        _is_inplace(func) or _is_view(func) or (schema is not None and schema.is_mutable)
+    )
     specs = tuple(
         ArgSpec(
             tuple(a.shape),
             a.dtype,
-            a._layout if isinstance(a, ShardedTensor) else Layout(((),) * a.ndim),
+            (_kept_layout(a) if reads_kept else a._layout)
+            if isinstance(a, ShardedTensor)
+            else Layout(((),) * a.ndim),
             a.stride(),
             a.storage_offset(),
         )
@@ -901,9 +907,17 @@ _FIXES = (
 def move(func: Any, a: ShardedTensor, want: Layout) -> ShardedTensor:
     """`a` redistributed to `want` for op `func`: implicit, in the ledger, checked by strict mode.
 
-    The result is a fresh tensor that lives as long as the op needs it (nothing is
-    remembered on `a`).
+    The result is a fresh tensor that lives as long as the op needs it, with one exception: a
+    reduction of a partial `a` (a result no larger than `a`'s blocks) is kept with `a`, and
+    later ops that want `a` in the same layout get it again, with no communication, for as
+    long as neither `a`'s storage nor the kept blocks are written (`_kept`). A partial value
+    read by several ops (a norm's input, a residual stream) is reduced once, not once per
+    op; gathers are never kept (FSDP's weights stay split between uses).
     """
+    if a._layout.partial:
+        kept = _kept(a, want)
+        if kept is not None:
+            return kept
     expanded = _expanded_dims(a, want)
     if expanded:
         return _move_compact(func, a, want, expanded)
@@ -923,10 +937,55 @@ def move(func: Any, a: ShardedTensor, want: Layout) -> ShardedTensor:
             f"`x = sl.reshard(x, {want!r})` before the op, or leave strict mode."
         )
     shards = execute(p, a._mesh, a._shards, direction=current_direction(), cause=_cause(func))
-    return ShardedTensor(shards, a._mesh, want, tuple(a.shape))
+    out = ShardedTensor(shards, a._mesh, want, tuple(a.shape))
+    if a._layout.partial:
+        _keep(a, want, out)
+    return out
 
 
 _move = move  # the name the rule modules import
+
+
+def _versions(t: ShardedTensor) -> tuple:
+    """Changes whenever `t`'s storage (its family's) or its blocks are written."""
+    try:
+        return (_aliasing._stamp(_aliasing.family_root(t)), *(s._version for s in t._shards))
+    except RuntimeError:  # inference tensors keep no version counters: nothing is kept
+        return ()
+
+
+def _keep(a: ShardedTensor, want: Layout, out: ShardedTensor) -> None:
+    """Keep `out`, a reduction of partial `a`, with `a` (see `move`)."""
+    if torch.compiler.is_compiling() or sum(s.numel() for s in out._shards) > sum(
+        s.numel() for s in a._shards
+    ):
+        return
+    stamp = _versions(a)
+    if stamp:
+        a._kept = (want, stamp, out, _versions(out))
+        # a signature of its own: the decisions of ops that read `a` are taken with `a` in
+        # `want`, free (`_kept_layout`), and their `_run` gets the kept copy from `move`
+        full = ("kept", want, a._layout, a.shape, a.dtype, a._mesh, a.stride(), a.storage_offset())
+        sig = _SIG_IDS.get(full)
+        if sig is None:
+            sig = _SIG_IDS[full] = len(_SIG_IDS)
+        a._sig = sig
+
+
+def _kept_layout(a: ShardedTensor) -> Layout:
+    """The layout an op that only reads `a` sees it in: its kept reduction's, if any."""
+    kept = getattr(a, "_kept", None)
+    return a._layout if kept is None or _kept(a, kept[0]) is None else kept[0]
+
+
+def _kept(a: ShardedTensor, want: Layout) -> ShardedTensor | None:
+    kept = getattr(a, "_kept", None)  # an instance attribute, set by `_keep`
+    if kept is None or kept[0] != want or torch.compiler.is_compiling():
+        return None
+    if kept[1] != _versions(a) or kept[3] != _versions(kept[2]):
+        a._kept = None  # written since: reduce again
+        return None
+    return kept[2]
 
 
 def _expanded_dims(a: ShardedTensor, want: Layout) -> tuple[int, ...]:
