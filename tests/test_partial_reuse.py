@@ -106,3 +106,19 @@ def test_strict_mode_refuses_the_first_implicit_reduction(mesh):
     x = partial(mesh, torch.ones(4, dtype=F64))
     with sl.strict(), pytest.raises(sl.LayoutError, match="sl.reshard"):
         x.exp()
+
+
+def test_later_linear_reads_use_the_kept_reduction(mesh):
+    """RMSNorm's shape: after the value is needed once (pow), the linear ops that follow
+    (x * rsqrt(var), weight * ...) read the kept reduction, so the result is not partial and
+    the next op that needs it does not reduce again."""
+    v = torch.randn(4, 6, dtype=F64, generator=torch.Generator().manual_seed(4))
+    x = partial(mesh, v)
+    var = x.pow(2).mean(-1, keepdim=True)
+    with sl.comm_ledger() as led:
+        y = x * torch.rsqrt(var + 1e-6)
+        z = y.exp()
+    assert led.records == [], led.summary()
+    assert not y.spec.partial
+    want = (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6)).exp()
+    torch.testing.assert_close(z.full(), want, rtol=1e-12, atol=1e-12)
