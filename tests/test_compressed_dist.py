@@ -6,7 +6,7 @@ replicated, all-to-all, and a gather's compressed backward) in int8, fp8 and bf1
 `Mesh.distributed({"dp": 4})` and returns its local shards and ledger; the simulated run
 of the same program must give device r's shards identically (``torch.equal``: the same
 local quantization, the same bytes moved, the same float32 reduction order) and the same
-records (kind, axes, bytes, dtype, scale bytes). That the values are within the format's
+records (kind, axes, bytes, dtype, scale bytes). A ppermute ({a: 2, b: 2}) likewise. That the values are within the format's
 bound is tests/test_compressed.py's (simulated) check, which therefore holds here too.
 """
 
@@ -60,3 +60,19 @@ def test_gloo_equals_simulated_bitwise(workers4):
         for i, (got, want) in enumerate(zip(out, sim_out)):
             (shard,) = got
             assert torch.equal(shard, want[rank]), (rank, i)
+
+
+def _ppermute_on_rank(mesh):
+    x = torch.randn(10, 70, generator=torch.Generator().manual_seed(1))
+    with sl.comm_ledger() as led:
+        y = sl.reshard(sl.shard(x, mesh, sl.P("a", "b")), sl.P("b", "a"), comm_dtype="int8")
+    return y.local_shards(), [(r.kind, r.bytes, r.dtype) for r in led.records]
+
+
+@pytest.mark.dist
+def test_gloo_ppermute_equals_simulated_bitwise(workers4):
+    results = workers4.run(_ppermute_on_rank, {"a": 2, "b": 2})
+    sim, sim_records = _ppermute_on_rank(sl.Mesh.simulated({"a": 2, "b": 2}))
+    assert [r[0] for r in sim_records] == ["ppermute"]
+    for rank, (shards, records) in enumerate(results):
+        assert records == sim_records and torch.equal(shards[0], sim[rank]), rank
