@@ -1,9 +1,9 @@
 """Blockwise quantization in torch: the references of the quantization kernels, and the
 functions compressed collectives call (DESIGN §10).
 
-Owns `quantize`, `dequantize` and `dequantize_reduce`. Each runs h10a's CUDA kernel
-(``shardlib.cuda._ops.*_cuda``) when its tensors are on CUDA and `shardlib.cuda.available()`,
-and the torch code below otherwise; the two are bitwise equal on finite input (the GPU
+Owns `quantize`, `dequantize` and `dequantize_reduce`. Each runs the CUDA kernel
+(``shardlib.cuda._ops.*_cuda``) when its tensors are on CUDA and `shardlib.cuda.available()`
+(fp8: on sm_89 or newer), and the torch code below otherwise; the two are bitwise equal on finite input (the GPU
 tier checks it). It does not own moving the pieces (``shardlib.collectives``) or choosing
 blocks that line up with destination chunks (the caller quantizes each chunk by itself).
 
@@ -76,11 +76,16 @@ def _nblocks(n: int, block: int) -> int:
     return -(-n // block)
 
 
-def _on_gpu(*tensors: torch.Tensor) -> bool:
+def _on_gpu(fmt: str, *tensors: torch.Tensor) -> bool:
+    """Whether the kernels run: CUDA tensors, `available()`, and for fp8 an sm_89+ GPU (the
+    e4m3 conversions are hardware instructions; older GPUs run the torch code, bitwise
+    the same)."""
     if not all(t.is_cuda for t in tensors):
         return False
     from . import _launch
 
+    if fmt == "fp8" and torch.cuda.get_device_capability(tensors[0].device) < (8, 9):
+        return False
     return _launch.available()
 
 
@@ -121,7 +126,7 @@ def quantize(
             f"{where}: x is {x.dtype}; only floating tensors are quantized. "
             "Fix: move integer or bool tensors uncompressed."
         )
-    if _on_gpu(x):
+    if _on_gpu(fmt, x):
         from ._ops import quantize_cuda
 
         return quantize_cuda(x, fmt, block)
@@ -155,7 +160,7 @@ def dequantize(
         True
     """
     where = f"dequantize(q, scales, block={block!r}, dtype={dtype})"
-    _fmt_of(q, where)
+    fmt = _fmt_of(q, where)
     block = _check_block(block, where)
     n = q.numel()
     if scales.numel() != _nblocks(n, block):
@@ -164,7 +169,7 @@ def dequantize(
             f"but scales has {scales.numel()}. Fix: pass the scales quantize returned with "
             "this q, and the same block."
         )
-    if _on_gpu(q, scales):
+    if _on_gpu(fmt, q, scales):
         from ._ops import dequantize_cuda
 
         return dequantize_cuda(q, scales, block, dtype)
@@ -188,7 +193,7 @@ def dequantize_reduce(
         [3.0, 3.0, 3.0]
     """
     where = f"dequantize_reduce(q, scales, block={block!r}, dtype={dtype})"
-    _fmt_of(q, where)
+    fmt = _fmt_of(q, where)
     block = _check_block(block, where)
     if q.dim() != 2:
         raise KernelArgumentError(
@@ -201,7 +206,7 @@ def dequantize_reduce(
             f"(blocks of {block}), got {tuple(scales.shape)}. Fix: stack the scales quantize "
             "returned for each piece, with the same block."
         )
-    if _on_gpu(q, scales):
+    if _on_gpu(fmt, q, scales):
         from ._ops import dequantize_reduce_cuda
 
         return dequantize_reduce_cuda(q, scales, block, dtype)
