@@ -27,6 +27,7 @@ import torch
 
 import shardlib as sl
 from shardlib import P
+from shardlib.ops._tensor import record_of
 
 MESH = sl.Mesh.simulated({"x": 4})
 
@@ -224,3 +225,14 @@ def test_data_assignment_of_a_linked_copy_and_then_of_its_base():
     v_ref.mul_(10)
     for got, want in ((b, ref), (c, c_ref), (v, v_ref)):
         assert torch.equal(got.full(), want)
+
+
+def test_a_record_names_the_attributes_of_the_tensor_that_holds_it():
+    x, y = sh(_ints(8, 4), P("x", None)), sh(_ints(8, 4) + 1, P(None, "x"))
+    rx, ry = record_of(x), record_of(y)
+    assert record_of(x) is rx and rx.attrs is x.__dict__
+    torch.utils.swap_tensors(x, y)  # exchanges dicts and slots together
+    assert record_of(x) is ry and ry.attrs is x.__dict__ and x.spec == P(None, "x")
+    z = sh(_ints(8, 4), P())
+    z.__dict__.update(x.__dict__)  # a copied dict carries the flag but not the slot
+    assert record_of(z).attrs is z.__dict__ and record_of(z) is not ry

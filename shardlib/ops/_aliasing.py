@@ -61,12 +61,12 @@ __all__ = [
 
 
 def _shares_storage(view: torch.Tensor, base: torch.Tensor) -> bool:
-    if view.numel() == 0:
-        return True
+    """Whether `view` is a view of `base`'s storage (an empty `view` always is)."""
     try:
-        return view.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+        same = view.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
     except RuntimeError:  # (h9g) traced (fake, functional) shards have no data: same storage?
-        return torch._C._is_alias_of(view, base)
+        same = torch._C._is_alias_of(view, base)
+    return same or view.numel() == 0
 
 
 def _stamp(root: ShardedTensor) -> tuple:
@@ -127,21 +127,30 @@ def _op_name(func: Any) -> str:
 # == creating views ============================================================
 def link_view(func: Any, args: tuple, kwargs: dict, base: ShardedTensor, out: Any, moved: bool):
     """Make the outputs of view op `func` on `base` aliases of it, or linked copies."""
-    outs = out if isinstance(out, list | tuple) else (out,)
-    root = _family_root(base)
-    for i, o in enumerate(outs):
+    many = isinstance(out, (list, tuple))  # (a tuple of types: faster than list | tuple)
+    root = base._root if base._root is not None else base
+    for i, o in enumerate(out if many else (out,)):
         if not isinstance(o, ShardedTensor):
             continue
         if not moved and all(map(_shares_storage, o._shards, base._shards)):
             o._root = root
-            _register(root, "_views", o)
+            views = root._views  # `_register(root, "_views", o)`, inlined: the view hot path
+            if views is None:
+                root._views = [_weakref(record_of(o))]
+            else:
+                views.append(_weakref(record_of(o)))
+                if len(views) >= 64 and len(views) & (len(views) - 1) == 0:
+                    views[:] = [r for r in views if r() is not None]
         else:
             o._root = o
-            index = i if isinstance(out, list | tuple) else None
+            index = i if many else None
             o._link = _Link(
                 base, func, tuple(args), dict(kwargs), index, _stamp(_family_root(base))
             )
             _register(base, "_linked", o)
+
+
+_weakref = weakref.ref
 
 
 def _register(owner: ShardedTensor, name: str, member: ShardedTensor) -> None:

@@ -59,6 +59,7 @@ class ShardedTensor(torch.Tensor):
     # Outside the attribute dict: the tensor's `Record`, made on first use by `record_of`.
     # Family registries and the gradient hook reference it weakly instead of the tensor.
     __slots__ = ("_record",)
+    _recorded: bool = False  # whether `_record` is set (reading an unset slot raises)
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 
@@ -439,17 +440,18 @@ class Record:
         self.attrs = attrs
 
 
-_RECORD = ShardedTensor.__dict__["_record"]  # the slot (no __getattr__ fallback when unset)
-
-
 def record_of(t: ShardedTensor) -> Record:
-    """`t`'s record, made on first use."""
-    try:
-        return _RECORD.__get__(t)
-    except AttributeError:  # not made yet (tensors are also made without __new__: _dispatch)
-        record = Record(t.__dict__)
-        _RECORD.__set__(t, record)
-        return record
+    """`t`'s record, made on first use (a fresh tensor's costs no exception: the view hot path)."""
+    if t._recorded:  # set with the slot; a dict copied onto another tensor carries it alone
+        try:
+            record = t._record
+        except AttributeError:
+            record = None
+        if record is not None and record.attrs is t.__dict__:
+            return record
+    record = t._record = Record(t.__dict__)
+    t._recorded = True
+    return record
 
 
 def _hook_leaf(t: ShardedTensor) -> None:
