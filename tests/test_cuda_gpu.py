@@ -90,6 +90,22 @@ def test_quantize_ties_and_saturation(fmt):
 
 
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_quantize_non_finite_blocks(fmt):
+    """A block holding inf or NaN: a non-finite scale (NaN wins over inf, as torch's amax),
+    every q 0, so it dequantizes to NaN; the finite blocks beside it are unaffected."""
+    _needs_fp8(fmt)
+    from shardlib.cuda import _ops
+
+    x = _inputs(4 * 256, seed=7)
+    x[3], x[300], x[600], x[601] = float("nan"), float("inf"), float("-inf"), float("nan")
+    q, s = _ops.quantize_cuda(x.cuda(), fmt, 256)
+    rq, rs = _quant_ref(x, fmt, 256)
+    assert torch.equal(_bits(q), _bits(rq))
+    torch.testing.assert_close(s.cpu(), rs, rtol=0, atol=0, equal_nan=True)
+    assert s[0].isnan() and s[1].isinf() and s[2].isnan() and s[3].isfinite()
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dequantize_bitwise(fmt, dtype):
     _needs_fp8(fmt)

@@ -6,7 +6,8 @@
 //     absmax_b = max |x_i|,  scale_b = absmax_b / QMAX   (QMAX = 127 for int8, 448 for e4m3)
 //     q_i = clamp(rint(x_i / scale_b), -127, 127)         (int8)
 //     q_i = e4m3_satfinite_rn(x_i / scale_b)              (fp8 e4m3)
-//     q_i = 0 where scale_b == 0;
+//     q_i = 0 where scale_b == 0 or is not finite (a block holding inf or NaN: its absmax,
+//     like torch's amax, is inf or NaN, and it dequantizes to NaN);
 //     dequantize: y_i = float(q_i) * scale_b;
 //     dequantize-reduce of k pieces: y_i = sum_{j = 0..k-1} float(q_{j,i}) * scale_{j,b},
 //     accumulated in float32 from j = 0 up.
@@ -21,18 +22,29 @@
 
 typedef long long i64;
 
+// max that propagates NaN, as torch's amax does (fmaxf would drop it)
+__device__ __forceinline__ float nan_max(float a, float b) {
+  return a != a ? a : (b != b ? b : fmaxf(a, b));
+}
+
 __device__ __forceinline__ float warp_max(float v) {
   for (int offset = 16; offset > 0; offset >>= 1)
-    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, offset));
   return v;
 }
 
-// The absmax over x[start, end), on every lane of the warp.
+// The absmax over x[start, end), on every lane of the warp (NaN if any element is NaN).
 __device__ __forceinline__ float block_absmax(const float* __restrict__ x, i64 start, i64 end,
                                               int lane) {
   float m = 0.0f;
-  for (i64 i = start + lane; i < end; i += 32) m = fmaxf(m, fabsf(x[i]));
+  for (i64 i = start + lane; i < end; i += 32) m = nan_max(m, fabsf(x[i]));
   return warp_max(m);
+}
+
+// A block is encoded only when its scale is finite and nonzero; otherwise q = 0 (a non-finite
+// block then dequantizes to NaN: 0 * inf and 0 * NaN), as the reference does.
+__device__ __forceinline__ bool encodable(float scale) {
+  return scale != 0.0f && fabsf(scale) <= 3.402823466e38f;  // false for inf and NaN
 }
 
 // Index of this thread's warp among all the grid's warps, and their number.
@@ -55,7 +67,7 @@ __device__ __forceinline__ void quantize_blocks(const float* __restrict__ x,
     const float scale = __fdiv_rn(block_absmax(x, start, end, lane), F::QMAX);
     if (lane == 0) scales[b] = scale;
     for (i64 i = start + lane; i < end; i += 32)
-      q[i] = scale != 0.0f ? F::encode(__fdiv_rn(x[i], scale)) : (typename F::Q)0;
+      q[i] = encodable(scale) ? F::encode(__fdiv_rn(x[i], scale)) : (typename F::Q)0;
   }
 }
 
