@@ -110,7 +110,7 @@ from . import _dispatch
 from ._batched import batched, leading_batch
 from ._named import _Call
 from ._named import _run as _collective
-from ._rechunk import RowMove, block_srcs, row_bytes
+from ._rechunk import RowMove, block_srcs, row_bytes, select_rows, take_rows
 from ._rng import _bind
 from ._rules import ArgSpec, RuleInput, Strategy, register_rule
 from ._tensor import ShardedTensor
@@ -237,24 +237,6 @@ def _shift(mesh: Mesh, axes: Axes, s: int, bufs: list, cause: str) -> list:
     return _collective(_Call("ppermute", axes, (pairs,), cause), mesh, bufs)
 
 
-def _take_rows(x: torch.Tensor, dim: int, rows: Sequence[int], width: int) -> torch.Tensor:
-    """Rows `rows` of `x` along `dim`, zero-padded to `width` rows (a fixed-size buffer)."""
-    idx = torch.as_tensor(rows, dtype=torch.long, device=x.device)
-    piece = x.index_select(dim, idx)
-    if len(rows) < width:
-        shape = list(x.shape)
-        shape[dim] = width - len(rows)
-        piece = torch.cat([piece, x.new_zeros(shape)], dim)
-    return piece
-
-
-def _select(pool: torch.Tensor, dim: int, pos: tuple[int, ...]) -> torch.Tensor:
-    n = len(pos)
-    if n and pos == tuple(range(pos[0], pos[0] + n)):
-        return pool.narrow(dim, pos[0], n)
-    return pool.index_select(dim, torch.as_tensor(pos, dtype=torch.long, device=pool.device))
-
-
 def _exchange(op: Any, plan: _Rows, mesh: Mesh, shards: list, fill: Any = 0) -> list:
     """Per local device, its output rows of `plan` (fresh tensors, never views of `shards`)."""
     _check_strict(op, plan)
@@ -267,7 +249,7 @@ def _exchange(op: Any, plan: _Rows, mesh: Mesh, shards: list, fill: Any = 0) -> 
         for x, i in zip(shards, idx):
             rows = plan.need[s][i + s] if 0 <= i + s < p else ()
             lo = plan.bounds[i][0]
-            bufs.append(_take_rows(x, d, [q - lo for q in rows], plan.width[s]))
+            bufs.append(take_rows(x, d, [q - lo for q in rows], plan.width[s]))
         got = _shift(mesh, plan.axes, s, bufs, cause)
         received[s] = [g.narrow(d, 0, len(plan.need[s][i])) for g, i in zip(got, idx)]
     out = []
@@ -278,7 +260,7 @@ def _exchange(op: Any, plan: _Rows, mesh: Mesh, shards: list, fill: Any = 0) -> 
             shape[d] = 1
             parts.append(x.new_full(shape, fill))
         pool = torch.cat(parts, d) if len(parts) > 1 else x
-        block = _select(pool, d, plan.pos[i])
+        block = select_rows(pool, d, plan.pos[i])
         out.append(block.clone() if pool is x else block)
     return out
 

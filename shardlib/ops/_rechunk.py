@@ -173,7 +173,7 @@ class RowMove:
             bufs = []
             for pool, i in zip(pools, idx):
                 rows = [self.owner_of(q)[1] for q in sending.get(i, ())]
-                bufs.append(_take_rows(pool, d, rows, width))
+                bufs.append(take_rows(pool, d, rows, width))
             pairs = tuple(sorted((j, i) for j, i, _ in rnd))
             out = _collective(_Call("ppermute", self.axes, (pairs,), cause), mesh, bufs)
             for j, (o, i) in enumerate(zip(out, idx)):
@@ -187,11 +187,11 @@ class RowMove:
                 shape[d] = 1
                 parts.append(pool.new_full(shape, fill))
             full = torch.cat(parts, d) if len(parts) > 1 else pool
-            result.append(_select(full, d, self.pos[i]))
+            result.append(select_rows(full, d, self.pos[i], copy=True))
         return result
 
 
-def _take_rows(x: torch.Tensor, dim: int, rows: Sequence[int], width: int) -> torch.Tensor:
+def take_rows(x: torch.Tensor, dim: int, rows: Sequence[int], width: int) -> torch.Tensor:
     """Rows `rows` of `x` along `dim`, zero-padded to `width` rows (a fixed-size buffer)."""
     piece = x.index_select(dim, torch.as_tensor(rows, dtype=torch.long, device=x.device))
     if len(rows) < width:
@@ -201,10 +201,15 @@ def _take_rows(x: torch.Tensor, dim: int, rows: Sequence[int], width: int) -> to
     return piece
 
 
-def _select(pool: torch.Tensor, dim: int, pos: tuple[int, ...]) -> torch.Tensor:
+def select_rows(
+    pool: torch.Tensor, dim: int, pos: tuple[int, ...], *, copy: bool = False
+) -> torch.Tensor:
+    """Rows `pos` of `pool` along `dim`: a narrow view when they are consecutive (a copy
+    with ``copy=True``), else an index_select."""
     n = len(pos)
     if n and pos == tuple(range(pos[0], pos[0] + n)):
-        return pool.narrow(dim, pos[0], n).clone()
+        rows = pool.narrow(dim, pos[0], n)
+        return rows.clone() if copy else rows
     return pool.index_select(dim, torch.as_tensor(pos, dtype=torch.long, device=pool.device))
 
 
