@@ -17,30 +17,11 @@ import torch
 
 from ._errors import KernelArgumentError
 from ._kernel import kernels
+from ._quant import _check_block, _fmt_of, _nblocks
 
 THREADS = 256  # threads per CUDA block: 8 warps
 _FORMATS = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 _MAX_GRID = 2**31 - 1
-
-
-def _fmt_of(q: torch.Tensor, where: str) -> str:
-    for fmt, dtype in _FORMATS.items():
-        if q.dtype == dtype:
-            return fmt
-    raise KernelArgumentError(
-        f"{where}: q is {q.dtype}; quantized pieces are torch.int8 or torch.float8_e4m3fn. "
-        "Fix: pass the q that quantize returned."
-    )
-
-
-def _check_block(block: object, where: str) -> int:
-    if isinstance(block, bool) or not isinstance(block, int) or not 0 < block < 2**31:
-        raise KernelArgumentError(f"{where}: block must be a positive int, got {block!r}.")
-    return block
-
-
-def _blocks(n: int, block: int) -> int:
-    return -(-n // block)
 
 
 def quantize_cuda(
@@ -58,11 +39,11 @@ def quantize_cuda(
     flat = x.reshape(-1)
     flat = (flat if flat.dtype == torch.float32 else flat.float()).contiguous()
     n = flat.numel()
-    nblocks = _blocks(n, block)
+    nblocks = _nblocks(n, block)
     q = torch.empty(n, dtype=_FORMATS[fmt], device=x.device)
     scales = torch.empty(nblocks, dtype=torch.float32, device=x.device)
     if n:
-        grid = min(_blocks(nblocks, THREADS // 32), _MAX_GRID)
+        grid = min(_nblocks(nblocks, THREADS // 32), _MAX_GRID)
         kernels()[f"quantize_{fmt}"].launch(
             grid, THREADS, flat, q, scales, np.int64(n), np.int32(block)
         )
@@ -78,15 +59,15 @@ def dequantize_cuda(
     block = _check_block(block, where)
     flat = q.reshape(-1).contiguous()
     n = flat.numel()
-    if scales.numel() != _blocks(n, block):
+    if scales.numel() != _nblocks(n, block):
         raise KernelArgumentError(
-            f"{where}: q has {n} elements, which is {_blocks(n, block)} blocks of {block}, "
+            f"{where}: q has {n} elements, which is {_nblocks(n, block)} blocks of {block}, "
             f"but scales has {scales.numel()}. Fix: pass the scales quantize returned with "
             "this q, and the same block."
         )
     y = torch.empty(n, dtype=torch.float32, device=q.device)
     if n:
-        grid = min(_blocks(_blocks(n, block), THREADS // 32), _MAX_GRID)  # a warp per block
+        grid = min(_nblocks(_nblocks(n, block), THREADS // 32), _MAX_GRID)  # a warp per block
         kernels()[f"dequantize_{fmt}"].launch(
             grid, THREADS, flat, scales.reshape(-1).contiguous(), y, np.int64(n), np.int32(block)
         )
@@ -106,15 +87,15 @@ def dequantize_reduce_cuda(
             f"{where}: q must be [k, n] (k pieces of n elements), got shape {tuple(q.shape)}."
         )
     k, n = q.shape
-    if tuple(scales.shape) != (k, _blocks(n, block)):
+    if tuple(scales.shape) != (k, _nblocks(n, block)):
         raise KernelArgumentError(
-            f"{where}: q is {tuple(q.shape)}, so scales must be {(k, _blocks(n, block))} "
+            f"{where}: q is {tuple(q.shape)}, so scales must be {(k, _nblocks(n, block))} "
             f"(blocks of {block}), got {tuple(scales.shape)}. Fix: stack the scales quantize "
             "returned for each piece, with the same block."
         )
     y = torch.empty(n, dtype=torch.float32, device=q.device)
     if n and k:
-        grid = min(_blocks(_blocks(n, block), THREADS // 32), _MAX_GRID)  # a warp per block
+        grid = min(_nblocks(_nblocks(n, block), THREADS // 32), _MAX_GRID)  # a warp per block
         kernels()[f"dequantize_reduce_{fmt}"].launch(
             grid,
             THREADS,
