@@ -523,3 +523,23 @@ def test_readme_comments_show_what_prints(index, code, claims):
 def test_readme_uses_one_layout_notation():
     text = _README.read_text()
     assert not re.search(r"\bS\([a-z]|\[R[,\]]|partial\((sum|avg|max|min):", text)
+
+
+def test_a_layout_pickled_in_another_process_equals_and_hashes_as_here():
+    """String hashes differ between processes; a layout from a worker must still be equal
+    to (and find the dict entries of) the same layout made here."""
+    import pickle
+    import subprocess
+    import sys
+
+    code = (
+        "import pickle, sys, shardlib as sl; "
+        "sys.stdout.buffer.write(pickle.dumps(sl.P(('dp', 'tp'), None, partial='sp')))"
+    )
+    env = {"PYTHONHASHSEED": "12345", "PATH": ""}
+    blob = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, check=True, env=env
+    ).stdout
+    got = pickle.loads(blob)
+    want = P(("dp", "tp"), None, partial="sp")
+    assert got == want and hash(got) == hash(want) and {want: 1}[got] == 1

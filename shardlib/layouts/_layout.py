@@ -98,6 +98,10 @@ class Layout:
     def __hash__(self) -> int:  # layouts key plans and dispatch decisions: hash once
         return self._hash
 
+    def __reduce__(self) -> tuple:
+        # rebuilt, not copied: the cached hash of strings differs between processes
+        return (type(self), (self.dims, self.partial, self.reduce_op))
+
     def __eq__(self, other: object) -> bool:
         # the hot path compares layouts per op: identity first, then the cached hash
         if self is other:
