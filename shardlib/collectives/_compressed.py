@@ -184,6 +184,7 @@ def execute_compressed(
             direction,
             cause,
             scale_bytes=pieces_sent * wire.scale_bytes(piece),
+            data=shards,
         )
     return shards
 

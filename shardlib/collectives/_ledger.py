@@ -4,18 +4,21 @@ Owns `CommRecord`, `CommLedger` and `comm_ledger()`. Records are computed from
 shapes (the ring model of the planner), so both backends log identical numbers.
 Ledgers nest: a record goes to every ledger open at the time. The set of open
 ledgers is process-wide (not per thread) so collectives that autograd runs on
-its own threads are still recorded. Under torch.compile a compiled function's
-collectives are recorded once, while it is traced (its first call), by the
-tracing pass whose graph runs (`_tracing_the_graph`); later calls record
-nothing.
+its own threads are still recorded. Under torch.compile a record is a node of
+the compiled graph (``shardlib::comm_record``, `_emit`), so every call of a
+compiled function, forward and backward, records what eager records, in
+eager's order, into the ledgers open when it runs.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+
+import torch
+from torch._library.effects import EffectType
 
 from .._format import format_bytes
 
@@ -194,35 +197,83 @@ def record(
     direction: str,
     cause: str,
     scale_bytes: int = 0,
+    *,
+    data: Sequence[torch.Tensor],
 ) -> None:
-    if not _open:
+    """Put one collective in every open ledger.
+
+    `data` is what the collective produced on this process (its output shards). Under
+    torch.compile the record is not made now but put in the traced graph as a node that
+    reads `data` (`_emit`): the compiled function then records it on every call, after
+    the collective, in eager's order."""
+    compiling = torch.compiler.is_compiling()
+    if not (_open or compiling):
         return
-    if _compiling() and not _tracing_the_graph():
-        return  # (h9g) see `_tracing_the_graph`
     rec = CommRecord(
         kind, tuple(axes), group_size, int(nbytes), dtype, direction, cause, int(scale_bytes)
     )
+    if compiling:
+        _emit(rec, data)
+    else:
+        _append(rec)
+
+
+def _append(rec: CommRecord) -> None:
     with _lock:
         for led in _open:
             led.records.append(rec)
 
 
-# -- torch.compile (h9g): which tracing pass records ------------------------------
-def _compiling() -> bool:
-    import torch
-
-    return torch.compiler.is_compiling()
-
-
-def _tracing_the_graph() -> bool:
-    """Whether this is the pass of torch.compile whose graph will run: AOTAutograd's
-    forward+backward trace (a proxy mode is active). Dynamo's run on fake shards and
-    AOTAutograd's metadata passes run our dispatch too, but their collectives never run:
-    recording only this pass puts each collective of a compiled function in the ledger once,
-    as eager would record it (at its first, compiling call; later calls record nothing)."""
-    import torch
-
-    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None
+# -- torch.compile (h9l): a record is a node of the compiled graph --------------------
+# ``shardlib::comm_record(data, index) -> token`` appends record `index` (interned at trace
+# time) to the open ledgers when the graph runs. It is an ORDERED effectful op, so
+# AOTAutograd threads an effect token through it: DCE keeps it, and the partitioner puts
+# each record in the graph (forward or backward) whose trace made it, in trace order.
+# Inductor (torch 2.13) loses the ordering edge between effectful extern kernels
+# (pytorch/pytorch#188301) and may reorder them, so each record also reads the previous
+# record's token (a 0-element tensor) of the same trace and direction: a data edge that
+# every backend keeps. Reading `data` puts it after its collective. Cost per record and
+# call: one dispatcher call and an empty allocation (see the report of h9l).
+_interned: dict[CommRecord, int] = {}
+_by_index: list[CommRecord] = []  # interned records: the graph holds their indices
+_chain: list = [None, None, None]  # (functional mode of the trace, direction, last token)
 
 
+def _intern(rec: CommRecord) -> int:
+    with _lock:
+        i = _interned.get(rec)
+        if i is None:
+            i = _interned[rec] = len(_by_index)
+            _by_index.append(rec)
+        return i
+
+
+def _emit(rec: CommRecord, data: Sequence[torch.Tensor]) -> None:
+    """Put `rec` in the graph being traced (dynamo's run on fakes and AOTAutograd's
+    metadata passes call the op too; only AOTAutograd's joint trace keeps it)."""
+    if not data:
+        raise AssertionError(f"record({rec.kind!r}, ...) under torch.compile needs its data")
+    mode = torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FUNCTIONAL)
+    args = list(data)
+    if mode is not None and _chain[0] is mode and _chain[1] == rec.direction:
+        args.append(_chain[2])
+    token = torch.ops.shardlib.comm_record(args, _intern(rec))
+    _chain[:] = (mode, rec.direction, token) if mode is not None else (None, None, None)
+
+
+def _comm_record(data: list[torch.Tensor], index: int) -> torch.Tensor:
+    if _open:
+        _append(_by_index[index])
+    return data[0].new_empty(0)
+
+
+def _comm_record_fake(data: list[torch.Tensor], index: int) -> torch.Tensor:
+    return data[0].new_empty(0)
+
+
+_lib = torch.library.Library("shardlib", "FRAGMENT")  # noqa: TOR901
+_lib.define("comm_record(Tensor[] data, int index) -> Tensor")
+_lib.impl("comm_record", _comm_record, "CompositeExplicitAutograd")
+torch.library.register_fake("shardlib::comm_record", _comm_record_fake, lib=_lib)
+torch.library._register_effectful_op("shardlib::comm_record", EffectType.ORDERED, lib=_lib)
 # -- end torch.compile --

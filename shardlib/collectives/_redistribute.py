@@ -92,7 +92,7 @@ def execute(
         shards = _run_step(ps.step, ps.src, ps.dst, plan.shape, mesh, shards)
         if ps.step.kind is not None:
             axes, k = _comm_group(ps.step, ps.src, ps.dst, mesh.abstract)
-            record(ps.step.kind, axes, k, ps.bytes, plan.dtype, direction, cause)
+            record(ps.step.kind, axes, k, ps.bytes, plan.dtype, direction, cause, data=shards)
     return shards
 
 

@@ -493,7 +493,16 @@ def _shard_from(tensor: torch.Tensor | None, mesh: Mesh, layout: Any, src: int) 
     if not any(layout.dims):
         nbytes = max_local_numel(shape, layout, am) * itemsize
         value = be.broadcast(am, tensor.detach() if owns_src else None, src, shape, dtype)
-        record("broadcast", am.axis_names, am.size, nbytes, dtype_name(dtype), "forward", "shard")
+        record(
+            "broadcast",
+            am.axis_names,
+            am.size,
+            nbytes,
+            dtype_name(dtype),
+            "forward",
+            "shard",
+            data=[value],
+        )
         return _local_blocks(value, mesh, layout)
     pad = max_local_shape(shape, layout, am)
     pieces = None
@@ -502,7 +511,9 @@ def _shard_from(tensor: torch.Tensor | None, mesh: Mesh, layout: Any, src: int) 
         pieces = [pad_to_shape(b, pad) for b in full_blocks._shards]
     got = be.scatter(am, pieces, src, pad, dtype)
     nbytes = (am.size - 1) * max_local_numel(shape, layout, am) * itemsize
-    record("scatter", am.axis_names, am.size, nbytes, dtype_name(dtype), "forward", "shard")
+    record(
+        "scatter", am.axis_names, am.size, nbytes, dtype_name(dtype), "forward", "shard", data=got
+    )
     shards = []
     for dev, t in zip(mesh.local_devices, got):
         for d, n in enumerate(local_shape(shape, layout, am, dev)):

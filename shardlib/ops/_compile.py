@@ -36,10 +36,11 @@ How a compiled function runs (``torch.compile(fn, fullgraph=True)``):
 
 Consequences (documented in the README):
 
-- The ledger of a compiled function is recorded while it is traced (once per
-  compilation, inside whatever `sl.comm_ledger()` is open then, dynamo's fake
-  run included); a later call runs the same collectives and records nothing.
-  Read a step's communication from an eager run, or from the first call.
+- The ledger: each collective's record is a node of the compiled graph
+  (``shardlib::comm_record``, `collectives/_ledger.py`), placed after the
+  collective, in the forward or backward graph that runs it. Every call of a
+  compiled function records, into the ledgers open then, what the eager call
+  records, in the same order; tracing itself records nothing.
 - Checks that need values (an nll target out of range) are skipped while
   tracing (`tracing()`); the compiled step does what torch's compiled kernel
   does with such input.

@@ -625,6 +625,7 @@ def _gather_blocks(shards, shape, keys, grid: _Grid, layout, axes, cause, direct
         dtype_name(dtype),
         direction,
         cause,
+        data=gathered,
     )
     out = []
     for dev, g in zip(mesh.local_devices, gathered):

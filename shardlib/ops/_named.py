@@ -249,7 +249,9 @@ def _run(call: _Call, mesh: Mesh, bufs: list[torch.Tensor]) -> list[torch.Tensor
         if all(s == d for s, d in call.params[0]):
             return outs  # nothing moved: no communication to record
         kind, nbytes = "ppermute", numel * itemsize
-    record(kind, axes, k, nbytes, dtype_name(bufs[0].dtype), current_direction(), call.cause)
+    record(
+        kind, axes, k, nbytes, dtype_name(bufs[0].dtype), current_direction(), call.cause, data=outs
+    )
     return outs
 
 
