@@ -236,7 +236,7 @@ def _append(rec: CommRecord) -> None:
 # call: one dispatcher call and an empty allocation (see the report of h9l).
 _interned: dict[CommRecord, int] = {}
 _by_index: list[CommRecord] = []  # interned records: the graph holds their indices
-_chain: list = [None, None, None]  # (functional mode of the trace, direction, last token)
+_chain: list = [None, None]  # ((modes of the trace, direction), its last token)
 
 
 def _intern(rec: CommRecord) -> int:
@@ -253,12 +253,18 @@ def _emit(rec: CommRecord, data: Sequence[torch.Tensor]) -> None:
     metadata passes call the op too; only AOTAutograd's joint trace keeps it)."""
     if not data:
         raise AssertionError(f"record({rec.kind!r}, ...) under torch.compile needs its data")
-    mode = torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FUNCTIONAL)
+    keys = torch._C._TorchDispatchModeKey
+    functional = torch._C._get_dispatch_mode(keys.FUNCTIONAL)
+    trace = (functional, torch._C._get_dispatch_mode(keys.PROXY), rec.direction)
     args = list(data)
-    if mode is not None and _chain[0] is mode and _chain[1] == rec.direction:
-        args.append(_chain[2])
+    if functional is not None and _chain[0] is not None and _same(_chain[0], trace):
+        args.append(_chain[1])
     token = torch.ops.shardlib.comm_record(args, _intern(rec))
-    _chain[:] = (mode, rec.direction, token) if mode is not None else (None, None, None)
+    _chain[:] = (trace, token) if functional is not None else (None, None)
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return a[0] is b[0] and a[1] is b[1] and a[2] == b[2]
 
 
 def _comm_record(data: list[torch.Tensor], index: int) -> torch.Tensor:
