@@ -75,7 +75,9 @@ def test_2d_remat_is_summa_three_times(q):
 
 def test_2p5d_tesseract_bytes():
     d = q = 2
-    f, total, _ = _case({"d": d, "r": q, "c": q}, P(("d", "r"), "c"), P("r", "c"), P(("d", "r"), "c"))
+    f, total, _ = _case(
+        {"d": d, "r": q, "c": q}, P(("d", "r"), "c"), P("r", "c"), P(("d", "r"), "c")
+    )
     forward = (q - 1) / q**2 * (B * H / d + H * H2) * ELEM
     dw_all_reduce = 2 * (d - 1) / d * H * H2 / q**2 * ELEM
     assert f <= forward
@@ -116,7 +118,9 @@ def test_two_chained_3d_linears_need_no_reshard_between():
 def test_one_move_of_dy_serves_both_gradients():
     """3D backward: dY is all-gathered over k once, for dX and dW both."""
     q = 2
-    _, _, led = _case({"i": q, "j": q, "k": q}, P(("i", "j"), "k"), P(("k", "i"), "j"), P(("i", "k"), "j"))
+    _, _, led = _case(
+        {"i": q, "j": q, "k": q}, P(("i", "j"), "k"), P(("k", "i"), "j"), P(("i", "k"), "j")
+    )
     gathers = [r for r in led.records if r.direction == "backward" and r.kind == "all_gather"]
     assert len(gathers) == 1
 

@@ -403,12 +403,20 @@ def test_grouped_reductions_of_tensors_split_over_an_axis_they_are_not_partial_o
     axes = {"dp": 2, "r": 2, "c": 2}
     mesh = sl.Mesh.simulated(axes)
     gen = torch.Generator().manual_seed(7)
-    cases = [((7,), sl.P("c", partial=("dp", "r"))), ((5, 3), sl.P(None, None, partial=("dp", "r"))),
-             ((6, 4), sl.P(None, "c", partial=("dp", "r"))), ((9,), sl.P("c", partial="dp"))]
+    cases = [
+        ((7,), sl.P("c", partial=("dp", "r"))),
+        ((5, 3), sl.P(None, None, partial=("dp", "r"))),
+        ((6, 4), sl.P(None, "c", partial=("dp", "r"))),
+        ((9,), sl.P("c", partial="dp")),
+    ]
     values = [torch.randn(*s, generator=gen, dtype=torch.float64) for s, _ in cases]
+
     def sharded():
-        return [sl.from_local(make_summands(v, lay, axes), mesh, lay, tuple(v.shape))
-                for v, (_, lay) in zip(values, cases)]
+        return [
+            sl.from_local(make_summands(v, lay, axes), mesh, lay, tuple(v.shape))
+            for v, (_, lay) in zip(values, cases)
+        ]
+
     norms = torch._foreach_norm(sharded())
     for n, v in zip(norms, values):
         torch.testing.assert_close(n.full(), torch.linalg.vector_norm(v), rtol=1e-12, atol=1e-12)

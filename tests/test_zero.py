@@ -665,16 +665,23 @@ def test_reduce_coalesces_gradients_partial_over_dp_and_another_axis(stage):
     mesh = sl.Mesh.simulated({"dp": 2, "sp": 2})
     gen = torch.Generator().manual_seed(3)
     shapes = {"a": (6, 3), "b": (5,), "c": (4, 7)}
-    parts = [{k: torch.randn(*s, generator=gen, dtype=torch.float64) for k, s in shapes.items()}
-             for _ in range(4)]
+    parts = [
+        {k: torch.randn(*s, generator=gen, dtype=torch.float64) for k, s in shapes.items()}
+        for _ in range(4)
+    ]
     grads = {
-        k: sl.from_local([p[k] for p in parts], mesh, sl.P(*([None] * len(s)), partial=("dp", "sp")), s)
+        k: sl.from_local(
+            [p[k] for p in parts], mesh, sl.P(*([None] * len(s)), partial=("dp", "sp")), s
+        )
         for k, s in shapes.items()
     }
     with sl.comm_ledger() as led:
         out = sl.optim.zero(stage, "dp").reduce(grads)
-    want = [("all_reduce", ("dp", "sp"))] if stage == 0 else [
-        ("reduce_scatter", ("dp",)), ("all_reduce", ("sp",))]
+    want = (
+        [("all_reduce", ("dp", "sp"))]
+        if stage == 0
+        else [("reduce_scatter", ("dp",)), ("all_reduce", ("sp",))]
+    )
     assert [(r.kind, r.axes) for r in led.records] == want
     for k in shapes:
         assert not out[k].spec.partial

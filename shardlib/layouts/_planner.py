@@ -401,7 +401,11 @@ class _Search:
 
 
 def lower_bound(
-    src_layout: Layout, dst_layout: Layout, shape: tuple[int, ...], mesh: AbstractMesh, itemsize: int
+    src_layout: Layout,
+    dst_layout: Layout,
+    shape: tuple[int, ...],
+    mesh: AbstractMesh,
+    itemsize: int,
 ) -> int:
     """A lower bound on `plan(src, dst, ...).total_bytes`, without searching (the A* bound
     of `_Search.lower_bound`): for callers that price many candidates and plan only the

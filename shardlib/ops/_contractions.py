@@ -131,7 +131,12 @@ def _candidates(
         contracted = [lab for lab in labels[:-1] if lab not in out_labels]
         options = []
         for axis in axes:
-            near = [lab for labs, s in zip(in_labels, specs) for lab, a in zip(labs, s.layout.dims) if axis in a]
+            near = [
+                lab
+                for labs, s in zip(in_labels, specs)
+                for lab, a in zip(labs, s.layout.dims)
+                if axis in a
+            ]
             if target is not None:
                 near += [lab for lab, a in zip(out_labels, target.dims) if axis in a]
                 near += contracted if axis in target.partial else []
@@ -619,7 +624,9 @@ def _reduce_at_producer(x) -> None:
     def reduce(g):
         if not isinstance(g, ShardedTensor) or not g._layout.partial:
             return None
-        return _moved(g, want if g._layout.dims == want.dims else g._layout.without_partial(), "backward")
+        return _moved(
+            g, want if g._layout.dims == want.dims else g._layout.without_partial(), "backward"
+        )
 
     x.register_hook(reduce)
 
@@ -688,7 +695,11 @@ def _differentiable_by_parts(eq: str) -> bool:
     its gradient is one contraction of the same kind)."""
     lhs, out_labels = eq.split("->")
     labels = lhs.split(",")
-    if len(labels) != 2 or any(len(set(lab)) != len(lab) for lab in labels) or len(set(out_labels)) != len(out_labels):
+    if (
+        len(labels) != 2
+        or any(len(set(lab)) != len(lab) for lab in labels)
+        or len(set(out_labels)) != len(out_labels)
+    ):
         return False
     a, b = labels
     return all(c in b or c in out_labels for c in a) and all(c in a or c in out_labels for c in b)
