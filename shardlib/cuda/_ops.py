@@ -17,7 +17,7 @@ import torch
 
 from ._errors import KernelArgumentError
 from ._kernel import kernels
-from ._quant import _check_block, _fmt_of, _nblocks
+from ._quant import _check_block, _check_pieces, _fmt_of, _nblocks
 
 THREADS = 256  # threads per CUDA block: 8 warps
 _FORMATS = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
@@ -80,19 +80,8 @@ def dequantize_reduce_cuda(
     """``y_i = sum_j float(q[j, i]) * scales[j, i // block]`` (float32, j = 0 first) as a
     [n] tensor of `dtype`; `q` is [k, n], `scales` [k, ceil(n/block)]."""
     where = f"shardlib.cuda._ops.dequantize_reduce_cuda(q, scales, block={block!r}, dtype={dtype})"
-    fmt = _fmt_of(q, where)
-    block = _check_block(block, where)
-    if q.dim() != 2:
-        raise KernelArgumentError(
-            f"{where}: q must be [k, n] (k pieces of n elements), got shape {tuple(q.shape)}."
-        )
+    fmt, block = _check_pieces(q, scales, block, where)
     k, n = q.shape
-    if tuple(scales.shape) != (k, _nblocks(n, block)):
-        raise KernelArgumentError(
-            f"{where}: q is {tuple(q.shape)}, so scales must be {(k, _nblocks(n, block))} "
-            f"(blocks of {block}), got {tuple(scales.shape)}. Fix: stack the scales quantize "
-            "returned for each piece, with the same block."
-        )
     y = torch.empty(n, dtype=torch.float32, device=q.device)
     if n and k:
         grid = min(_nblocks(_nblocks(n, block), THREADS // 32), _MAX_GRID)  # a warp per block

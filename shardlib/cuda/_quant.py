@@ -76,6 +76,25 @@ def _nblocks(n: int, block: int) -> int:
     return -(-n // block)
 
 
+def _check_pieces(q: torch.Tensor, scales: torch.Tensor, block: object, where: str) -> tuple:
+    """dequantize-reduce's arguments: `q` [k, n] of a quantized dtype, `scales` [k, blocks];
+    returns (fmt, block)."""
+    fmt = _fmt_of(q, where)
+    block = _check_block(block, where)
+    if q.dim() != 2:
+        raise KernelArgumentError(
+            f"{where}: q must be [k, n] (k pieces of n elements), got shape {tuple(q.shape)}."
+        )
+    k, n = q.shape
+    if tuple(scales.shape) != (k, _nblocks(n, block)):
+        raise KernelArgumentError(
+            f"{where}: q is {tuple(q.shape)}, so scales must be {(k, _nblocks(n, block))} "
+            f"(blocks of {block}), got {tuple(scales.shape)}. Fix: stack the scales quantize "
+            "returned for each piece, with the same block."
+        )
+    return fmt, block
+
+
 def _on_gpu(fmt: str, *tensors: torch.Tensor) -> bool:
     """Whether the kernels run: CUDA tensors, `available()`, and for fp8 an sm_89+ GPU (the
     e4m3 conversions are hardware instructions; older GPUs run the torch code, bitwise
@@ -193,19 +212,8 @@ def dequantize_reduce(
         [3.0, 3.0, 3.0]
     """
     where = f"dequantize_reduce(q, scales, block={block!r}, dtype={dtype})"
-    fmt = _fmt_of(q, where)
-    block = _check_block(block, where)
-    if q.dim() != 2:
-        raise KernelArgumentError(
-            f"{where}: q must be [k, n] (k pieces of n elements), got shape {tuple(q.shape)}."
-        )
+    fmt, block = _check_pieces(q, scales, block, where)
     k, n = q.shape
-    if tuple(scales.shape) != (k, _nblocks(n, block)):
-        raise KernelArgumentError(
-            f"{where}: q is {tuple(q.shape)}, so scales must be {(k, _nblocks(n, block))} "
-            f"(blocks of {block}), got {tuple(scales.shape)}. Fix: stack the scales quantize "
-            "returned for each piece, with the same block."
-        )
     if _on_gpu(fmt, q, scales):
         from ._ops import dequantize_reduce_cuda
 
