@@ -306,3 +306,19 @@ def test_ctrl_c_stops_worker_processes(tmp_path):
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(_alive(p) for p in pids), "worker processes outlived Ctrl-C"
+
+
+def test_a_stack_dump_read_while_it_is_written_is_not_taken():
+    """The launcher polls the dump file while faulthandler writes it: a dump cut inside a
+    line reads as nothing until the line is written, or the deadline passes."""
+    ident = threading.main_thread().ident
+    whole = (
+        f"{ident}\nCurrent thread 0x{ident:016x} (most recent call first):\n"
+        '  File "/x/test_launch.py", line 70 in hang_on_rank0\n'
+        '  File "/x/_launch.py", line 99 in _worker_main\n'
+    )
+    cut = whole[: whole.index("hang_on_rank0")]  # "... line 70 in"
+    assert _main_thread_stack(cut) == ""
+    assert "line 70 in" in _main_thread_stack(cut, whole=False)
+    assert "in hang_on_rank0" in _main_thread_stack(whole)
+    assert "_worker_main" not in _main_thread_stack(whole)

@@ -257,8 +257,12 @@ def _report(
     return "\n".join(lines)
 
 
-def _main_thread_stack(text: str) -> str:
-    """The main thread's frames from a faulthandler dump (first line: its ident)."""
+def _main_thread_stack(text: str, whole: bool = True) -> str:
+    """The main thread's frames from a faulthandler dump (first line: its ident), down to
+    a worker's `_worker_main`. With `whole`, "" while the dump ends inside a line: the
+    launcher polls the file while faulthandler writes it (a frame at a time, in pieces)."""
+    if whole and not text.endswith("\n"):
+        return ""
     head, _, dump = text.partition("\n")
     try:
         main = int(head)
@@ -457,9 +461,10 @@ class Workers:
         for f in sent:
             path = os.path.join(self._folder, f"rank{f.rank}.stack")
             while True:
+                late = time.monotonic() > deadline  # then take what was written
                 with contextlib.suppress(OSError), open(path) as fh:
-                    f.stack = _main_thread_stack(fh.read())
-                if f.stack or time.monotonic() > deadline:
+                    f.stack = _main_thread_stack(fh.read(), whole=not late)
+                if f.stack or late:
                     break
                 time.sleep(0.05)
 
