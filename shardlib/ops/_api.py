@@ -10,7 +10,6 @@ the values and a fix.
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import torch
@@ -100,12 +99,19 @@ def _local_blocks(tensor: torch.Tensor, mesh: Mesh, layout: Layout) -> ShardedTe
 
 
 # == reshard ===================================================================
-def _reshard_impl(x: ShardedTensor, layout: Layout, cause: str, direction: str) -> ShardedTensor:
-    if _COMPRESSED_SOURCES and id(x) in _COMPRESSED_SOURCES:  # issue 10: a compressed regather
-        return _reshard_compressed(x, layout, _COMPRESSED_SOURCES[id(x)], cause, direction)
+def _reshard_impl(
+    x: ShardedTensor, layout: Layout, cause: str, direction: str, wire: Wire | None = None
+) -> ShardedTensor:
+    """`x` moved to `layout` by the planner's plan; each step through `wire` when given, or
+    when `x` is a `compressed_source` (issue 10: its regathers compress too)."""
     sync(x)
     p = plan(x._layout, layout, tuple(x.shape), x._mesh, x.dtype)
-    shards = execute(p, x._mesh, x._shards, direction=direction, cause=cause)
+    if wire is None:
+        wire = x._comm_wire
+    if wire is None:
+        shards = execute(p, x._mesh, x._shards, direction=direction, cause=cause)
+    else:
+        shards = execute_compressed(p, x._mesh, x._shards, wire, direction=direction, cause=cause)
     return ShardedTensor(shards, x._mesh, layout, tuple(x.shape))
 
 
@@ -259,16 +265,6 @@ def reshard(
 
 
 # -- comm_dtype= of reshard (issue 10, compressed communication) --
-def _reshard_compressed(
-    x: ShardedTensor, layout: Layout, wire: Wire, cause: str, direction: str
-) -> ShardedTensor:
-    """`x` moved to `layout` by the planner's plan, each step through `wire`."""
-    sync(x)
-    p = plan(x._layout, layout, tuple(x.shape), x._mesh, x.dtype)
-    shards = execute_compressed(p, x._mesh, x._shards, wire, direction=direction, cause=cause)
-    return ShardedTensor(shards, x._mesh, layout, tuple(x.shape))
-
-
 class _CompressedReshard(torch.autograd.Function):
     """A compressed move; backward moves the cotangent back to the source layout (partial
     axes replicated) through `grad_wire` (None: uncompressed), ZeRO++ style: a gather's
@@ -277,7 +273,7 @@ class _CompressedReshard(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, layout, wire, grad_wire, cause, direction):
         ctx.src_layout, ctx.mesh, ctx.cause, ctx.grad_wire = x._layout, x._mesh, cause, grad_wire
-        return _reshard_compressed(x, layout, wire, cause, direction)
+        return _reshard_impl(x, layout, cause, direction, wire)
 
     @staticmethod
     def backward(ctx, g):
@@ -292,18 +288,13 @@ class _CompressedReshard(torch.autograd.Function):
         return g, None, None, None, None, None
 
 
-# id(alias) -> its wire: sources whose regathers (`remat`) compress (see `compressed_source`)
-_COMPRESSED_SOURCES: dict[int, Wire] = {}
-
-
 def compressed_source(x: ShardedTensor, wire: Wire) -> ShardedTensor:
     """An alias of `x`'s blocks (no copy) that `_reshard_impl` moves through `wire`: the
     source a compressed ``remat`` move keeps, so its regather in backward (by `sl.einsum`,
     `snn.linear` or `remat_saves`) is compressed like the forward move."""
     sync(x)
     alias = ShardedTensor(list(x._shards), x._mesh, x._layout, tuple(x.shape))
-    _COMPRESSED_SOURCES[id(alias)] = wire
-    weakref.finalize(alias, _COMPRESSED_SOURCES.pop, id(alias), None)
+    alias._comm_wire = wire
     return alias
 
 

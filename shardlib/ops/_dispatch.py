@@ -974,12 +974,12 @@ def _keep(a: ShardedTensor, want: Layout, out: ShardedTensor) -> None:
 
 def _kept_layout(a: ShardedTensor) -> Layout:
     """The layout an op that only reads `a` sees it in: its kept reduction's, if any."""
-    kept = getattr(a, "_kept", None)
+    kept = a._kept
     return a._layout if kept is None or _kept(a, kept[0]) is None else kept[0]
 
 
 def _kept(a: ShardedTensor, want: Layout) -> ShardedTensor | None:
-    kept = getattr(a, "_kept", None)  # an instance attribute, set by `_keep`
+    kept = a._kept
     if kept is None or kept[0] != want or torch.compiler.is_compiling():
         return None
     if kept[1] != _versions(a) or kept[3] != _versions(kept[2]):

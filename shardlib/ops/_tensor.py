@@ -56,6 +56,10 @@ class ShardedTensor(torch.Tensor):
     _linked: Any = None
     _writes: int = 0
     _grad_hooked: bool = False
+    # A partial tensor's kept reduction (_dispatch.move) and a compressed regather
+    # source's wire (_api.compressed_source): class defaults, set per instance.
+    _kept: Any = None
+    _comm_wire: Any = None
     # Outside the attribute dict: the tensor's `Record`, made on first use by `record_of`.
     # Family registries and the gradient hook reference it weakly instead of the tensor.
     __slots__ = ("_record",)

@@ -44,7 +44,7 @@ from ..layouts._layout import Layout
 from ..layouts._mesh import AbstractMesh
 from ..layouts._shard import chunk_bounds, local_shape, max_chunk
 from ..ops._aliasing import sync
-from ..ops._api import _as_sharded, _reshard_compressed, _reshard_impl, compressed_source
+from ..ops._api import _as_sharded, _reshard_impl, compressed_source
 from ..ops._contractions import gradient_layout
 from ..ops._foreach import reduced_copies
 from ..ops._tensor import ShardedTensor
@@ -150,9 +150,7 @@ def _to_gradient_layout(
     want = gradient_layout(target, mesh.abstract, g._layout)
     if g._layout == want:
         return g
-    if wire is not None:
-        return _reshard_compressed(g, want, wire, "zero.grad", "backward")
-    return _reshard_impl(g, want, "zero.grad", "backward")
+    return _reshard_impl(g, want, "zero.grad", "backward", wire)
 
 
 class _ToComputed(torch.autograd.Function):
@@ -174,9 +172,7 @@ class _ToComputed(torch.autograd.Function):
         if x._layout == layout:
             sync(x)
             return ShardedTensor(list(x._shards), x._mesh, layout, tuple(x.shape))
-        if wire is not None:
-            return _reshard_compressed(x, layout, wire, "zero.gather", current_direction())
-        return _reshard_impl(x, layout, "zero.gather", current_direction())
+        return _reshard_impl(x, layout, "zero.gather", current_direction(), wire)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
@@ -266,10 +262,8 @@ def _bucket_reduce_scatter(
     length = n_axis * size * am.group_size(free)
     bucket = ShardedTensor(bufs, mesh, Layout((free,), partial), (length,))
     dst = Layout((free + (axis,),))
-    if wire is not None:  # compressed (grad_comm_dtype): one quantization per summand chunk
-        out = _reshard_compressed(bucket, dst, wire, "zero.reduce", current_direction())
-    else:
-        out = _reshard_impl(bucket, dst, "zero.reduce", current_direction())
+    # through `wire` when grad_comm_dtype is set: one quantization per summand chunk
+    out = _reshard_impl(bucket, dst, "zero.reduce", current_direction(), wire)
     results = []
     offsets = [0] * len(mesh.local_devices)
     for m in members:
