@@ -161,11 +161,16 @@ def _sig_of(a: ShardedTensor) -> int:
     """
     sig = a._sig
     if sig is None:
-        full = (a._layout, a.shape, a.dtype, a._mesh, a.stride(), a.storage_offset())
-        sig = _SIG_IDS.get(full)
-        if sig is None:
-            sig = _SIG_IDS[full] = len(_SIG_IDS)
-        a._sig = sig
+        sig = a._sig = _intern_sig(
+            (a._layout, a.shape, a.dtype, a._mesh, a.stride(), a.storage_offset())
+        )
+    return sig
+
+
+def _intern_sig(full: tuple) -> int:
+    sig = _SIG_IDS.get(full)
+    if sig is None:
+        sig = _SIG_IDS[full] = len(_SIG_IDS)
     return sig
 
 
@@ -965,11 +970,9 @@ def _keep(a: ShardedTensor, want: Layout, out: ShardedTensor) -> None:
         a._kept = (want, stamp, out, _versions(out))
         # a signature of its own: the decisions of ops that read `a` are taken with `a` in
         # `want`, free (`_kept_layout`), and their `_run` gets the kept copy from `move`
-        full = ("kept", want, a._layout, a.shape, a.dtype, a._mesh, a.stride(), a.storage_offset())
-        sig = _SIG_IDS.get(full)
-        if sig is None:
-            sig = _SIG_IDS[full] = len(_SIG_IDS)
-        a._sig = sig
+        a._sig = _intern_sig(
+            ("kept", want, a._layout, a.shape, a.dtype, a._mesh, a.stride(), a.storage_offset())
+        )
 
 
 def _kept_layout(a: ShardedTensor) -> Layout:
