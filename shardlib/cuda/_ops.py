@@ -17,7 +17,7 @@ import torch
 
 from ._errors import KernelArgumentError
 from ._kernel import kernels
-from ._quant import _check_block, _check_pieces, _fmt_of, _nblocks
+from ._quant import _check_block, _check_piece, _check_pieces, _nblocks
 
 THREADS = 256  # threads per CUDA block: 8 warps
 _FORMATS = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
@@ -55,16 +55,9 @@ def dequantize_cuda(
 ) -> torch.Tensor:
     """``y_i = float(q_i) * scales[i // block]`` as a [n] tensor of `dtype`."""
     where = f"shardlib.cuda._ops.dequantize_cuda(q, scales, block={block!r}, dtype={dtype})"
-    fmt = _fmt_of(q, where)
-    block = _check_block(block, where)
+    fmt, block = _check_piece(q, scales, block, where)
     flat = q.reshape(-1).contiguous()
     n = flat.numel()
-    if scales.numel() != _nblocks(n, block):
-        raise KernelArgumentError(
-            f"{where}: q has {n} elements, which is {_nblocks(n, block)} blocks of {block}, "
-            f"but scales has {scales.numel()}. Fix: pass the scales quantize returned with "
-            "this q, and the same block."
-        )
     y = torch.empty(n, dtype=torch.float32, device=q.device)
     if n:
         grid = min(_nblocks(_nblocks(n, block), THREADS // 32), _MAX_GRID)  # a warp per block

@@ -76,6 +76,21 @@ def _nblocks(n: int, block: int) -> int:
     return -(-n // block)
 
 
+def _check_piece(q: torch.Tensor, scales: torch.Tensor, block: object, where: str) -> tuple:
+    """dequantize's arguments: `q` of a quantized dtype, one scale per block; returns
+    (fmt, block)."""
+    fmt = _fmt_of(q, where)
+    block = _check_block(block, where)
+    n = q.numel()
+    if scales.numel() != _nblocks(n, block):
+        raise KernelArgumentError(
+            f"{where}: q has {n} elements, which is {_nblocks(n, block)} blocks of {block}, "
+            f"but scales has {scales.numel()}. Fix: pass the scales quantize returned with "
+            "this q, and the same block."
+        )
+    return fmt, block
+
+
 def _check_pieces(q: torch.Tensor, scales: torch.Tensor, block: object, where: str) -> tuple:
     """dequantize-reduce's arguments: `q` [k, n] of a quantized dtype, `scales` [k, blocks];
     returns (fmt, block)."""
@@ -179,15 +194,8 @@ def dequantize(
         True
     """
     where = f"dequantize(q, scales, block={block!r}, dtype={dtype})"
-    fmt = _fmt_of(q, where)
-    block = _check_block(block, where)
+    fmt, block = _check_piece(q, scales, block, where)
     n = q.numel()
-    if scales.numel() != _nblocks(n, block):
-        raise KernelArgumentError(
-            f"{where}: q has {n} elements, which is {_nblocks(n, block)} blocks of {block}, "
-            f"but scales has {scales.numel()}. Fix: pass the scales quantize returned with "
-            "this q, and the same block."
-        )
     if _on_gpu(fmt, q, scales):
         from ._ops import dequantize_cuda
 
