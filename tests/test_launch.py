@@ -310,7 +310,8 @@ def test_ctrl_c_stops_worker_processes(tmp_path):
 
 def test_a_stack_dump_read_while_it_is_written_is_not_taken():
     """The launcher polls the dump file while faulthandler writes it: a dump cut inside a
-    line reads as nothing until the line is written, or the deadline passes."""
+    line, or before the main thread's first frame, reads as nothing until more is written,
+    or the deadline passes."""
     ident = threading.main_thread().ident
     whole = (
         f"{ident}\nCurrent thread 0x{ident:016x} (most recent call first):\n"
@@ -319,6 +320,8 @@ def test_a_stack_dump_read_while_it_is_written_is_not_taken():
     )
     cut = whole[: whole.index("hang_on_rank0")]  # "... line 70 in"
     assert _main_thread_stack(cut) == ""
+    header_only = whole[: whole.index("  File")]  # the thread's header, no frame yet
+    assert _main_thread_stack(header_only) == ""
     assert "line 70 in" in _main_thread_stack(cut, whole=False)
     assert "in hang_on_rank0" in _main_thread_stack(whole)
     assert "_worker_main" not in _main_thread_stack(whole)

@@ -259,8 +259,9 @@ def _report(
 
 def _main_thread_stack(text: str, whole: bool = True) -> str:
     """The main thread's frames from a faulthandler dump (first line: its ident), down to
-    a worker's `_worker_main`. With `whole`, "" while the dump ends inside a line: the
-    launcher polls the file while faulthandler writes it (a frame at a time, in pieces)."""
+    a worker's `_worker_main`. With `whole`, "" while the dump ends inside a line or has no
+    frame of the main thread yet: the launcher polls the file while faulthandler writes it
+    (a frame at a time, in pieces)."""
     if whole and not text.endswith("\n"):
         return ""
     head, _, dump = text.partition("\n")
@@ -277,6 +278,8 @@ def _main_thread_stack(text: str, whole: bool = True) -> str:
                 if " in _worker_main" in line or not line.strip():
                     break
                 frames.append(line)
+            if whole and not frames:
+                return ""  # the thread's header is written, its frames not yet
             return "Python stack (most recent call first):\n" + "\n".join(frames)
     return ""
 
@@ -460,12 +463,16 @@ class Workers:
         deadline = time.monotonic() + 2.0
         for f in sent:
             path = os.path.join(self._folder, f"rank{f.rank}.stack")
+            seen = None  # faulthandler writes the dump in pieces: take it once it stops growing
             while True:
                 late = time.monotonic() > deadline  # then take what was written
+                text = ""
                 with contextlib.suppress(OSError), open(path) as fh:
-                    f.stack = _main_thread_stack(fh.read(), whole=not late)
-                if f.stack or late:
+                    text = fh.read()
+                f.stack = _main_thread_stack(text, whole=not late)
+                if late or (f.stack and text == seen):
                     break
+                seen = text
                 time.sleep(0.05)
 
     def close(self, force: bool = False) -> None:
