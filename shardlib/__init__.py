@@ -43,6 +43,7 @@ from .ops._dispatch import allow_replicate_fallback as allow_replicate_fallback
 from .ops._dispatch import strict as strict
 from .ops._dtensor import from_dtensor as from_dtensor  # h9h: the DTensor bridge
 from .ops._explain import explain as explain
+from .ops._gufunc import gufunc as gufunc
 from .ops._named import ShardMapError as ShardMapError
 from .ops._named import all_gather as all_gather
 from .ops._named import all_to_all as all_to_all

@@ -1,0 +1,413 @@
+"""`sl.gufunc`: a function that is local under its layouts runs as one op, not one per aten op.
+
+Owns the `gufunc(fn, signature=...)` wrapper, its signature parser, the layout rule of a
+generalized ufunc (numpy's term: a function vectorized over leading *loop* dims that mixes
+only its trailing *core* dims, e.g. RMSNorm ``(e),(e)->(e)``), and the autograd Function
+that runs it on each device's blocks. It does not own what happens when that rule does not
+apply: then `fn` is simply called on the ShardedTensors and every aten op inside it goes
+through `_dispatch` as usual (moves, ledger records, errors), so wrapping a function never
+changes its values or its communication, only its cost.
+
+Why: each aten op on a ShardedTensor costs one Python `__torch_dispatch__` round trip
+forward and its autograd nodes' round trips backward (~40 us a forward op on this
+machine's GPT step, most of it the floor any wrapper subclass pays; ANCHORS). A chain of
+pointwise and last-dim ops whose inputs already line up needs no decisions at all: each
+device applies the plain function to its blocks. A gufunc turns RMSNorm's ~17 forward and
+backward dispatches into one forward and one backward node; inside, the local ops run at
+plain torch's speed (their own autograd graph on the blocks, one per device).
+
+The rule (decided once per input signature, cached):
+- every tensor input is a ShardedTensor on one mesh or a plain tensor (a replicated
+  constant, which must not require grad); no input is partial;
+- core dims are not split;
+- the loop dims, right-aligned and broadcast as torch does, agree: every input whose
+  extent on a loop dim is the broadcast extent splits it over the same mesh axes, and an
+  input with extent 1 there (or without the dim) does not split it;
+- the output's loop dims carry those splits, its core dims are not split, and it is
+  replicated over every other axis. The gradient of an input replicated over axes that
+  split the output is partial (sum) over them: each device's block of it is that device's
+  contribution (a replicated norm weight's gradient under data parallel, reduced lazily
+  where its layout needs it, as `_tensor`'s leaf hook and the optimizers do).
+Any other case calls `fn` on the ShardedTensors (the regular path above).
+
+Invariants: `fn` must be a pure function of its tensor arguments (no in-place writes to
+them, no random numbers, no collectives, Python control flow that depends only on shapes
+of the core dims); `fn` sees the local blocks, so its loop-dim shapes are local. Keyword
+arguments are passed through unchanged and must not be tensors. The outputs are fresh
+tensors (one aliasing an input is copied). Cotangents whose layout is not the output's
+(other splits, or a non-sum partial) are moved to it in backward (ledger cause
+``"gufunc"``); a sum-partial cotangent passes through and its partial axes carry over to
+the input gradients (the backward is linear in it). Differentiable once. Under
+`torch.compile` and `torch.func` transforms, and with no ShardedTensor argument, `fn` is
+called directly.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .._errors import ShardlibError
+from ..layouts._layout import Layout
+from ._aliasing import sync
+from ._dispatch import _intern_sig, _sig_of
+from ._tensor import ShardedTensor
+
+__all__ = ["gufunc"]
+
+_NAME = r"[A-Za-z_][A-Za-z_0-9]*"
+_CORE = rf"\(\s*(?:{_NAME}(?:\s*,\s*{_NAME})*)?\s*,?\s*\)"
+_LIST = rf"{_CORE}(?:\s*,\s*{_CORE})*"
+_SIGNATURE = re.compile(rf"^\s*({_LIST})\s*->\s*({_LIST})\s*$")
+
+
+@dataclass(frozen=True, eq=False)  # plans are cached per signature object: hash by identity
+class Signature:
+    """A parsed gufunc signature: per input and per output, the names of its core dims."""
+
+    text: str
+    inputs: tuple[tuple[str, ...], ...]
+    outputs: tuple[tuple[str, ...], ...]
+
+
+def parse_signature(text: str) -> Signature:
+    """``"(e),(e)->(e)"`` -> `Signature`; a `ShardlibError` with the grammar otherwise.
+
+    Examples:
+        >>> parse_signature("(d),(c),(c)->(d)").inputs
+        (('d',), ('c',), ('c',))
+        >>> parse_signature("(),(n)->(n),()").outputs
+        (('n',), ())
+    """
+    if not isinstance(text, str) or not (m := _SIGNATURE.match(text)):
+        raise ShardlibError(
+            f"sl.gufunc: signature {text!r} is not of the form '(core dims),...->(core dims),...'"
+            ", e.g. '(e),(e)->(e)' for RMSNorm (x, weight) -> y or '(),()->()' for a pointwise "
+            "function: one parenthesized, comma-separated list of dim names per tensor argument "
+            "and per output"
+        )
+
+    def lists(part: str) -> tuple[tuple[str, ...], ...]:
+        return tuple(tuple(re.findall(_NAME, core)) for core in re.findall(_CORE, part))
+
+    ins, outs = lists(m.group(1)), lists(m.group(2))
+    known = {n for core in ins for n in core}
+    for core in (*ins, *outs):
+        if len(set(core)) != len(core):
+            raise ShardlibError(
+                f"sl.gufunc: signature {text!r} names a core dim twice in one argument "
+                f"{core}; give each dim of an argument its own name"
+            )
+    unknown = sorted({n for core in outs for n in core} - known)
+    if unknown:
+        raise ShardlibError(
+            f"sl.gufunc: signature {text!r}: output core dims {unknown} appear in no input; "
+            f"an output's core dims must be input core dims (known: {sorted(known)})"
+        )
+    return Signature(text, ins, outs)
+
+
+def gufunc(fn: Callable | None = None, *, signature: str) -> Callable:
+    """Run `fn` as one op on each device's blocks where its layouts allow (see module doc).
+
+    `fn` is a generalized ufunc: vectorized over leading loop dims (broadcast like torch),
+    mixing only the trailing core dims that `signature` names per tensor argument and
+    output. Where the arguments' layouts line up (core dims unsplit, loop dims split alike,
+    nothing partial) each device applies `fn` to its blocks under one autograd node;
+    otherwise `fn` runs on the ShardedTensors op by op, with the usual moves in the
+    ledger. Values are the same either way. Use as ``sl.gufunc(fn, signature=...)`` or as
+    a decorator ``@sl.gufunc(signature=...)``. Tensor arguments are positional, one per
+    signature input; keyword arguments pass through (not tensors).
+
+    Examples:
+        >>> import shardlib as sl, torch
+        >>> @sl.gufunc(signature="(e),(e)->(e)")
+        ... def rms_norm(x, w, eps=1e-5):
+        ...     return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + eps) * w
+        >>> mesh = sl.Mesh.simulated({"dp": 2})
+        >>> x = sl.shard(torch.randn(4, 3, 8, dtype=torch.float64), mesh, sl.P("dp"))
+        >>> w = sl.shard(torch.ones(8, dtype=torch.float64), mesh, sl.P()).requires_grad_()
+        >>> with sl.comm_ledger() as led:
+        ...     y = rms_norm(x, w)
+        >>> y.spec, led.count()
+        (P('dp', None, None), 0)
+        >>> torch.allclose(y.full(), rms_norm(x.full(), w.full()))
+        True
+        >>> y.sum().backward()
+        >>> w.grad.spec                      # each device's contribution: reduced lazily
+        P(None, partial='dp')
+    """
+    sig = parse_signature(signature)
+
+    def wrap(f: Callable) -> Callable:
+        @functools.wraps(f)
+        def mapped(*args: Any, **kwargs: Any) -> Any:
+            return _call(f, sig, args, kwargs)
+
+        mapped.signature = sig.text  # type: ignore[attr-defined]
+        return mapped
+
+    return wrap if fn is None else wrap(fn)
+
+
+# == the layout rule =================================================================
+@dataclass(frozen=True)
+class _Plan:
+    out_layouts: tuple[Layout, ...]
+    out_shapes: tuple[tuple[int, ...], ...]
+    out_cores: tuple[tuple[int, ...], ...]  # each output's core dim sizes
+    in_shapes: tuple[tuple[int, ...], ...]
+    grad_layouts: tuple[Layout | None, ...]  # None: a plain (constant) input
+    split_axes: frozenset[str]
+
+
+_PLANS: dict[tuple, _Plan | None] = {}
+
+
+def _call(fn: Callable, sig: Signature, args: tuple, kwargs: dict) -> Any:
+    where = f"sl.gufunc({getattr(fn, '__qualname__', fn)!r}, signature={sig.text!r})"
+    if len(args) != len(sig.inputs):
+        raise TypeError(
+            f"{where}: takes {len(sig.inputs)} positional tensor argument(s), one per signature "
+            f"input, got {len(args)}; pass other arguments by keyword"
+        )
+    if kwargs and any(isinstance(v, torch.Tensor) for v in kwargs.values()):
+        raise TypeError(
+            f"{where}: tensor keyword arguments are not allowed; pass every tensor "
+            "positionally, with its core dims in the signature"
+        )
+    mesh = None
+    for a in args:
+        if isinstance(a, ShardedTensor):
+            mesh = a._mesh
+            break
+    if (
+        mesh is None
+        or torch.compiler.is_compiling()
+        or torch._C._are_functorch_transforms_active()
+    ):
+        return fn(*args, **kwargs)
+    key = (sig, *(_sig_of(a) if isinstance(a, ShardedTensor) else _plain_sig(a) for a in args))
+    if key in _PLANS:
+        found = _PLANS[key]
+    else:
+        found = _PLANS[key] = _decide(sig, args, mesh, where)
+        if len(_PLANS) > 16384:
+            _PLANS.clear()
+    if found is None or any(isinstance(a, ShardedTensor) and a._mesh is not mesh for a in args):
+        return fn(*args, **kwargs)
+    for a in args:
+        if isinstance(a, ShardedTensor):
+            if a._root is not None:
+                sync(a)
+        elif a.requires_grad and torch.is_grad_enabled():
+            return fn(*args, **kwargs)  # a differentiable plain tensor: let dispatch decide
+    if torch.is_grad_enabled() and any(a.requires_grad for a in args):
+        outs = _Gufunc.apply(fn, kwargs, found, where, mesh, *args)
+    else:
+        outs = _wrap(_run(fn, kwargs, args, found, where, None), mesh, found)
+    return outs[0] if len(sig.outputs) == 1 else outs
+
+
+def _plain_sig(a: Any) -> Any:
+    if not isinstance(a, torch.Tensor):
+        raise TypeError(
+            f"sl.gufunc: positional arguments are the signature's tensors; got {type(a).__name__}"
+            " (pass non-tensor arguments by keyword)"
+        )
+    return _intern_sig(("plain", a.shape, a.dtype, a.device))
+
+
+def _decide(sig: Signature, args: tuple, mesh: Any, where: str) -> _Plan | None:
+    """The plan for these arguments, or None where `fn` must run op by op."""
+    sizes: dict[str, int] = {}
+    loops = []
+    for i, (a, core) in enumerate(zip(args, sig.inputs)):
+        if a.ndim < len(core):
+            raise ShardlibError(
+                f"{where}: argument {i} has shape {tuple(a.shape)}, fewer dims than its core "
+                f"dims {core}"
+            )
+        for name, n in zip(core, a.shape[a.ndim - len(core) :]):
+            if sizes.setdefault(name, n) != n:
+                raise ShardlibError(
+                    f"{where}: core dim {name!r} is {sizes[name]} in one argument and {n} in "
+                    f"argument {i} (shape {tuple(a.shape)}); equal names need equal sizes"
+                )
+        loops.append(tuple(a.shape[: a.ndim - len(core)]))
+    try:
+        loop = tuple(torch.broadcast_shapes(*loops))
+    except RuntimeError:
+        raise ShardlibError(
+            f"{where}: the loop dims (those before the core dims) {loops} do not broadcast"
+        ) from None
+    splits: list[tuple[str, ...] | None] = [None] * len(loop)
+    for a, core, lp in zip(args, sig.inputs, loops):
+        if not isinstance(a, ShardedTensor):
+            continue
+        lay = a._layout
+        if lay.partial or any(lay.dims[len(lp) :]):
+            return None
+        off = len(loop) - len(lp)
+        for k, axes in enumerate(lay.dims[: len(lp)]):
+            j = off + k
+            if lp[k] != loop[j] or loop[j] == 1:  # broadcast (extent 1) or a 1-long dim
+                if axes:
+                    return None
+                continue
+            if splits[j] is None:
+                splits[j] = axes
+            elif splits[j] != axes:
+                return None
+    for a, lp in zip(args, loops):  # a full-extent dim some inputs split and this one not
+        if isinstance(a, ShardedTensor):
+            off = len(loop) - len(lp)
+            for k, axes in enumerate(a._layout.dims[: len(lp)]):
+                if lp[k] == loop[k + off] != 1 and axes != (splits[k + off] or ()):
+                    return None
+        elif any(splits[len(loop) - len(lp) + k] for k in range(len(lp)) if lp[k] != 1):
+            return None  # a plain constant's blocks would have to be cut
+    loop_dims = tuple(s or () for s in splits)
+    varying = frozenset(a for s in loop_dims for a in s)
+    out_layouts = tuple(Layout(loop_dims + ((),) * len(core)) for core in sig.outputs)
+    out_shapes = tuple(loop + tuple(sizes[n] for n in core) for core in sig.outputs)
+    grads = []
+    for a in args:
+        if not isinstance(a, ShardedTensor):
+            grads.append(None)
+            continue
+        missing = tuple(sorted(varying - a._layout.used_axes))
+        grads.append(a._layout.with_partial(missing, "sum") if missing else a._layout)
+    out_cores = tuple(tuple(sizes[n] for n in core) for core in sig.outputs)
+    in_shapes = tuple(tuple(a.shape) for a in args)
+    return _Plan(out_layouts, out_shapes, out_cores, in_shapes, tuple(grads), varying)
+
+
+# == running it on the blocks ========================================================
+def _blocks(a: Any, n: int) -> list[torch.Tensor]:
+    return a._shards if isinstance(a, ShardedTensor) else [a] * n
+
+
+def _run(fn, kwargs, args, plan: _Plan, where: str, graphs: list | None) -> list[list]:
+    """Per output, its per-device blocks. With `graphs` (a list), each device's local
+    autograd graph is built and appended as (leaves, outputs)."""
+    n = len(next(a for a in args if isinstance(a, ShardedTensor))._shards)
+    per_arg = [_blocks(a, n) for a in args]
+    nout = len(plan.out_layouts)
+    outs: list[list] = [[] for _ in range(nout)]
+    for d in range(n):
+        inputs = [blocks[d] for blocks in per_arg]
+        if graphs is not None:
+            inputs = [
+                x.detach().requires_grad_() if isinstance(a, ShardedTensor) and a.requires_grad
+                else x
+                for x, a in zip(inputs, args)
+            ]
+            with torch.enable_grad():
+                got = fn(*inputs, **kwargs)
+        else:
+            got = fn(*inputs, **kwargs)
+        got = _check_outputs(got, nout, plan, inputs, where, d)
+        if graphs is not None:
+            graphs.append((inputs, got))
+            got = [g.detach() for g in got]
+        for k, g in enumerate(got):
+            outs[k].append(g)
+    return outs
+
+
+def _check_outputs(got, nout: int, plan: _Plan, inputs, where: str, d: int) -> list:
+    got = list(got) if isinstance(got, tuple | list) else [got]
+    if len(got) != nout or not all(isinstance(g, torch.Tensor) for g in got):
+        raise ShardlibError(
+            f"{where}: fn returned {len(got)} value(s) of types "
+            f"{[type(g).__name__ for g in got]}; the signature declares {nout} tensor output(s)"
+        )
+    storages = {x.untyped_storage().data_ptr() for x in inputs}
+    for k, g in enumerate(got):
+        core = plan.out_cores[k]
+        if tuple(g.shape[g.ndim - len(core) :]) != core or g.ndim != len(plan.out_shapes[k]):
+            raise ShardlibError(
+                f"{where}: output {k} on device {d} has shape {tuple(g.shape)}; the signature "
+                f"wants the loop dims then core dims of sizes {core} (rank "
+                f"{len(plan.out_shapes[k])})"
+            )
+        if g.untyped_storage().data_ptr() in storages:
+            got[k] = g.clone()  # outputs are fresh tensors, never an input's memory
+    return got
+
+
+def _wrap(outs: list[list], mesh: Any, plan: _Plan) -> tuple[ShardedTensor, ...]:
+    return tuple(
+        ShardedTensor(blocks, mesh, lay, shape)
+        for blocks, lay, shape in zip(outs, plan.out_layouts, plan.out_shapes)
+    )
+
+
+class _Gufunc(torch.autograd.Function):
+    """`fn` on each device's blocks, with each device's local autograd graph kept for the
+    backward (no recomputation): one node forward, one backward, whatever `fn` contains."""
+
+    @staticmethod
+    def forward(ctx, fn, kwargs, plan, where, mesh, *args):
+        graphs: list = []
+        outs = _run(fn, kwargs, args, plan, where, graphs)
+        ctx.graphs, ctx.plan, ctx.mesh = graphs, plan, mesh
+        ctx.set_materialize_grads(False)
+        return _wrap(outs, mesh, plan)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *cotangents):
+        from ._api import _as_sharded, _reshard_impl
+
+        plan, mesh = ctx.plan, ctx.mesh
+        wanted = ctx.needs_input_grad[5:]
+        moved, partial = [], None
+        for k, g in enumerate(cotangents):
+            if g is None:
+                moved.append(None)
+                continue
+            g = _as_sharded(g, mesh, plan.out_shapes[k])
+            lay, want = g._layout, plan.out_layouts[k]
+            p = lay.partial if lay.reduce_op == "sum" else None
+            if lay.dims != want.dims or p is None or (partial is not None and p != partial):
+                g, p = _reshard_impl(g, want, "gufunc", "backward"), ()
+                if partial is not None and partial != ():
+                    raise ShardlibError("sl.gufunc: internal: cotangents of mixed partial axes")
+            partial = p if partial is None else partial
+            moved.append(g)
+        partial = partial or ()
+        grads: list[list[torch.Tensor]] = [[] for _ in wanted]
+        for d, (leaves, outs) in enumerate(ctx.graphs):
+            # an output that does not depend on a differentiable input (e.g. an empty
+            # block of an uneven split) has no graph and contributes nothing
+            pairs = [
+                (o, g._shards[d]) for o, g in zip(outs, moved) if g is not None and o.requires_grad
+            ]
+            need = [x for x, w in zip(leaves, wanted) if w]
+            got = torch.autograd.grad(
+                [o for o, _ in pairs], need, [g for _, g in pairs], allow_unused=True
+            ) if pairs else [None] * len(need)
+            it = iter(got)
+            for i, w in enumerate(wanted):
+                if w:
+                    gi = next(it)
+                    grads[i].append(torch.zeros_like(leaves[i]) if gi is None else gi)
+        ctx.graphs = None
+        out = []
+        for i, w in enumerate(wanted):
+            if not w:
+                out.append(None)
+                continue
+            lay = plan.grad_layouts[i]
+            if partial:
+                lay = lay.with_partial(tuple(sorted(set(lay.partial) | set(partial))), "sum")
+            out.append(ShardedTensor(grads[i], mesh, lay, plan.in_shapes[i]))
+        return None, None, None, None, None, *out
