@@ -48,8 +48,16 @@ step's time follows its collective count (``colls``) more than its bytes;
 cProfile one variant's steps on rank 0 with ``--profile PATH``. Eager tp1d
 sends Megatron's collectives (counts and bytes) and copies; its gap to the
 hand-written step is per-op ``__torch_dispatch__`` cost times the model's op
-count (~300 subclass dispatches a step, forward and backward), most of it the
-floor any wrapper subclass pays: ``benchmarks/dispatch.py`` attributes it.
+count (~100 subclass dispatches a step, forward and backward, since RMSNorm and
+rotary are `sl.gufunc` nodes; ~300 before), most of it the floor any wrapper
+subclass pays: ``benchmarks/dispatch.py`` attributes it.
+
+Then the 1D TP goal's comparison at a compute-bound size (``--scale-dim 1024
+--scale-heads 16 --scale-seq 256``, the other model flags as given; ``--skip-scale``
+skips it): tp1d (and tp1d SP when asked for) beside the baselines, the same columns.
+At the small default model a step is ~100 subclass dispatches of ~40 us each against
+matmuls of tens of microseconds, so the table above measures per-op overhead; this one
+measures what a training step at a realistic width pays for it.
 
 Last, the 64-device simulated 3D step (``{i: 4, j: 4, k: 4}``,
 ``sl.Mesh.simulated``, this process, one thread): the first step (layout
@@ -60,6 +68,7 @@ batch (3D splits the batch 16 ways).
         [--dim 256 --heads 8 --layers 2 --seq 128 --batch 4 --vocab 1024]
         [--baselines megatron,megatron_sp,dtensor,dtensor_sp] [--skip-dtensor] [--skip-megatron]
         [--skip-3d] [--steps3d 3 --batch3d 16] [--profile PATH]
+        [--skip-scale] [--scale-dim 1024 --scale-heads 16 --scale-seq 256 --scale-steps 5]
 """
 
 from __future__ import annotations
@@ -71,7 +80,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -506,6 +515,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="cProfile rank 0's steps of --profile-variants (after the timed ones) "
         "into PROFILE.<variant>",
     )
+    ap.add_argument(
+        "--skip-scale",
+        action="store_true",
+        help="skip the tp1d/Megatron/DTensor comparison at the compute-bound size",
+    )
+    ap.add_argument("--scale-dim", type=int, default=1024)
+    ap.add_argument("--scale-heads", type=int, default=16)
+    ap.add_argument("--scale-seq", type=int, default=256)
+    ap.add_argument("--scale-steps", type=int, default=5)
     ap.add_argument("--profile-variants", default="tp1d,megatron")
     ap.add_argument("--profile-steps", type=int, default=3)
     args = ap.parse_args(argv)
@@ -541,6 +559,13 @@ def command_line(args: argparse.Namespace) -> str:
         parts.append("--skip-3d")
     if not args.skip_3d:
         parts.append(f"--steps3d {args.steps3d} --batch3d {args.batch3d}")
+    if args.skip_scale:
+        parts.append("--skip-scale")
+    else:
+        parts.append(
+            f"--scale-dim {args.scale_dim} --scale-heads {args.scale_heads} "
+            f"--scale-seq {args.scale_seq} --scale-steps {args.scale_steps}"
+        )
     if args.profile:
         parts.append(
             f"--profile {args.profile} --profile-steps {args.profile_steps} "
@@ -556,6 +581,7 @@ class Report:
     lines: list[str]
     tables: dict[int, dict[str, tuple[str, dict]]]
     sim3d: dict[str, float] | None
+    scale: dict[int, dict[str, tuple[str, dict]]] = field(default_factory=dict)
 
 
 def main(argv: Sequence[str] | None = None) -> Report:
@@ -621,6 +647,8 @@ def main(argv: Sequence[str] | None = None) -> Report:
                 "hold no tokens; --batch a multiple for a balanced run)"
             )
         emit([*table, f"({time.perf_counter() - t0:.0f} s)", ""])
+    if not args.skip_scale:
+        _scale_section(args, emit, report)
     if not args.skip_3d:
         print("[schemes.py] 64-device simulated 3D step ...", file=sys.stderr, flush=True)
         first, times, loss = simulated_3d(config, args.batch3d, args.steps3d)
@@ -643,6 +671,43 @@ def main(argv: Sequence[str] | None = None) -> Report:
             ]
         )
     return report
+
+
+def _scale_section(args: argparse.Namespace, emit, report: Report) -> None:
+    """tp1d (and SP) beside Megatron and DTensor on a model whose matmuls, not the per-op
+    overhead, set the step time: the goal's comparison (the small model above is dominated
+    by the ~100 subclass dispatches a step, ~40 us each, mostly the floor of any wrapper
+    subclass)."""
+    config = gpt.Config(
+        vocab=args.vocab,
+        dim=args.scale_dim,
+        heads=args.scale_heads,
+        layers=args.layers,
+        seq=args.scale_seq,
+        kv_heads=args.kv_heads,
+        mlp=args.mlp,
+    )
+    cfg = {
+        f: getattr(config, f) for f in ("vocab", "dim", "heads", "layers", "seq", "kv_heads", "mlp")
+    }
+    want = ref.sanity_loss(config, gpt.init(config), make_batch(config, args.batch, config.seq))
+    emit([f"# the 1D TP goal at a compute-bound size: {config}, batch {args.batch}", ""])
+    names = [n for n in ("tp1d", "tp1d_sp") if n in args.scheme_names] or ["tp1d"]
+    for ranks in args.ranks:
+        spec = {
+            "config": cfg,
+            "batch": args.batch,
+            "schemes": names,
+            "baselines": args.baseline_names,
+            "steps": args.scale_steps,
+            "warmup": 1,
+        }
+        print(f"[schemes.py] scale, {ranks} ranks ...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        merged = _merge(sl.launch(bench_rank, {"tp": ranks}, args=(spec,), timeout=3600))
+        check_losses(merged, want, f"scale, {ranks} ranks", "benchmarks/schemes.py")
+        report.scale[ranks] = merged
+        emit([*format_table(ranks, merged), f"({time.perf_counter() - t0:.0f} s)", ""])
 
 
 if __name__ == "__main__":

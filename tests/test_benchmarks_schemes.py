@@ -60,7 +60,11 @@ def _argv(flavour: str) -> list[str]:
         ",".join(baselines),
         *[f"--{k}={v}" for k, v in TINY.items()],
     ]
-    return argv + (["--steps3d", "1", "--batch3d", "16"] if flavour == "plain" else ["--skip-3d"])
+    if flavour != "plain":
+        return [*argv, "--skip-3d", "--skip-scale"]
+    # the compute-bound section at a tiny "scale" (its own model: another dim, heads and seq)
+    scale = ["--scale-dim", "24", "--scale-heads", "4", "--scale-seq", "6", "--scale-steps", "1"]
+    return [*argv, "--steps3d", "1", "--batch3d", "16", *scale]
 
 
 def _f64_loss(batch_size: int) -> float:
@@ -155,6 +159,14 @@ def test_smoke_table_on_4_ranks(capsys):
     assert "64-device simulated 3D step (tp3d on {i: 4, j: 4, k: 4}, batch 16" in out
     assert report.sim3d["median_s"] > 0 and report.sim3d["first_s"] > 0
     assert math.isclose(report.sim3d["loss"], _f64_loss(16), rel_tol=1e-4)
+    # the scale section: its own model, the same variants, losses checked by main itself
+    assert "# the 1D TP goal at a compute-bound size: Config(vocab=" in out
+    assert "dim=24" in out.split("# the 1D TP goal")[1].splitlines()[0]
+    scale = report.scale[4]
+    assert set(scale) == set(report.tables[4])
+    for name, (_, m) in scale.items():
+        assert m["median_s"] > 0 and m["cpu_s"] > 0 and m["colls"] > 0, name
+    assert scale["tp1d"][1]["loss"] != report.tables[4]["tp1d"][1]["loss"]
 
 
 @pytest.mark.dist

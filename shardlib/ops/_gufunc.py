@@ -61,6 +61,8 @@ from ._tensor import ShardedTensor
 
 __all__ = ["gufunc"]
 
+_ENGINE = torch.autograd.Variable._execution_engine
+
 _NAME = r"[A-Za-z_][A-Za-z_0-9]*"
 _CORE = rf"\(\s*(?:{_NAME}(?:\s*,\s*{_NAME})*)?\s*,?\s*\)"
 _LIST = rf"{_CORE}(?:\s*,\s*{_CORE})*"
@@ -187,11 +189,7 @@ def _call(fn: Callable, sig: Signature, args: tuple, kwargs: dict) -> Any:
         if isinstance(a, ShardedTensor):
             mesh = a._mesh
             break
-    if (
-        mesh is None
-        or torch.compiler.is_compiling()
-        or torch._C._are_functorch_transforms_active()
-    ):
+    if mesh is None or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return fn(*args, **kwargs)
     key = (sig, *(_sig_of(a) if isinstance(a, ShardedTensor) else _plain_sig(a) for a in args))
     if key in _PLANS:
@@ -248,7 +246,7 @@ def _decide(sig: Signature, args: tuple, mesh: Any, where: str) -> _Plan | None:
             f"{where}: the loop dims (those before the core dims) {loops} do not broadcast"
         ) from None
     splits: list[tuple[str, ...] | None] = [None] * len(loop)
-    for a, core, lp in zip(args, sig.inputs, loops):
+    for a, lp in zip(args, loops):
         if not isinstance(a, ShardedTensor):
             continue
         lay = a._layout
@@ -305,7 +303,8 @@ def _run(fn, kwargs, args, plan: _Plan, where: str, graphs: list | None) -> list
         inputs = [blocks[d] for blocks in per_arg]
         if graphs is not None:
             inputs = [
-                x.detach().requires_grad_() if isinstance(a, ShardedTensor) and a.requires_grad
+                x.detach().requires_grad_()
+                if isinstance(a, ShardedTensor) and a.requires_grad
                 else x
                 for x, a in zip(inputs, args)
             ]
@@ -369,38 +368,61 @@ class _Gufunc(torch.autograd.Function):
 
         plan, mesh = ctx.plan, ctx.mesh
         wanted = ctx.needs_input_grad[5:]
-        moved, partial = [], None
-        for k, g in enumerate(cotangents):
-            if g is None:
-                moved.append(None)
-                continue
-            g = _as_sharded(g, mesh, plan.out_shapes[k])
-            lay, want = g._layout, plan.out_layouts[k]
-            p = lay.partial if lay.reduce_op == "sum" else None
-            if lay.dims != want.dims or p is None or (partial is not None and p != partial):
-                g, p = _reshard_impl(g, want, "gufunc", "backward"), ()
-                if partial is not None and partial != ():
-                    raise ShardlibError("sl.gufunc: internal: cotangents of mixed partial axes")
-            partial = p if partial is None else partial
-            moved.append(g)
-        partial = partial or ()
+        moved = [
+            None if g is None else _as_sharded(g, mesh, plan.out_shapes[k])
+            for k, g in enumerate(cotangents)
+        ]
+        # a cotangent in the output's splits and sum-partial passes through (the backward is
+        # linear in it) when all share the partial axes; any other is moved to the output
+        # layout (ledger cause "gufunc")
+        kinds = {
+            g._layout.partial
+            if g._layout.dims == want.dims and g._layout.reduce_op == "sum"
+            else None
+            for g, want in zip(moved, plan.out_layouts)
+            if g is not None
+        }
+        partial = kinds.pop() if len(kinds) == 1 else None
+        if partial is None:
+            partial = ()
+            moved = [
+                g
+                if g is None or g._layout == want
+                else _reshard_impl(g, want, "gufunc", "backward")
+                for g, want in zip(moved, plan.out_layouts)
+            ]
+        # the outer backward's retain_graph decides whether the local graphs may be freed
+        keep = torch._C._autograd._get_current_graph_task_keep_graph()
+        if ctx.graphs is None:
+            raise ShardlibError(
+                "sl.gufunc: a second backward through this call, whose local graphs the first "
+                "one freed; pass retain_graph=True to the first backward"
+            )
         grads: list[list[torch.Tensor]] = [[] for _ in wanted]
         for d, (leaves, outs) in enumerate(ctx.graphs):
             # an output that does not depend on a differentiable input (e.g. an empty
             # block of an uneven split) has no graph and contributes nothing
-            pairs = [
-                (o, g._shards[d]) for o, g in zip(outs, moved) if g is not None and o.requires_grad
-            ]
+            roots, cots = [], []
+            for o, g in zip(outs, moved):
+                if g is not None and o.requires_grad:
+                    roots.append(o)
+                    cots.append(g._shards[d])
             need = [x for x, w in zip(leaves, wanted) if w]
-            got = torch.autograd.grad(
-                [o for o, _ in pairs], need, [g for _, g in pairs], allow_unused=True
-            ) if pairs else [None] * len(need)
-            it = iter(got)
+            # the engine itself (torch.autograd.grad's checks cost ~20 us and hold here)
+            got = (
+                _ENGINE.run_backward(
+                    tuple(roots), tuple(cots), keep, False, tuple(need), True, False
+                )
+                if roots
+                else ()
+            )
+            got = iter(got or [None] * len(need))
             for i, w in enumerate(wanted):
                 if w:
-                    gi = next(it)
+                    gi = next(got)
                     grads[i].append(torch.zeros_like(leaves[i]) if gi is None else gi)
-        ctx.graphs = None
+        if not keep:
+            ctx.graphs = None
         out = []
         for i, w in enumerate(wanted):
             if not w:
