@@ -357,12 +357,6 @@ def test_output_returning_an_input_does_not_alias_it(grad):
     torch.testing.assert_close(y.full(), 2 * X, **TOL)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: an output that is (a view of) an input is cloned in _check_outputs outside "
-    "torch.enable_grad(), i.e. under the autograd.Function's no-grad forward, so the clone "
-    "has no local graph and backward returns zeros instead of the cotangent",
-)
 @pytest.mark.parametrize("fn", [_ident, lambda x: x[..., :]], ids=["identity", "view"])
 def test_output_returning_an_input_gradient(fn):
     mesh = sl.Mesh.simulated(X4)

@@ -308,11 +308,10 @@ def _run(fn, kwargs, args, plan: _Plan, where: str, graphs: list | None) -> list
                 else x
                 for x, a in zip(inputs, args)
             ]
-            with torch.enable_grad():
-                got = fn(*inputs, **kwargs)
+            with torch.enable_grad():  # the copy of an aliasing output is in the graph too
+                got = _check_outputs(fn(*inputs, **kwargs), nout, plan, inputs, where, d)
         else:
-            got = fn(*inputs, **kwargs)
-        got = _check_outputs(got, nout, plan, inputs, where, d)
+            got = _check_outputs(fn(*inputs, **kwargs), nout, plan, inputs, where, d)
         if graphs is not None:
             graphs.append((inputs, got))
             got = [g.detach() for g in got]
