@@ -160,12 +160,13 @@ class DistributedBackend:
             _reduce_scatter_single(out, inp, op=_OPS[op], group=group)
         return [out.view(b.shape[1:])]
 
-    def all_reduce(self, mesh, bufs, axes, op):
+    def all_reduce(self, mesh, bufs, axes, op, donate=False):
         (b,) = bufs
         group, _ = self._group(mesh, axes)
         if _tracing():
             return [funcol.wait_tensor(funcol.all_reduce(b.contiguous(), op, group))]
-        out = b.clone(memory_format=torch.contiguous_format)
+        # a donated buffer (see _redistribute.execute) is reduced where it lies
+        out = b if donate and b.is_contiguous() else b.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(out, op=_OPS[op], group=group)
         return [out]
 

@@ -137,9 +137,9 @@ def track_inflight(cls: type) -> type:
 
 def _tracked(kind: str, method: Callable) -> Callable:
     @functools.wraps(method)
-    def run(self: Any, *args: Any) -> Any:
+    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
         if _slot is None:
-            return method(self, *args)
+            return method(self, *args, **kwargs)
         try:
             call, site = _caller(sys._getframe(1))
             note = _SEP.join(
@@ -149,7 +149,7 @@ def _tracked(kind: str, method: Callable) -> Callable:
         except Exception:  # the note is a diagnostic: never let it break the collective
             _slot.value = kind.encode()
         try:
-            return method(self, *args)
+            return method(self, *args, **kwargs)
         finally:
             _slot[0] = b"\0"
 

@@ -83,13 +83,23 @@ def ppermute_sources(src: Layout, dst: Layout, mesh: AbstractMesh) -> tuple[int,
 
 
 def execute(
-    plan: Plan, mesh: Mesh, shards: list[torch.Tensor], *, direction: str, cause: str
+    plan: Plan,
+    mesh: Mesh,
+    shards: list[torch.Tensor],
+    *,
+    direction: str,
+    cause: str,
+    donate: bool = False,
 ) -> list[torch.Tensor]:
-    """Run `plan` on this process's `shards` (flat device order); return the new shards."""
+    """Run `plan` on this process's `shards` (flat device order); return the new shards.
+
+    `donate`: the caller gives up `shards` (a result nobody else holds, e.g. a contraction's
+    partial product): an all-reduce may then reduce in their memory instead of a copy
+    (Megatron's in-place all-reduce), and an empty plan returns them as they are."""
     if not plan.steps:
-        return [s.clone() for s in shards]
-    for ps in plan.steps:
-        shards = _run_step(ps.step, ps.src, ps.dst, plan.shape, mesh, shards)
+        return list(shards) if donate else [s.clone() for s in shards]
+    for i, ps in enumerate(plan.steps):
+        shards = _run_step(ps.step, ps.src, ps.dst, plan.shape, mesh, shards, donate and i == 0)
         if ps.step.kind is not None:
             axes, k = _comm_group(ps.step, ps.src, ps.dst, mesh.abstract)
             record(ps.step.kind, axes, k, ps.bytes, plan.dtype, direction, cause, data=shards)
@@ -109,7 +119,7 @@ def _comm_group(step, src: Layout, dst: Layout, mesh: AbstractMesh) -> tuple[tup
     return step.axes, mesh.group_size(step.axes)
 
 
-def _run_step(step, src: Layout, dst: Layout, shape, mesh: Mesh, shards):
+def _run_step(step, src: Layout, dst: Layout, shape, mesh: Mesh, shards, donate: bool = False):
     am, be, devs = mesh.abstract, mesh.backend, mesh.local_devices
 
     def sb(dev: int):
@@ -155,7 +165,7 @@ def _run_step(step, src: Layout, dst: Layout, shape, mesh: Mesh, shards):
         op = "sum" if src.reduce_op == "avg" else src.reduce_op
         k = am.group_size(step.axes)
         if isinstance(step, AllReduce):
-            out = be.all_reduce(am, list(shards), step.axes, op)
+            out = be.all_reduce(am, list(shards), step.axes, op, donate=donate)
         else:
             d, n = step.dim, shape[step.dim]
             size = max_chunk(n, am.group_size(dst.dims[d]))

@@ -65,7 +65,9 @@ class SimulatedBackend:
             out.append(reduce_tensors([bufs[m][me] for m in mesh.group(dev, axes)], op))
         return out
 
-    def all_reduce(self, mesh, bufs, axes, op):
+    def all_reduce(self, mesh, bufs, axes, op, donate=False):
+        if donate and mesh.group_size(axes) == 1:  # nothing to reduce: the donated blocks
+            return list(bufs)
         return [
             reduce_tensors([bufs[m] for m in mesh.group(dev, axes)], op) for dev in range(mesh.size)
         ]

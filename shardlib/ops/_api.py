@@ -100,7 +100,12 @@ def _local_blocks(tensor: torch.Tensor, mesh: Mesh, layout: Layout) -> ShardedTe
 
 # == reshard ===================================================================
 def _reshard_impl(
-    x: ShardedTensor, layout: Layout, cause: str, direction: str, wire: Wire | None = None
+    x: ShardedTensor,
+    layout: Layout,
+    cause: str,
+    direction: str,
+    wire: Wire | None = None,
+    donate: bool = False,
 ) -> ShardedTensor:
     """`x` moved to `layout` by the planner's plan; each step through `wire` when given, or
     when `x` is a `compressed_source` (issue 10: its regathers compress too)."""
@@ -109,7 +114,7 @@ def _reshard_impl(
     if wire is None:
         wire = x._comm_wire
     if wire is None:
-        shards = execute(p, x._mesh, x._shards, direction=direction, cause=cause)
+        shards = execute(p, x._mesh, x._shards, direction=direction, cause=cause, donate=donate)
     else:
         shards = execute_compressed(p, x._mesh, x._shards, wire, direction=direction, cause=cause)
     return ShardedTensor(shards, x._mesh, layout, tuple(x.shape))

@@ -432,13 +432,14 @@ def _choose_for(
     return hit
 
 
-def _moved(x, layout: Layout, direction: str, memo: dict | None = None):
-    """`x` in `layout` (the planner's cheapest moves, cause "einsum"); `memo` shares moves."""
+def _moved(x, layout: Layout, direction: str, memo: dict | None = None, donate: bool = False):
+    """`x` in `layout` (the planner's cheapest moves, cause "einsum"); `memo` shares moves.
+    `donate`: `x` is a product nobody else holds, so an all-reduce may reuse its memory."""
     if x._layout is layout or x._layout == layout:
         return x
     if memo is not None and (id(x), layout) in memo:
         return memo[id(x), layout]
-    y = _reshard_impl(x, layout, "einsum", direction)
+    y = _reshard_impl(x, layout, "einsum", direction, donate=donate)
     if memo is not None:
         memo[id(x), layout] = y
     return y
@@ -468,7 +469,7 @@ def _contract(
             sync(x)
     shards = [product(*blocks) for blocks in zip(*(x._shards for x in moved))]
     y = ShardedTensor(shards, mesh, choice.out, out_shape)
-    return _moved(y, choice.final, direction), moved
+    return _moved(y, choice.final, direction, donate=True), moved
 
 
 def _remat_source(x):
@@ -506,7 +507,7 @@ class _Contract(torch.autograd.Function):
         ctx.kept = [
             (src[0], t._layout) if (src := _remat_source(t)) is not None else t for t in (x, w)
         ]
-        return _moved(y, choice.final, "forward")
+        return _moved(y, choice.final, "forward", donate=True)
 
     @staticmethod
     def backward(ctx, dy):
