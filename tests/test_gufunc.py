@@ -807,3 +807,33 @@ def test_mixed_meshes_fall_back_to_dispatch():
             rms(x, w)
     else:
         torch.testing.assert_close(rms(x, w).full(), unwrapped, **TOL)
+
+
+# == 9. remat inputs keep their remat semantics ============================================
+def test_remat_input_runs_op_by_op_and_is_regathered_in_backward():
+    """An input from sl.reshard(..., remat=True) (ZeRO-3's gathered parameters too), under
+    sl.remat_saves(), is regathered in backward, not kept by a local graph: the gufunc runs op by op, and its
+    ledger equals the unwrapped function's, a backward "regather" included."""
+    mesh = sl.Mesh.simulated(X4)
+    W = _value((8,), 7)
+    (x,), (xr,) = _make(mesh, [((4, 6, 8), P("x", None, None), True)])
+
+    def run(fn):
+        w = sl.shard(W, mesh, P("x")).requires_grad_()
+        with sl.comm_ledger() as led:
+            with sl.remat_saves():  # saves of remat results keep only their source
+                y = fn(x, sl.reshard(w, P(None), remat=True))
+            torch.autograd.backward(y, sl.shard(_value((4, 6, 8), 8), mesh, y.spec))
+        return y, w, [(r.kind, r.cause, r.direction, r.bytes) for r in led.records]
+
+    y, w, records = run(sl.gufunc(_rms, signature="(e),(e)->(e)"))
+    grad_x = x.grad.full()
+    x.grad = None
+    y0, w0, records0 = run(_rms)
+    assert records == records0
+    assert any(c == "regather" and d == "backward" for _, c, d, _ in records)
+    wr = W.clone().requires_grad_()
+    yr, grads = _reference(_rms, [xr, wr], [_value((4, 6, 8), 8)])
+    torch.testing.assert_close(y.full(), yr[0], **TOL)
+    torch.testing.assert_close(grad_x, grads[0], **TOL)
+    torch.testing.assert_close(w.grad.full(), grads[1], **TOL)

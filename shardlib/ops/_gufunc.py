@@ -28,7 +28,9 @@ The rule (decided once per input signature, cached):
   split the output is partial (sum) over them: each device's block of it is that device's
   contribution (a replicated norm weight's gradient under data parallel, reduced lazily
   where its layout needs it, as `_tensor`'s leaf hook and the optimizers do).
-Any other case calls `fn` on the ShardedTensors (the regular path above).
+Any other case calls `fn` on the ShardedTensors (the regular path above), and so does
+an input from ``sl.reshard(..., remat=True)`` or ZeRO-3's gathered parameters: the local
+graph would keep its gathered blocks until backward, where op by op its gather is redone.
 
 Invariants: `fn` must be a pure function of its tensor arguments (no in-place writes to
 them, no random numbers, no collectives, Python control flow that depends only on shapes
@@ -202,6 +204,10 @@ def _call(fn: Callable, sig: Signature, args: tuple, kwargs: dict) -> Any:
         return fn(*args, **kwargs)
     for a in args:
         if isinstance(a, ShardedTensor):
+            if a.__dict__.get("_remat") is not None:
+                # a gather to be redone in backward (sl.reshard(remat=True), ZeRO-3): the local
+                # graph would keep it, so run op by op, where the saved-tensor hooks see it
+                return fn(*args, **kwargs)
             if a._root is not None:
                 sync(a)
         elif a.requires_grad and torch.is_grad_enabled():
