@@ -678,18 +678,8 @@ def _scale_section(args: argparse.Namespace, emit, report: Report) -> None:
     overhead, set the step time: the goal's comparison (the small model above is dominated
     by the ~100 subclass dispatches a step, ~40 us each, mostly the floor of any wrapper
     subclass)."""
-    config = gpt.Config(
-        vocab=args.vocab,
-        dim=args.scale_dim,
-        heads=args.scale_heads,
-        layers=args.layers,
-        seq=args.scale_seq,
-        kv_heads=args.kv_heads,
-        mlp=args.mlp,
-    )
-    cfg = {
-        f: getattr(config, f) for f in ("vocab", "dim", "heads", "layers", "seq", "kv_heads", "mlp")
-    }
+    scaled = {"dim": args.scale_dim, "heads": args.scale_heads, "seq": args.scale_seq}
+    config, cfg = model_config(argparse.Namespace(**{**vars(args), **scaled}))
     want = ref.sanity_loss(config, gpt.init(config), make_batch(config, args.batch, config.seq))
     emit([f"# the 1D TP goal at a compute-bound size: {config}, batch {args.batch}", ""])
     names = [n for n in ("tp1d", "tp1d_sp") if n in args.scheme_names] or ["tp1d"]

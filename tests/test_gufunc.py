@@ -812,8 +812,8 @@ def test_mixed_meshes_fall_back_to_dispatch():
 # == 9. remat inputs keep their remat semantics ============================================
 def test_remat_input_runs_op_by_op_and_is_regathered_in_backward():
     """An input from sl.reshard(..., remat=True) (ZeRO-3's gathered parameters too), under
-    sl.remat_saves(), is regathered in backward, not kept by a local graph: the gufunc runs op by op, and its
-    ledger equals the unwrapped function's, a backward "regather" included."""
+    sl.remat_saves(), is regathered in backward, not kept by a local graph: the gufunc runs
+    op by op, and its ledger equals the unwrapped function's, a backward "regather" included."""
     mesh = sl.Mesh.simulated(X4)
     W = _value((8,), 7)
     (x,), (xr,) = _make(mesh, [((4, 6, 8), P("x", None, None), True)])

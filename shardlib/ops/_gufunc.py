@@ -168,22 +168,25 @@ class _Plan:
     out_cores: tuple[tuple[int, ...], ...]  # each output's core dim sizes
     in_shapes: tuple[tuple[int, ...], ...]
     grad_layouts: tuple[Layout | None, ...]  # None: a plain (constant) input
-    split_axes: frozenset[str]
+    where: str  # the wrapper's name in error messages
 
 
 _PLANS: dict[tuple, _Plan | None] = {}
 
 
+def _where(fn: Callable, sig: Signature) -> str:
+    return f"sl.gufunc({getattr(fn, '__qualname__', fn)!r}, signature={sig.text!r})"
+
+
 def _call(fn: Callable, sig: Signature, args: tuple, kwargs: dict) -> Any:
-    where = f"sl.gufunc({getattr(fn, '__qualname__', fn)!r}, signature={sig.text!r})"
     if len(args) != len(sig.inputs):
         raise TypeError(
-            f"{where}: takes {len(sig.inputs)} positional tensor argument(s), one per signature "
-            f"input, got {len(args)}; pass other arguments by keyword"
+            f"{_where(fn, sig)}: takes {len(sig.inputs)} positional tensor argument(s), one "
+            f"per signature input, got {len(args)}; pass other arguments by keyword"
         )
     if kwargs and any(isinstance(v, torch.Tensor) for v in kwargs.values()):
         raise TypeError(
-            f"{where}: tensor keyword arguments are not allowed; pass every tensor "
+            f"{_where(fn, sig)}: tensor keyword arguments are not allowed; pass every tensor "
             "positionally, with its core dims in the signature"
         )
     mesh = None
@@ -197,7 +200,7 @@ def _call(fn: Callable, sig: Signature, args: tuple, kwargs: dict) -> Any:
     if key in _PLANS:
         found = _PLANS[key]
     else:
-        found = _PLANS[key] = _decide(sig, args, mesh, where)
+        found = _PLANS[key] = _decide(sig, args, _where(fn, sig))
         if len(_PLANS) > 16384:
             _PLANS.clear()
     if found is None or any(isinstance(a, ShardedTensor) and a._mesh is not mesh for a in args):
@@ -213,9 +216,9 @@ def _call(fn: Callable, sig: Signature, args: tuple, kwargs: dict) -> Any:
         elif a.requires_grad and torch.is_grad_enabled():
             return fn(*args, **kwargs)  # a differentiable plain tensor: let dispatch decide
     if torch.is_grad_enabled() and any(a.requires_grad for a in args):
-        outs = _Gufunc.apply(fn, kwargs, found, where, mesh, *args)
+        outs = _Gufunc.apply(fn, kwargs, found, mesh, *args)
     else:
-        outs = _wrap(_run(fn, kwargs, args, found, where, None), mesh, found)
+        outs = _wrap(_run(fn, kwargs, args, found, None), mesh, found)
     return outs[0] if len(sig.outputs) == 1 else outs
 
 
@@ -228,7 +231,7 @@ def _plain_sig(a: Any) -> Any:
     return _intern_sig(("plain", a.shape, a.dtype, a.device))
 
 
-def _decide(sig: Signature, args: tuple, mesh: Any, where: str) -> _Plan | None:
+def _decide(sig: Signature, args: tuple, where: str) -> _Plan | None:
     """The plan for these arguments, or None where `fn` must run op by op."""
     sizes: dict[str, int] = {}
     loops = []
@@ -290,7 +293,7 @@ def _decide(sig: Signature, args: tuple, mesh: Any, where: str) -> _Plan | None:
         grads.append(a._layout.with_partial(missing, "sum") if missing else a._layout)
     out_cores = tuple(tuple(sizes[n] for n in core) for core in sig.outputs)
     in_shapes = tuple(tuple(a.shape) for a in args)
-    return _Plan(out_layouts, out_shapes, out_cores, in_shapes, tuple(grads), varying)
+    return _Plan(out_layouts, out_shapes, out_cores, in_shapes, tuple(grads), where)
 
 
 # == running it on the blocks ========================================================
@@ -298,7 +301,7 @@ def _blocks(a: Any, n: int) -> list[torch.Tensor]:
     return a._shards if isinstance(a, ShardedTensor) else [a] * n
 
 
-def _run(fn, kwargs, args, plan: _Plan, where: str, graphs: list | None) -> list[list]:
+def _run(fn, kwargs, args, plan: _Plan, graphs: list | None) -> list[list]:
     """Per output, its per-device blocks. With `graphs` (a list), each device's local
     autograd graph is built and appended as (leaves, outputs)."""
     n = len(next(a for a in args if isinstance(a, ShardedTensor))._shards)
@@ -315,9 +318,9 @@ def _run(fn, kwargs, args, plan: _Plan, where: str, graphs: list | None) -> list
                 for x, a in zip(inputs, args)
             ]
             with torch.enable_grad():  # the copy of an aliasing output is in the graph too
-                got = _check_outputs(fn(*inputs, **kwargs), nout, plan, inputs, where, d)
+                got = _check_outputs(fn(*inputs, **kwargs), nout, plan, inputs, d)
         else:
-            got = _check_outputs(fn(*inputs, **kwargs), nout, plan, inputs, where, d)
+            got = _check_outputs(fn(*inputs, **kwargs), nout, plan, inputs, d)
         if graphs is not None:
             graphs.append((inputs, got))
             got = [g.detach() for g in got]
@@ -326,11 +329,11 @@ def _run(fn, kwargs, args, plan: _Plan, where: str, graphs: list | None) -> list
     return outs
 
 
-def _check_outputs(got, nout: int, plan: _Plan, inputs, where: str, d: int) -> list:
+def _check_outputs(got, nout: int, plan: _Plan, inputs, d: int) -> list:
     got = list(got) if isinstance(got, tuple | list) else [got]
     if len(got) != nout or not all(isinstance(g, torch.Tensor) for g in got):
         raise ShardlibError(
-            f"{where}: fn returned {len(got)} value(s) of types "
+            f"{plan.where}: fn returned {len(got)} value(s) of types "
             f"{[type(g).__name__ for g in got]}; the signature declares {nout} tensor output(s)"
         )
     storages = {x.untyped_storage().data_ptr() for x in inputs}
@@ -338,8 +341,8 @@ def _check_outputs(got, nout: int, plan: _Plan, inputs, where: str, d: int) -> l
         core = plan.out_cores[k]
         if tuple(g.shape[g.ndim - len(core) :]) != core or g.ndim != len(plan.out_shapes[k]):
             raise ShardlibError(
-                f"{where}: output {k} on device {d} has shape {tuple(g.shape)}; the signature "
-                f"wants the loop dims then core dims of sizes {core} (rank "
+                f"{plan.where}: output {k} on device {d} has shape {tuple(g.shape)}; the "
+                f"signature wants the loop dims then core dims of sizes {core} (rank "
                 f"{len(plan.out_shapes[k])})"
             )
         if g.untyped_storage().data_ptr() in storages:
@@ -359,9 +362,9 @@ class _Gufunc(torch.autograd.Function):
     backward (no recomputation): one node forward, one backward, whatever `fn` contains."""
 
     @staticmethod
-    def forward(ctx, fn, kwargs, plan, where, mesh, *args):
+    def forward(ctx, fn, kwargs, plan, mesh, *args):
         graphs: list = []
-        outs = _run(fn, kwargs, args, plan, where, graphs)
+        outs = _run(fn, kwargs, args, plan, graphs)
         ctx.graphs, ctx.plan, ctx.mesh = graphs, plan, mesh
         ctx.set_materialize_grads(False)
         return _wrap(outs, mesh, plan)
@@ -372,7 +375,7 @@ class _Gufunc(torch.autograd.Function):
         from ._api import _as_sharded, _reshard_impl
 
         plan, mesh = ctx.plan, ctx.mesh
-        wanted = ctx.needs_input_grad[5:]
+        wanted = ctx.needs_input_grad[4:]
         moved = [
             None if g is None else _as_sharded(g, mesh, plan.out_shapes[k])
             for k, g in enumerate(cotangents)
@@ -437,4 +440,4 @@ class _Gufunc(torch.autograd.Function):
             if partial:
                 lay = lay.with_partial(tuple(sorted(set(lay.partial) | set(partial))), "sum")
             out.append(ShardedTensor(grads[i], mesh, lay, plan.in_shapes[i]))
-        return None, None, None, None, None, *out
+        return None, None, None, None, *out
