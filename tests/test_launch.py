@@ -325,3 +325,25 @@ def test_a_stack_dump_read_while_it_is_written_is_not_taken():
     assert "line 70 in" in _main_thread_stack(cut, whole=False)
     assert "in hang_on_rank0" in _main_thread_stack(whole)
     assert "_worker_main" not in _main_thread_stack(whole)
+
+
+def test_script_without_main_guard_names_the_fix(tmp_path):
+    """Spawned ranks re-import the main script: one that calls sl.launch at import time
+    makes every rank die while starting. The error says so, and the launcher's clean-up
+    of the half-started workers does not mask it (it used to raise "can only join a
+    started process")."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "no_guard.py"
+    script.write_text(
+        "import shardlib as sl\n\ndef f(mesh):\n    return 1\n\nprint(sl.launch(f, {'x': 2}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert 'needs an `if __name__ == "__main__":` guard' in last
+    assert "can only join a started process" not in done.stderr
+    assert "LaunchError: sl.launch: starting the process group failed on 2 ranks" in done.stderr

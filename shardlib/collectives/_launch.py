@@ -238,7 +238,13 @@ def _report(
         else:
             state = f.headline().split(" ", 2)[2]
         lines.append(f"knock-on: rank {f.rank} {state}")
-    if first.how == "unfinished" and starting:
+    if first.how == "died" and starting:
+        lines.append(
+            "fix: ranks are spawned and re-import the main script; a script that calls "
+            'sl.launch at import time needs an `if __name__ == "__main__":` guard (the ranks\' '
+            "stderr above says so if that is the cause)."
+        )
+    elif first.how == "unfinished" and starting:
         lines.append(
             "fix: each worker imports torch and joins the process group on 127.0.0.1; on a "
             "loaded machine that can take long: retry, or raise timeout=."
@@ -478,6 +484,7 @@ class Workers:
     def close(self, force: bool = False) -> None:
         """Stop the workers (politely, then by force)."""
         procs, self._procs = self._procs, []
+        procs = [p for p in procs if p.pid is not None]  # a start that failed part way
         if not force:
             for q in self._tasks:
                 with contextlib.suppress(Exception):
