@@ -223,17 +223,22 @@ def _chunks_for(t: torch.Tensor, dev: int, step, ps, shape, am) -> list[torch.Te
     return pieces
 
 
+def _exchange(pieces_of: list[list[torch.Tensor]], step, mesh: Mesh, wire: Wire):
+    """Each device's pieces (one per group member, equal shapes) encoded and all-to-all'd:
+    (what each device received, [k, nbytes] per device; each device's piece shape; the
+    elements per piece)."""
+    bufs = [torch.stack([wire.encode(p) for p in pieces]) for pieces in pieces_of]
+    received = mesh.backend.all_to_all(mesh.abstract, bufs, step.axes)
+    piece_shapes = [pieces[0].shape for pieces in pieces_of]
+    return received, piece_shapes, math.prod(piece_shapes[0]) if piece_shapes else 0
+
+
 def _reduce_scatter(step, ps, shape, mesh: Mesh, shards, wire: Wire):
-    am, be, devs = mesh.abstract, mesh.backend, mesh.local_devices
+    am, devs = mesh.abstract, mesh.local_devices
     k = am.group_size(step.axes)
     d = step.dim
-    bufs, piece_shapes = [], []
-    for dev, t in zip(devs, shards):
-        pieces = _chunks_for(t, dev, step, ps, shape, am)
-        piece_shapes.append(pieces[0].shape)
-        bufs.append(torch.stack([wire.encode(p) for p in pieces]))
-    received = be.all_to_all(am, bufs, step.axes)
-    n = math.prod(piece_shapes[0]) if piece_shapes else 0
+    pieces_of = [_chunks_for(t, dev, step, ps, shape, am) for dev, t in zip(devs, shards)]
+    received, piece_shapes, n = _exchange(pieces_of, step, mesh, wire)
     out = []
     for dev, t, r, pshape in zip(devs, shards, received, piece_shapes):
         summed = wire.decode_sum(r, n, t.dtype).view(pshape)
@@ -262,12 +267,12 @@ def _all_reduce(step, ps, shape, mesh: Mesh, shards, wire: Wire):
 
 
 def _all_to_all(step, ps, shape, mesh: Mesh, shards, wire: Wire):
-    am, be, devs = mesh.abstract, mesh.backend, mesh.local_devices
+    am, devs = mesh.abstract, mesh.local_devices
     src, dst = ps.src, ps.dst
     d1, d2 = step.from_dim, step.to_dim
     s1 = max_chunk(shape[d1], am.group_size(src.dims[d1]))
     s2 = max_chunk(shape[d2], am.group_size(dst.dims[d2]))
-    bufs, piece_shapes = [], []
+    pieces_of = []
     for dev, t in zip(devs, shards):
         lo2 = local_bounds(shape, src, am, dev)[d2][0]
         pieces = []
@@ -275,10 +280,8 @@ def _all_to_all(step, ps, shape, mesh: Mesh, shards, wire: Wire):
             lo, hi = local_bounds(shape, dst, am, m)[d2]
             piece = t.narrow(d2, lo - lo2, hi - lo) if hi > lo else t.narrow(d2, 0, 0)
             pieces.append(pad_to(pad_to(piece, d2, s2), d1, s1))
-        piece_shapes.append(pieces[0].shape)
-        bufs.append(torch.stack([wire.encode(p) for p in pieces]))
-    received = be.all_to_all(am, bufs, step.axes)
-    n = math.prod(piece_shapes[0]) if piece_shapes else 0
+        pieces_of.append(pieces)
+    received, piece_shapes, n = _exchange(pieces_of, step, mesh, wire)
     out = []
     for dev, t, r, pshape in zip(devs, shards, received, piece_shapes):
         members = am.group(dev, step.axes)
