@@ -203,10 +203,12 @@ def _call(fn: Callable, sig: Signature, args: tuple, kwargs: dict) -> Any:
         found = _PLANS[key] = _decide(sig, args, _where(fn, sig))
         if len(_PLANS) > 16384:
             _PLANS.clear()
-    if found is None or any(isinstance(a, ShardedTensor) and a._mesh is not mesh for a in args):
+    if found is None:
         return fn(*args, **kwargs)
     for a in args:
         if isinstance(a, ShardedTensor):
+            if a._mesh is not mesh:
+                return fn(*args, **kwargs)  # dispatch names the mismatch
             if a.__dict__.get("_remat") is not None:
                 # a gather to be redone in backward (sl.reshard(remat=True), ZeRO-3): the local
                 # graph would keep it, so run op by op, where the saved-tensor hooks see it
