@@ -150,3 +150,56 @@ def test_contraction_gradients_match_unsharded(op_case):
     ref_grads = torch.autograd.grad((fn(*refs) * w).sum(), refs)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got.full(), want, rtol=1e-10, atol=1e-10, msg=f"{op} {layouts}")
+
+
+def _linear_case(mesh):
+    """An activation (a non-leaf, as in a model) times a row-split weight, and its weakref."""
+    import weakref
+
+    x0 = sl.shard(_value((6, 5), 1), mesh, P("x", None)).requires_grad_()
+    w = sl.shard(_value((5, 4), 2), mesh, P(None, "y")).requires_grad_()
+    x = x0 * 2.0
+    ref = weakref.ref(x._shards[0])
+    loss = (_linear(x, w) * 3.0).sum()
+    return x0, w, loss, ref
+
+
+def _linear(x, w):
+    """The contraction whose operands are kept for backward (`sl.einsum` with out_layout,
+    as `snn.linear` runs it); torch.mm's are saved by torch's own MmBackward."""
+    return sl.einsum("ij,jk->ik", x, w, out_layout=P("x", "y"))
+
+
+def test_contraction_frees_its_operands_after_backward():
+    """Like a torch node's saved tensors, the operands a contraction keeps for backward are
+    freed once its backward ran (retain_graph=False), not held as long as the graph lives:
+    otherwise every layer's activations stay beside the gradients until the step ends. A
+    second backward then raises an error naming retain_graph."""
+    mesh = sl.Mesh.simulated({"x": 2, "y": 2})
+    x0, w, loss, ref = _linear_case(mesh)
+    assert ref() is not None  # kept for backward
+    loss.backward()
+    assert ref() is None, "the activation outlived its contraction's backward"
+    with pytest.raises(RuntimeError, match="retain_graph=True"):
+        loss.backward()  # torch's error: the graph's other nodes were freed too
+    # a graph of the contraction alone reaches shardlib's own error
+    loss = _linear(x0, w).sum()
+    loss.backward()
+    with pytest.raises(sl.ShardlibError, match="retain_graph=True"):
+        loss.backward()
+
+
+def test_contraction_keeps_its_operands_with_retain_graph():
+    """retain_graph=True keeps them: the second backward adds the same gradients again."""
+    mesh = sl.Mesh.simulated({"x": 2, "y": 2})
+    x0, w, loss, ref = _linear_case(mesh)
+    loss.backward(retain_graph=True)
+    first = (x0.grad.full().clone(), w.grad.full().clone())
+    assert ref() is not None
+    loss.backward()
+    x, wv = _value((6, 5), 1).requires_grad_(), _value((5, 4), 2).requires_grad_()
+    y = torch.mm(x * 2.0, wv)
+    want = torch.autograd.grad((y * 3.0).sum(), (x, wv))
+    for got, once, ref_g in zip((x0.grad.full(), w.grad.full()), first, want):
+        torch.testing.assert_close(once, ref_g, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(got, 2 * ref_g, rtol=1e-10, atol=1e-10)

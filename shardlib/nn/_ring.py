@@ -416,6 +416,8 @@ class _RingAttention(torch.autograd.Function):
         ql, kl, vl = cfg.q_layout, cfg.k_layout, cfg.v_layout
         mapped = shard_map(fn, cfg.mesh, (ql, kl, vl, ql, ql), (ql, kl, vl))
         dq, dk, dv = mapped(q, k, v, out, dout)
+        if not torch._C._autograd._get_current_graph_task_keep_graph():
+            ctx.store = None  # freed with the saved tensors, not when the graph dies
         return None, dq, dk, dv, None
 
 

@@ -30,7 +30,7 @@ from functools import lru_cache
 
 import torch
 
-from .._errors import LayoutError
+from .._errors import LayoutError, ShardlibError
 from ..layouts._layout import Layout
 from ..layouts._mesh import AbstractMesh
 from ._aliasing import sync
@@ -511,6 +511,11 @@ class _Contract(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        if ctx.kept is None:
+            raise ShardlibError(
+                "a second backward through a contraction whose kept operands the first "
+                "backward freed; pass retain_graph=True to the first backward"
+            )
         kept = []
         for item in ctx.kept:
             if isinstance(item, tuple):
@@ -542,6 +547,11 @@ class _Contract(torch.autograd.Function):
             d = dy if start is None else memo[id(dy), start]
             g, _ = _contract(eq, (d, other), target, free, "backward", memo, fixed, found)
             grads.append(g)
+        # the operands are freed once used, as torch frees a node's saved tensors: held to
+        # the end of backward (while the graph lives) they would pile up, each layer's
+        # activations beside the gradients of the layers after it
+        if not torch._C._autograd._get_current_graph_task_keep_graph():
+            ctx.kept = None
         return None, None, *grads, None
 
 
