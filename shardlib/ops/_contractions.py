@@ -33,6 +33,7 @@ import torch
 from .._errors import LayoutError, ShardlibError
 from ..layouts._layout import Layout
 from ..layouts._mesh import AbstractMesh
+from ._accumulate import offer
 from ._aliasing import sync
 from ._api import _as_sharded, _reshard_impl
 from ._dispatch import _sig_of
@@ -552,6 +553,7 @@ class _Contract(torch.autograd.Function):
         # activations beside the gradients of the layers after it
         if not torch._C._autograd._get_current_graph_task_keep_graph():
             ctx.kept = None
+        offer(ctx, grads, (dy, xm, wm))
         return None, None, *grads, None
 
 

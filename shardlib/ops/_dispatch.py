@@ -82,7 +82,7 @@ from ..collectives._redistribute import execute
 from ..layouts._layout import Layout
 from ..layouts._mesh import Mesh
 from ..layouts._planner import plan
-from . import _aliasing
+from . import _accumulate, _aliasing
 from ._rules import ArgSpec, RuleInput, Strategy, rule_for
 from ._tensor import ShardedTensor
 
@@ -271,6 +271,9 @@ class _Decision:
     # filled in by the first run (the local op's result has them)
     geometry: dict | None = None
     fn: Any = None  # what the fast path runs per device: the op, or the strategy's `local`
+    # aten.add of two tensors in one layout, shape and dtype: autograd's engine may be
+    # summing gradients, into one shardlib's backward made (`_accumulate`)
+    accumulate: bool = False
 
 
 _DECISIONS: dict[tuple, _Decision] = {}
@@ -327,7 +330,9 @@ def _dispatch(func: Any, args: tuple, kwargs: dict) -> Any:
             # a view family, one tensor output.
             first = args[fast[0][0]]
             fn = decision.fn
-            if len(first._shards) == 1:  # one device per process (the distributed backend)
+            if decision.accumulate and _accumulate.claim(args):
+                per_device = [b.add_(a) for a, b in zip(args[0]._shards, args[1]._shards)]
+            elif len(first._shards) == 1:  # one device per process (the distributed backend)
                 a = list(args)
                 for i, _ in fast:
                     a[i] = args[i]._shards[0]
@@ -357,6 +362,7 @@ def _dispatch(func: Any, args: tuple, kwargs: dict) -> Any:
 
 
 _make_wrapper = torch.Tensor._make_wrapper_subclass
+_ADD = torch.ops.aten.add.Tensor
 
 
 def _mesh_of(func: Any, tensors: list) -> Mesh:
@@ -546,7 +552,20 @@ def _decide(func: Any, args: tuple, kwargs: dict) -> _Decision:
         contiguous = o.offset == 0 and o.stride == torch.empty(o.shape, device="meta").stride()
         geometry = {} if contiguous else {"strides": o.stride, "storage_offset": o.offset}
     fn = best.local or getattr(func, "_op", func)  # the C++ op: skips OpOverload.__call__
-    return _Decision(best, paths, out_specs, inplace, fast, out_sig, view, geometry, fn)
+    accumulate = (
+        func is _ADD
+        and not kwargs
+        and fast is not None
+        and len(fast) == 2
+        and len(args) == 2
+        and geometry == {}
+        and best.local is None
+        and _sig_of(args[0]) == _sig_of(args[1])
+        and best.inputs[0] == best.inputs[1] == best.outputs[0] == args[0]._layout
+    )
+    return _Decision(
+        best, paths, out_specs, inplace, fast, out_sig, view, geometry, fn, accumulate
+    )
 
 
 def _current(specs: tuple[ArgSpec, ...]) -> tuple[Layout, ...]:

@@ -57,6 +57,7 @@ from torch.autograd.function import once_differentiable
 
 from .._errors import ShardlibError
 from ..layouts._layout import Layout
+from ._accumulate import offer
 from ._aliasing import sync
 from ._dispatch import _intern_sig, _sig_of
 from ._tensor import ShardedTensor
@@ -442,4 +443,7 @@ class _Gufunc(torch.autograd.Function):
             if partial:
                 lay = lay.with_partial(tuple(sorted(set(lay.partial) | set(partial))), "sum")
             out.append(ShardedTensor(grads[i], mesh, lay, plan.in_shapes[i]))
+        # fresh gradient blocks may take the engine's sum in place; one that passes a
+        # cotangent through (or a view of it) is not offered
+        offer(ctx, out, moved)
         return None, None, None, None, *out
