@@ -47,7 +47,11 @@ _node: object = None
 _ids: set[int] = set()
 
 
-def _storages(t) -> list[int]:
+def _storages(t) -> list[int] | None:
+    """The data pointers of `t`'s blocks; None where one is not a plain tensor with real
+    memory (a fake or functional tensor while torch.compile traces the backward)."""
+    if any(type(b) is not torch.Tensor for b in t._shards):
+        return None
     return [b.untyped_storage().data_ptr() for b in t._shards]
 
 
@@ -59,11 +63,19 @@ def offer(node, grads, others=()) -> None:
     global _node
     _ids.clear()
     _node = node
-    taken = {p for t in others if t is not None for p in _storages(t)}
+    taken: set[int] = set()
+    for t in others:
+        if t is not None:
+            got = _storages(t)
+            if got is None:
+                return
+            taken.update(got)
     for g in grads:
         if g is None:
             continue
         mine = _storages(g)
+        if mine is None:
+            return
         if taken.isdisjoint(mine) and len(set(mine)) == len(mine) and all(
             b.is_contiguous() for b in g._shards
         ):
