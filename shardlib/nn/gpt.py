@@ -53,6 +53,7 @@ import torch.nn.functional as F
 
 from .._errors import LayoutError, ShardlibError
 from ..ops._gufunc import gufunc
+from ..ops._tensor import ShardedTensor
 from . import _use as snn
 
 __all__ = ["Config", "init", "DIMS", "logits", "loss"]
@@ -419,5 +420,28 @@ def loss(
         raise ShardlibError(f"gpt.loss: reduction={reduction!r}; use 'mean', 'sum' or 'none'")
     logits_bsv = logits(params, batch, config, training=training)
     targets_bs = batch["targets"]
-    # classes on dim 1 (no flatten: merging a split seq dim into the batch would gather)
+    if _rows_merge_locally(logits_bsv) and _rows_merge_locally(targets_bs):
+        # (tokens, classes): every block stays vocab-last
+        b, s, v = logits_bsv.shape
+        rows_nv, targets_n = logits_bsv.reshape(b * s, v), targets_bs.reshape(b * s)
+        per = F.cross_entropy(rows_nv, targets_n, reduction=reduction)
+        return per.reshape(b, s) if reduction == "none" else per
+    # classes on dim 1 (merging a split seq dim into the batch would gather)
     return F.cross_entropy(logits_bsv.transpose(1, 2), targets_bs, reduction=reduction)
+
+
+def _rows_merge_locally(x_bs: torch.Tensor) -> bool:
+    """Whether merging (batch, seq) of `x_bs` is a view of every device's own block: the seq
+    dim whole and the batch split evenly (or a plain tensor).
+
+    The loss then runs on (tokens, vocab) rows, vocab-last as the head made them. With the
+    classes moved to dim 1 instead, torch's cross-entropy makes its input contiguous (a copy
+    of the logits), its gradient comes back token-major and the head's backward copies it
+    again (about a third of a small model's loss time; the token order is the same)."""
+    if torch.compiler.is_compiling():  # traced, the backend owns the copies (and dynamo's
+        return False  # read of the layout here trips torch's non-leaf .grad warning)
+    if not isinstance(x_bs, ShardedTensor):
+        return True
+    batch_axes, seq_axes = x_bs.spec.dims[0], x_bs.spec.dims[1]
+    ways = math.prod(x_bs.mesh.abstract.axis_size(a) for a in batch_axes)
+    return not seq_axes and x_bs.shape[0] % ways == 0
