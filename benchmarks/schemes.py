@@ -229,6 +229,40 @@ class _ShardlibVariant:
         return ref.param_bytes(self.params.values())
 
 
+class _CapturedVariant(_ShardlibVariant):
+    """The same step as `_ShardlibVariant`'s, through `sl.capture`: recorded on the first
+    call, replayed after (the same aten ops and collectives, no layout dispatch)."""
+
+    def __init__(self, name: str, config, params, batch, ranks: int):
+        super().__init__(name, config, params, batch, ranks)
+        self.label += " [sl.capture]"
+        scheme, mesh = self.scheme, self.mesh
+
+        def step(params, batch):
+            for v in params.values():
+                v.grad = None
+            with snn.use(scheme, mesh):
+                loss = gpt.loss(params, batch, config)
+                loss.backward()
+            finish_grads(params.values())
+            return loss
+
+        self.step = sl.capture(step)
+
+    def run(self) -> float:
+        return float(self.step(self.params, self.batch).full())
+
+    def measure(self) -> tuple[float, float, int, int]:
+        with PeakMemory() as pm, sl.comm_ledger() as led:
+            self.run()
+        records = led.records
+        first_bwd = next(
+            (i for i, r in enumerate(records) if r.direction == "backward"), len(records)
+        )
+        fwd = sum(r.bytes for r in records[:first_bwd])
+        return fwd, led.total_bytes - fwd, len(records), pm.peak
+
+
 def finish_grads(params) -> None:
     """Every gradient in its parameter's layout, as an optimizer needs it: the lazily partial
     ones that differ only by their partial axes (a replicated norm weight's under SP, data
@@ -296,6 +330,8 @@ class _DTensorVariant:
 def _step_of(v) -> Callable[[], float]:
     if isinstance(v, _DTensorVariant):
         return v.step
+    if isinstance(v, _CapturedVariant):
+        return v.run
     return lambda: v.backward(v.forward())
 
 
@@ -337,6 +373,8 @@ def bench_rank(mesh, spec: dict) -> dict[str, tuple[str, Measured]]:
     variants = {}
     for name in spec["schemes"]:
         variants[name] = _ShardlibVariant(name, config, params, batch, ranks)
+    for name in spec.get("captured", ()):
+        variants[f"{name}+capture"] = _CapturedVariant(name, config, params, batch, ranks)
     for name in spec["baselines"]:
         sequence = name.endswith("_sp")
         if name.startswith("megatron"):
@@ -462,9 +500,10 @@ def format_table(ranks: int, merged: dict) -> list[str]:
     lines = [f"{ranks} gloo ranks:", head]
     base = {name: merged[name][1] for name in BASELINES if name in merged}
     for name, (label, m) in merged.items():
-        sp = name.endswith("_sp")
+        scheme = name.removesuffix("+capture")
+        sp = scheme.endswith("_sp")
         meg = dt = {}
-        if name in SCHEMES:
+        if scheme in SCHEMES:
             meg = base.get("megatron_sp" if sp else "megatron", {})
             dt = base.get("dtensor_sp" if sp else "dtensor", {})
         fwd, bwd = f"{m['fwd'] / MiB:.2f}", f"{m['bwd'] / MiB:.2f}"
@@ -503,6 +542,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--baselines",
         default=",".join(BASELINES),
         help=f"comma-separated subset of {','.join(BASELINES)}",
+    )
+    ap.add_argument(
+        "--capture",
+        default="tp1d,tp1d_sp",
+        help="comma-separated schemes (of --schemes) also timed through sl.capture (the step "
+        "recorded once, replayed after); '' for none",
     )
     ap.add_argument("--skip-dtensor", action="store_true")
     ap.add_argument("--skip-megatron", action="store_true")
@@ -544,6 +589,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if any(r < 1 or r > 8 for r in args.ranks):
         ap.error(f"--ranks {args.ranks}: between 1 and 8 local gloo ranks")
     args.scheme_names = names
+    captured = [s for s in args.capture.split(",") if s]
+    unknown = [s for s in captured if s not in names]
+    if unknown:
+        ap.error(f"--capture: {unknown} not in --schemes ({','.join(names)})")
+    args.captured_names = captured
     return args
 
 
@@ -553,6 +603,7 @@ def command_line(args: argparse.Namespace) -> str:
         f"--ranks {' '.join(map(str, args.ranks))}",
         f"--steps {args.steps} --warmup {args.warmup}",
         f"--schemes {','.join(args.scheme_names)} --baselines {','.join(args.baseline_names)}",
+        f"--capture '{','.join(args.captured_names)}'",
         model_flags(args),
     ]
     if args.skip_3d:
@@ -618,6 +669,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
             "config": cfg,
             "batch": args.batch,
             "schemes": names,
+            "captured": [n for n in args.captured_names if n in names],
             "baselines": baselines,
             "steps": args.steps,
             "warmup": args.warmup,
@@ -688,6 +740,7 @@ def _scale_section(args: argparse.Namespace, emit, report: Report) -> None:
             "config": cfg,
             "batch": args.batch,
             "schemes": names,
+            "captured": [n for n in args.captured_names if n in names],
             "baselines": args.baseline_names,
             "steps": args.scale_steps,
             "warmup": 1,

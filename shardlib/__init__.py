@@ -32,6 +32,8 @@ from .layouts._planner import Plan as Plan
 from .layouts._planner import plan as plan
 from .ops import _pointwise as _pointwise  # noqa: F401  (registers rules)
 from .ops._api import from_local as from_local
+from .ops._capture import CaptureError as CaptureError
+from .ops._capture import capture as capture
 from .ops._api import full as full
 from .ops._api import remat_saves as remat_saves
 from .ops._api import reshard as reshard

@@ -34,6 +34,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from .._errors import DistributedSetupError
 from ..layouts._mesh import AbstractMesh
+from . import _ledger
 from ._inflight import track_inflight  # sl.launch hang reports (see the end of the class)
 
 __all__ = ["DistributedBackend", "distributed_backend"]
@@ -46,7 +47,9 @@ _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp
 # the traceable (functional) collectives, under their torch 2.13 names where renamed
 _fc_all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
 _fc_reduce_scatter = getattr(funcol, "reduce_scatter_single", None) or funcol.reduce_scatter_tensor
-_tracing = torch.compiler.is_compiling
+def _tracing() -> bool:
+    """torch.compile or sl.capture is recording: collectives are the functional ops."""
+    return torch.compiler.is_compiling() or bool(_ledger.capture_hooks)
 
 
 def _ensure_initialized() -> None:

@@ -173,6 +173,9 @@ def inherit_direction(direction: str) -> Iterator[None]:
 
 _lock = threading.Lock()
 _open: list[CommLedger] = []
+# The recording `sl.capture` (ops/_capture.py), if any: it takes every record made.
+# Non-empty also tells the backends to issue traceable (functional) collectives.
+capture_hooks: list = []
 
 
 @contextmanager
@@ -207,7 +210,7 @@ def record(
     reads `data` (`_emit`): the compiled function then records it on every call, after
     the collective, in eager's order."""
     compiling = torch.compiler.is_compiling()
-    if not (_open or compiling):
+    if not (_open or compiling or capture_hooks):
         return
     rec = CommRecord(
         kind, tuple(axes), group_size, int(nbytes), dtype, direction, cause, int(scale_bytes)
@@ -216,6 +219,8 @@ def record(
         _emit(rec, data)
     else:
         _append(rec)
+        if capture_hooks:  # sl.capture: the replay records it again, in this place
+            capture_hooks[-1](rec)
 
 
 def _append(rec: CommRecord) -> None:

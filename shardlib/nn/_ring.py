@@ -56,6 +56,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .._errors import LayoutError, MeshMismatchError
+from ..collectives._ledger import capture_hooks  # sl.capture: every block computed
 from ..layouts._layout import Layout
 from ..layouts._mesh import Mesh
 from ..ops._named import axis_index, ppermute
@@ -300,8 +301,8 @@ def _forward_kernel(cfg: _Ring, store: dict, q, k, v, *pos_arg):
             qi = q5[:, :, :, qs[0] : qs[1]]
             for ks in halves:
                 mask = _mask(cfg, q_pos, q_valid, k_pos, k_valid, qs, ks)
-                if mask is not None and not bool(mask.any()):
-                    continue  # nothing allowed: no kernel call
+                if mask is not None and not capture_hooks and not bool(mask.any()):
+                    continue  # nothing allowed: no kernel call (sl.capture: no value reads)
                 _count("forward", dev, (qs[1] - qs[0]) * (ks[1] - ks[0]))
                 s = torch.einsum("bkgqd,bkjd->bkgqj", qi, kf[:, :, ks[0] : ks[1]]) * cfg.scale
                 if mask is not None:
@@ -358,7 +359,7 @@ def _backward_kernel(cfg: _Ring, store: dict, need_kv: bool, q, k, v, out, dout)
             lse_i, delta_i = lse[..., qs[0] : qs[1]], delta[..., qs[0] : qs[1]]
             for ks in halves:
                 mask = _mask(cfg, q_pos, q_valid, k_pos, k_valid, qs, ks)
-                if mask is not None and not bool(mask.any()):
+                if mask is not None and not capture_hooks and not bool(mask.any()):
                     continue
                 _count("backward", dev, (qs[1] - qs[0]) * (ks[1] - ks[0]))
                 kj, vj = kf[:, :, ks[0] : ks[1]], vf[:, :, ks[0] : ks[1]]

@@ -89,6 +89,7 @@ from typing import Any
 
 import torch
 
+from ..collectives._ledger import capture_hooks  # sl.capture: no value reads
 from ..layouts._layout import Layout
 from ..layouts._shard import local_bounds
 from . import (
@@ -301,7 +302,7 @@ def _in_chunk(func: Any, shape: tuple[int, ...], layout: Layout, mesh: Any) -> C
         x, target = b["self"], b["target"]
         # as the unsharded op: no silent zero for a bad target (not while torch.compile traces:
         # the shards have no values then; h9g)
-        if target.device.type == "cpu" and not torch.compiler.is_compiling():
+        if target.device.type == "cpu" and not (torch.compiler.is_compiling() or capture_hooks):
             bad = (target != b["ignore_index"]) & ((target < 0) | (target >= shape[c]))
             if bool(bad.any()):  # (not on accelerators: it would cost a host sync)
                 raise IndexError(f"Target {int(target[bad][0])} is out of bounds.")

@@ -81,7 +81,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .._errors import LayoutError, MeshMismatchError
-from ..collectives._ledger import current_direction, inherit_direction
+from ..collectives._ledger import capture_hooks, current_direction, inherit_direction
 from ..layouts._layout import Layout
 from ..layouts._mesh import AbstractMesh, Mesh
 from ..layouts._planner import plan
@@ -197,6 +197,14 @@ def _run_devices(fn: Callable, mesh: Mesh, per_device: list[list[Any]]) -> list[
             return [fn(*per_device[0])]
         finally:
             _tls.device = None
+    if capture_hooks:
+        from ._capture import CaptureError
+
+        raise CaptureError(
+            f"sl.capture: a simulated sl.shard_map over {len(devices)} devices runs them on "
+            "threads, which the recording does not follow. Capture it on a distributed "
+            "mesh (one device per process: sl.launch), or call this function eagerly."
+        )
     sync = _Lockstep(len(devices))
     results: list[Any] = [None] * len(devices)
     errors: list[BaseException | None] = [None] * len(devices)

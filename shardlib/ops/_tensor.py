@@ -153,6 +153,8 @@ class ShardedTensor(torch.Tensor):
                 f"{type(value).__name__}: the gradient must be sharded too. Use "
                 "sl.shard(g, x.mesh, x.layout) (or sl.from_local) to build it."
             )
+        if grad_watchers:
+            grad_watchers[-1].assigned(record_of(self))
         _grad_descriptor.__set__(self, value)
 
     @grad.deleter
@@ -458,6 +460,11 @@ def record_of(t: ShardedTensor) -> Record:
     return record
 
 
+# `sl.capture`'s recording (ops/_capture.py), if any: told of every leaf a gradient reaches
+# and of every `.grad` assignment.
+grad_watchers: list = []
+
+
 def _hook_leaf(t: ShardedTensor) -> None:
     if t._grad_hooked or not t.is_leaf:
         return
@@ -468,6 +475,8 @@ def _hook_leaf(t: ShardedTensor) -> None:
         record = ref()
         if record is None or not isinstance(g, ShardedTensor):
             return None
+        if grad_watchers:
+            grad_watchers[-1].arrived(record)
         leaf = record.attrs
         layout, mesh = leaf["_layout"], leaf["_mesh"]
         if g._layout is layout or g._layout == layout:
