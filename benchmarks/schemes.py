@@ -545,9 +545,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument(
         "--capture",
-        default="tp1d,tp1d_sp",
+        default=None,
         help="comma-separated schemes (of --schemes) also timed through sl.capture (the step "
-        "recorded once, replayed after); '' for none",
+        "recorded once, replayed after); default: tp1d and tp1d_sp where in --schemes; '' "
+        "for none",
     )
     ap.add_argument("--skip-dtensor", action="store_true")
     ap.add_argument("--skip-megatron", action="store_true")
@@ -589,6 +590,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if any(r < 1 or r > 8 for r in args.ranks):
         ap.error(f"--ranks {args.ranks}: between 1 and 8 local gloo ranks")
     args.scheme_names = names
+    if args.capture is None:
+        args.capture = ",".join(s for s in ("tp1d", "tp1d_sp") if s in names)
     captured = [s for s in args.capture.split(",") if s]
     unknown = [s for s in captured if s not in names]
     if unknown:

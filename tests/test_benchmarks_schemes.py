@@ -124,7 +124,10 @@ def _smoke(capsys, flavour: str):
         f"# python benchmarks/schemes.py --ranks 4 --steps 1 --warmup 0 --schemes {scheme}"
     )
     rows = report.tables[4]
-    assert set(rows) == {scheme, megatron, dtensor}
+    captured = f"{scheme}+capture"  # the same step through sl.capture (the default for tp1d)
+    assert set(rows) == {scheme, captured, megatron, dtensor}
+    for key in ("fwd", "bwd", "colls", "loss"):  # replayed: eager's collectives and loss
+        assert rows[captured][1][key] == rows[scheme][1][key], key
     want = _f64_loss(TINY["batch"])
     for name, (label, m) in rows.items():
         assert label in out, name
