@@ -159,8 +159,27 @@ class _Recorder(TorchDispatchMode):
                 "it returns), or pass it in as an argument."
             )
         out = func(*args, **kwargs)
-        self.program.add(func, args, kwargs, out)
+        if func is _WRAP_ASYNC:  # funcol's eager AsyncCollectiveTensor: the wrapped tensor
+            self.program.alias(out, args[0])
+        elif not _on_meta(out, args):  # shape inference: no values, nothing to replay
+            self.program.add(func, args, kwargs, out)
         return out
+
+
+_WRAP_ASYNC = getattr(getattr(torch.ops, "_c10d_functional", None), "_wrap_tensor_autograd", None)
+_WRAP_ASYNC = getattr(_WRAP_ASYNC, "default", None)
+
+
+def _on_meta(out: Any, args: tuple) -> bool:
+    """Whether an op ran on the meta device (its first tensor result, else argument)."""
+    for x in (out, *args):
+        if isinstance(x, torch.Tensor):
+            return x.is_meta
+        if isinstance(x, (list, tuple)):
+            for t in x:
+                if isinstance(t, torch.Tensor):
+                    return t.is_meta
+    return False
 
 
 def _record(fn, args, kwargs, arg_leaves) -> tuple[Any, _Program]:
@@ -296,6 +315,10 @@ class _Program:
                     )
         self.code.append(("op", func, flat, refs, nested, kw, kw_refs, outs))
 
+    def alias(self, t: torch.Tensor, same_as: torch.Tensor) -> None:
+        """`t` stands for `same_as`'s value (a wrapper of it that a replay does not need)."""
+        self.ids[t] = self._ref(same_as)
+
     def note_record(self, rec: Any) -> None:
         self.code.append(("record", rec))
 
@@ -358,6 +381,7 @@ class _Program:
         for v, i in last.items():
             if v not in keep:
                 frees[i].append(v)
+        self.ops = [str(ins[1] if ins[0] == "op" else "ledger record") for ins in kept]
         self.code = [
             (*ins[:1], getattr(ins[1], "_op", ins[1]), *ins[2:], tuple(f))
             if ins[0] == "op"
