@@ -159,15 +159,14 @@ class _Recorder(TorchDispatchMode):
                 "it returns), or pass it in as an argument."
             )
         out = func(*args, **kwargs)
-        if func is _WRAP_ASYNC:  # funcol's eager AsyncCollectiveTensor: the wrapped tensor
+        if func.name() == _WRAP_ASYNC:  # funcol's eager AsyncCollectiveTensor: the wrapped one
             self.program.alias(out, args[0])
         elif not _on_meta(out, args):  # shape inference: no values, nothing to replay
             self.program.add(func, args, kwargs, out)
         return out
 
 
-_WRAP_ASYNC = getattr(getattr(torch.ops, "_c10d_functional", None), "_wrap_tensor_autograd", None)
-_WRAP_ASYNC = getattr(_WRAP_ASYNC, "default", None)
+_WRAP_ASYNC = "_c10d_functional::_wrap_tensor_autograd"
 
 
 def _on_meta(out: Any, args: tuple) -> bool:
