@@ -264,3 +264,38 @@ def test_replay_on_gloo_4_ranks_float32(workers4, name):
         assert same_ledger
         assert not mismatched
         assert diff <= 1e-6
+
+
+def test_gradients_at_entry_are_read_only_where_the_function_accumulates_into_them():
+    """A step that resets ``.grad`` replays whether or not grads are there; one that
+    accumulates records a program per gradient state and adds into the existing grads."""
+    _, w, x = _tp_linear()
+
+    def reset(w, x):
+        w.grad = None
+        (x @ w).sum().backward()
+
+    def accumulate(w, x):
+        (x @ w).sum().backward()
+
+    want = sl.shard(x.full().sum(0)[:, None].expand(4, 3), w.mesh, w.spec).full()
+    captured = sl.capture(reset)
+    for _ in range(3):  # recorded without a .grad, replayed with one
+        captured(w, x)
+        torch.testing.assert_close(w.grad.full(), want, rtol=0, atol=1e-12)
+    assert len(captured.programs) == 1 and len(next(iter(captured.programs.values()))) == 1
+    captured = sl.capture(reset)
+    captured(w, x)  # recorded with a .grad (which it does not read), replayed without one
+    w.grad = None
+    captured(w, x)
+    torch.testing.assert_close(w.grad.full(), want, rtol=0, atol=1e-12)
+    assert len(next(iter(captured.programs.values()))) == 1
+    w.grad = None
+    captured = sl.capture(accumulate)
+    for k in range(1, 4):
+        captured(w, x)
+        torch.testing.assert_close(w.grad.full(), k * want, rtol=0, atol=1e-12)
+    assert len(next(iter(captured.programs.values()))) == 2  # without a .grad, then with
+    w.grad = None
+    captured(w, x)  # replays the first program again
+    torch.testing.assert_close(w.grad.full(), want, rtol=0, atol=1e-12)

@@ -299,12 +299,15 @@ class _Program:
         if isinstance(out, torch.Tensor):
             outs = None if out in self.ids else self._new(out)  # in place: its argument
         else:
-            leaves, _ = tree_flatten(out)
+            flat_tuple = isinstance(out, (tuple, list)) and not any(
+                isinstance(o, (tuple, list, dict)) for o in out
+            )
+            leaves = list(out) if flat_tuple else tree_flatten(out)[0]
             outs = []
             for j, o in enumerate(leaves):
                 if isinstance(o, torch.Tensor):
-                    if o not in self.ids:
-                        outs.append((j, self._new(o)))
+                    if o not in self.ids:  # a leaf of a nested result: ("leaf", j)
+                        outs.append((j if flat_tuple else ("leaf", j), self._new(o)))
                 elif o is not None and not isinstance(o, (int, float, bool, torch.dtype)):
                     raise CaptureError(
                         f"sl.capture: {func} returned a {type(o).__name__}, which a replay "
@@ -344,6 +347,11 @@ class _Program:
             for (pos, _, grad), t in zip(self.inputs, arg_leaves)
             if t.requires_grad and (pos not in self.reset or used.intersection(grad or ()))
         ]
+        needed = {pos for pos, _ in self.entry_grads}
+        self.inputs = [  # a .grad the program does not read is not an input
+            (pos, blocks, grad if pos in needed else None) for pos, blocks, grad in self.inputs
+        ]
+        self._compile()
 
     def _describe(self, x: Any) -> tuple:
         if isinstance(x, ShardedTensor):
@@ -418,50 +426,82 @@ class _Program:
         self.grads = [(pos, rename(g)) for pos, g in self.grads]
 
     # -- replay ------------------------------------------------------------------------
+    def _compile(self) -> None:
+        """The program as one straight-line Python function (a local per value, ``del`` after
+        its last use): a replay then costs the ops and little else."""
+        consts = {v for v, _ in self.consts}
+        env: dict[str, Any] = {"_open": _ledger._open, "_append": _ledger._append}
+        env["_leaves"] = lambda t: tree_flatten(t)[0]
+        env.update({f"c{v}": t for v, t in self.consts})
+        name = lambda v: f"c{v}" if v in consts else f"v{v}"  # noqa: E731
+
+        def lit(x: Any) -> str:
+            if x is None or isinstance(x, (bool, int, str)):
+                return repr(x)
+            if isinstance(x, (list, tuple)) and all(
+                e is None or isinstance(e, (bool, int)) for e in x
+            ):
+                return repr(list(x) if isinstance(x, list) else tuple(x))
+            key = f"k{len(env)}"
+            env[key] = x
+            return key
+
+        self.input_vids = [v for _, blocks, grad in self.inputs for v in [*blocks, *(grad or [])]]
+        self.result_vids = sorted(
+            {v for d in [*self.outs, *(g for _, g in self.grads)] for v in _values(d)}
+        )
+        body = [f"    {', '.join(f'v{v}' for v in self.input_vids)}, = inputs"]
+        if not self.input_vids:
+            body = []
+        for i, ins in enumerate(self.code):
+            if ins[0] == "record":
+                env[f"r{i}"] = ins[1]
+                body.append(f"    if _open: _append(r{i})")
+                continue
+            _, call, flat, refs, nested, kw, kw_refs, outs, frees = ins
+            env[f"o{i}"] = call
+            args: list[str] = [lit(a) for a in flat]
+            for j, v in refs:
+                args[j] = name(v)
+            for j in {j for j, _, _ in nested}:
+                items = [lit(e) for e in flat[j]]
+                for jj, k, v in nested:
+                    if jj == j:
+                        items[k] = name(v)
+                args[j] = f"[{', '.join(items)}]"
+            named = {k: lit(a) for k, a in kw.items()}
+            for k, v in kw_refs:
+                named[k] = name(v)
+            expr = f"o{i}({', '.join([*args, *(f'{k}={a}' for k, a in named.items())])})"
+            if isinstance(outs, int):
+                body.append(f"    v{outs} = {expr}")
+            elif outs:
+                body.append(f"    _t = {expr}")
+                for j, v in outs:
+                    pick = f"_t[{j}]" if isinstance(j, int) else f"_leaves(_t)[{j[1]}]"
+                    body.append(f"    v{v} = {pick}")
+            else:
+                body.append(f"    {expr}")
+            gone = [f"v{v}" for v in frees if v not in consts]
+            if gone:
+                body.append(f"    del {', '.join(gone)}")
+        results = ", ".join(name(v) for v in self.result_vids)
+        body.append(f"    return ({results}{',' if self.result_vids else ''})")
+        source = "def _replay(inputs):\n" + "\n".join(body) + "\n"
+        exec(compile(source, "<sl.capture program>", "exec"), env)  # noqa: S102
+        self.source, self.run = source, env["_replay"]
+
     def replay(self, tensors: list[torch.Tensor]) -> Any:
         """Run the program on `tensors` (the arguments' tensors, in flattened order)."""
-        vals: list[Any] = [None] * self.n
-        for v, t in self.consts:
-            vals[v] = t
-        for pos, blocks, grad in self.inputs:
+        inputs = []
+        for pos, _, grad in self.inputs:
             t = tensors[pos]
-            for v, b in zip(blocks, _blocks(t)):
-                vals[v] = b
+            inputs += _blocks(t)
             if grad is not None:
-                for v, b in zip(grad, _blocks(t.grad)):
-                    vals[v] = b
-        opened = _ledger._open
+                inputs += _blocks(t.grad)
         with torch.no_grad():
-            for ins in self.code:
-                if ins[0] == "record":
-                    if opened:
-                        _ledger._append(ins[1])
-                    continue
-                _, call, flat, refs, nested, kw, kw_refs, outs, frees = ins
-                a = flat.copy()
-                for i, v in refs:
-                    a[i] = vals[v]
-                if nested:
-                    for i in {i for i, _, _ in nested}:
-                        a[i] = a[i].copy()
-                    for i, j, v in nested:
-                        a[i][j] = vals[v]
-                if kw:
-                    kw = kw.copy()
-                    for k, v in kw_refs:
-                        kw[k] = vals[v]
-                    out = call(*a, **kw)
-                else:
-                    out = call(*a)
-                if outs.__class__ is int:
-                    vals[outs] = out
-                elif outs:
-                    got = tree_flatten(out)[0]
-                    for j, v in outs:
-                        vals[v] = got[j]
-                for v in frees:
-                    vals[v] = None
-        for (pos, g) in self.grads:
+            vals = dict(zip(self.result_vids, self.run(inputs)))
+        for pos, g in self.grads:
             tensors[pos].grad = None if g is None else _build(g, vals)
         return tree_unflatten([_build(d, vals) for d in self.outs], self.out_spec)
 
@@ -490,7 +530,7 @@ def _values(d: tuple | None) -> list[int]:
     return d[1] if d[0] == "sharded" else [d[1]]
 
 
-def _build(d: tuple, vals: list[Any]) -> Any:
+def _build(d: tuple, vals: dict[int, Any]) -> Any:
     if d[0] == "sharded":
         _, blocks, mesh, layout, shape = d
         return ShardedTensor([vals[v] for v in blocks], mesh, layout, shape)
