@@ -16,7 +16,11 @@ hits all alike:
   embedding and head, ``loss_parallel``), and with SequenceParallel for SP;
 - Megatron: hand-written, plain per-rank tensors holding the tp shards and
   explicit ``torch.distributed`` collectives as autograd Functions (f/g, the
-  SP all-gather/reduce-scatter pair, vocab-parallel cross-entropy).
+  SP all-gather/reduce-scatter pair, vocab-parallel cross-entropy);
+- shardlib through ``sl.capture`` (``--capture``; by default tp1d and tp1d SP, the
+  ``[sl.capture]`` rows): the same step function, recorded on its first call and
+  replayed after: the same local ops and collectives (bytes, collective count and loss
+  are the eager row's), without subclass dispatch, rule lookups or an autograd graph.
 
 Columns: median ms of a step (after the first step and ``--warmup`` more;
 each rank's median, the slowest rank's reported), the first step's time

@@ -299,3 +299,27 @@ def test_gradients_at_entry_are_read_only_where_the_function_accumulates_into_th
     w.grad = None
     captured(w, x)  # replays the first program again
     torch.testing.assert_close(w.grad.full(), want, rtol=0, atol=1e-12)
+
+
+def test_unused_results_are_dropped_and_metadata_writes_replay_exactly():
+    mesh, w, x = _tp_linear()
+
+    def unused(w, x):
+        _ = (x @ w).sum()  # computed, never used: not replayed
+        return x.detach() * 2
+
+    captured = sl.capture(unused)
+    captured(w, x)
+    x2 = sl.shard(torch.randn(2, 4, dtype=F64), mesh, sl.P(None, "x"))
+    torch.testing.assert_close(captured(w, x2).full(), 2 * x2.full(), rtol=0, atol=0)
+    (program,) = next(iter(captured.programs.values()))
+    assert not any("mm" in op for op in program.ops), program.ops
+
+    def transposed(x):  # t_ changes a block's metadata in place: detach is not forwarded
+        y = x.detach().clone()
+        y.t_()
+        return y * 3
+
+    captured = sl.capture(transposed)
+    captured(x)
+    torch.testing.assert_close(captured(x2).full(), 3 * x2.full().t(), rtol=0, atol=0)

@@ -46,6 +46,7 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 # the traceable (functional) collectives, under their torch 2.13 names where renamed
 _fc_all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+_fc_all_reduce_ = torch.ops._c10d_functional.all_reduce_
 _fc_reduce_scatter = getattr(funcol, "reduce_scatter_single", None) or funcol.reduce_scatter_tensor
 def _tracing() -> bool:
     """torch.compile or sl.capture is recording: collectives are the functional ops."""
@@ -167,6 +168,9 @@ class DistributedBackend:
         (b,) = bufs
         group, _ = self._group(mesh, axes)
         if _tracing():
+            if donate and b.is_contiguous() and not torch.compiler.is_compiling():
+                # sl.capture: reduced where it lies, as below (the in-place functional op)
+                return [funcol.wait_tensor(_fc_all_reduce_(b, op, group.group_name))]
             return [funcol.wait_tensor(funcol.all_reduce(b.contiguous(), op, group))]
         # a donated buffer (see _redistribute.execute) is reduced where it lies
         out = b if donate and b.is_contiguous() else b.clone(memory_format=torch.contiguous_format)

@@ -401,7 +401,9 @@ class _Program:
         """``detach(x)`` and ``alias(x)`` become `x` itself (a replay builds no autograd graph,
         so a new tensor object over the same storage changes nothing), unless some op of
         the program changes a tensor's metadata in place (``t_``, ``resize_``, ...)."""
-        if any(ins[0] == "op" and ins[1] in _META_WRITES for ins in self.code):
+        if any(
+            ins[0] == "op" and getattr(ins[1], "_opname", "") in _META_WRITES for ins in self.code
+        ):
             return
         same: dict[int, int] = {}
         code = []
@@ -516,11 +518,9 @@ def _made(ins: tuple) -> list[int]:
 
 
 _ALIASES = {_aten.detach.default, _aten.alias.default}
-_META_WRITES = {
-    getattr(_aten, name).default
-    for name in ("t_", "transpose_", "unsqueeze_", "squeeze_", "as_strided_", "resize_",
-                 "resize_as_", "swapdims_", "swapaxes_", "set_")
-    if hasattr(getattr(_aten, name, None), "default")
+_META_WRITES = {  # in-place ops that change a tensor's metadata (any overload)
+    "t_", "transpose_", "unsqueeze_", "squeeze_", "as_strided_", "resize_", "resize_as_",
+    "swapdims_", "swapaxes_", "set_", "detach_", "_coalesced_", "squeeze_copy_",
 }
 
 
