@@ -240,18 +240,7 @@ class _CapturedVariant(_ShardlibVariant):
     def __init__(self, name: str, config, params, batch, ranks: int):
         super().__init__(name, config, params, batch, ranks)
         self.label += " [sl.capture]"
-        scheme, mesh = self.scheme, self.mesh
-
-        def step(params, batch):
-            for v in params.values():
-                v.grad = None
-            with snn.use(scheme, mesh):
-                loss = gpt.loss(params, batch, config)
-                loss.backward()
-            finish_grads(params.values())
-            return loss
-
-        self.step = sl.capture(step)
+        self.step = sl.capture(train_step(self.scheme, self.mesh, config))
 
     def run(self) -> float:
         return float(self.step(self.params, self.batch).full())
@@ -265,6 +254,22 @@ class _CapturedVariant(_ShardlibVariant):
         )
         fwd = sum(r.bytes for r in records[:first_bwd])
         return fwd, led.total_bytes - fwd, len(records), pm.peak
+
+
+def train_step(scheme, mesh, config) -> Callable:
+    """``step(params, batch) -> loss``: grads reset, forward and backward under `scheme`,
+    gradients finished (`finish_grads`)."""
+
+    def step(params, batch):
+        for v in params.values():
+            v.grad = None
+        with snn.use(scheme, mesh):
+            loss = gpt.loss(params, batch, config)
+            loss.backward()
+        finish_grads(params.values())
+        return loss
+
+    return step
 
 
 def finish_grads(params) -> None:
@@ -448,14 +453,10 @@ def simulated_3d(
         v.requires_grad_()
     sbatch = scheme.shard_batch(make_batch(config, batch, config.seq), mesh)
 
+    run = train_step(scheme, mesh, config)
+
     def step() -> float:
-        for v in params.values():
-            v.grad = None
-        with snn.use(scheme, mesh):
-            loss = gpt.loss(params, sbatch, config)
-            loss.backward()
-        finish_grads(params.values())
-        return float(loss.detach().full())
+        return float(run(params, sbatch).detach().full())
 
     t0 = time.perf_counter()
     loss = step()
