@@ -323,3 +323,15 @@ def test_unused_results_are_dropped_and_metadata_writes_replay_exactly():
     captured = sl.capture(transposed)
     captured(x)
     torch.testing.assert_close(captured(x2).full(), 3 * x2.full().t(), rtol=0, atol=0)
+
+
+def test_an_argument_that_changes_every_call_warns_naming_it():
+    _, w, x = _tp_linear()
+
+    def step(w, x, k):
+        return x @ w * k
+
+    captured = sl.capture(step)
+    with pytest.warns(UserWarning, match=r"recorded 8 programs: flattened argument\(s\) \[2\] \(int\)"):
+        for k in range(8):
+            torch.testing.assert_close(captured(w, x, k).full(), (x @ w * k).detach().full())

@@ -27,6 +27,7 @@ creates) is not replayed.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -65,7 +66,9 @@ def capture(fn: Callable[..., Any]) -> Callable[..., Any]:
     local op and collective shardlib ran, forward and backward. Later calls with the same
     signature replay that program on the new arguments' blocks: no layout dispatch, no
     rule lookups, no autograd graph, so a small model's step costs what a hand-written
-    one does. Another signature records again (each is kept).
+    one does. Another signature records again (each is kept). Numbers and other
+    non-tensor arguments are constants of a program: another value records again, so
+    pass a value that changes every step (a learning rate) as a tensor.
 
     A replay returns what `fn` returned (tensors detached), sets the ``.grad`` of every
     argument `fn` left one on, applies `fn`'s in-place writes to its arguments, and
@@ -89,6 +92,7 @@ def capture(fn: Callable[..., Any]) -> Callable[..., Any]:
         (P('x', None), [4.0, 4.0, 4.0])
     """
     programs: dict[Any, list[_Program]] = {}
+    recorded: list[Any] = []  # the keys of the recordings, in order
 
     @functools.wraps(fn)
     def captured(*args: Any, **kwargs: Any) -> Any:
@@ -100,16 +104,40 @@ def capture(fn: Callable[..., Any]) -> Callable[..., Any]:
                 return program.replay(tensors)
         out, program = _record(fn, args, kwargs, tensors)
         programs.setdefault(key, []).append(program)
+        recorded.append(key)
+        if len(recorded) == _WARN_AFTER:
+            _warn_rerecording(fn, recorded)
         return out
 
     captured.programs = programs  # type: ignore[attr-defined]  # for inspection and tests
     return captured
 
 
+_WARN_AFTER = 8  # recordings of one function before it says which argument keeps changing
+
+
+def _warn_rerecording(fn: Callable, keys: list[Any]) -> None:
+    (tree_a, (sig_a, *_)), (tree_b, (sig_b, *_)) = keys[-2], keys[-1]
+    if tree_a != tree_b:
+        what = "the arguments' structure (their pytree) changes between calls"
+    else:
+        changed = [i for i, (a, b) in enumerate(zip(sig_a, sig_b)) if a != b]
+        kinds = sorted({sig_b[i][0].__name__ for i in changed})
+        what = f"flattened argument(s) {changed} ({', '.join(kinds)}) change between calls"
+    warnings.warn(
+        f"sl.capture: {getattr(fn, '__qualname__', fn)!r} has recorded {len(keys)} programs: "
+        f"{what}, so each call records again and runs eagerly. Pass a number that changes "
+        "every step (a step count, a learning rate) as a tensor, and keep shapes and layouts "
+        "fixed.",
+        stacklevel=3,
+    )
+
+
 # == signature: what a program is valid for =========================================
 def _tensor_sig(t: torch.Tensor) -> tuple:
     if isinstance(t, ShardedTensor):
-        return (t._layout, t._mesh, t.shape, t.dtype, t.stride(), t.storage_offset())
+        blocks = tuple((b.stride(), b.storage_offset()) for b in t._shards)
+        return (t._layout, t._mesh, t.shape, t.dtype, t.stride(), t.storage_offset(), blocks)
     return (t.shape, t.dtype, t.device, t.stride(), t.storage_offset())
 
 
@@ -315,6 +343,12 @@ class _Program:
                         "backend?). Issue it through shardlib or call it after the "
                         "captured function."
                     )
+        placed = len(refs) + len(nested) + len(kw_refs)
+        if placed != sum(isinstance(x, torch.Tensor) for x in tree_flatten((args, kwargs))[0]):
+            raise CaptureError(  # a replay would hold the recording's tensors as constants
+                f"sl.capture: {func} takes tensors nested deeper than one list; the recording "
+                "cannot follow them. Call it outside the captured function."
+            )
         self.code.append(("op", func, flat, refs, nested, kw, kw_refs, outs))
 
     def alias(self, t: torch.Tensor, same_as: torch.Tensor) -> None:
