@@ -32,14 +32,14 @@ from .layouts._planner import Plan as Plan
 from .layouts._planner import plan as plan
 from .ops import _pointwise as _pointwise  # noqa: F401  (registers rules)
 from .ops._api import from_local as from_local
-from .ops._capture import CaptureError as CaptureError
-from .ops._capture import capture as capture
 from .ops._api import full as full
 from .ops._api import remat_saves as remat_saves
 from .ops._api import reshard as reshard
 from .ops._api import shard as shard
 from .ops._api import visualize as visualize
 from .ops._api import with_layout as with_layout
+from .ops._capture import CaptureError as CaptureError
+from .ops._capture import capture as capture
 from .ops._contractions import einsum as einsum
 from .ops._dispatch import allow_replicate_fallback as allow_replicate_fallback
 from .ops._dispatch import strict as strict

@@ -115,7 +115,7 @@ def test_replay_applies_in_place_updates_of_its_arguments():
     for use_capture in (False, True):
         params, step, batch = _setup(mesh, "dp+tp1d", "even", F64)
 
-        def sgd_step(params, batch):
+        def sgd_step(params, batch, step=step):
             value = step(params, batch)
             with torch.no_grad():
                 for v in params.values():
@@ -332,6 +332,8 @@ def test_an_argument_that_changes_every_call_warns_naming_it():
         return x @ w * k
 
     captured = sl.capture(step)
-    with pytest.warns(UserWarning, match=r"recorded 8 programs: flattened argument\(s\) \[2\] \(int\)"):
+    with pytest.warns(
+        UserWarning, match=r"recorded 8 programs: flattened argument\(s\) \[2\] \(int\)"
+    ):
         for k in range(8):
             torch.testing.assert_close(captured(w, x, k).full(), (x @ w * k).detach().full())

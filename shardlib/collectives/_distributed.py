@@ -48,6 +48,8 @@ _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp
 _fc_all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
 _fc_all_reduce_ = torch.ops._c10d_functional.all_reduce_
 _fc_reduce_scatter = getattr(funcol, "reduce_scatter_single", None) or funcol.reduce_scatter_tensor
+
+
 def _tracing() -> bool:
     """torch.compile or sl.capture is recording: collectives are the functional ops."""
     return torch.compiler.is_compiling() or bool(_ledger.capture_hooks)

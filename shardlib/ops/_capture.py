@@ -453,11 +453,14 @@ class _Program:
                 ins = ("op", func, flat, refs, nested, kw, kw_refs, outs)
             code.append(ins)
         self.code = code
-        rename = lambda d: d if d is None or d[0] == "const" else (  # noqa: E731
-            (*d[:1], [same.get(v, v) for v in d[1]], *d[2:])
-            if d[0] == "sharded"
-            else ("plain", same.get(d[1], d[1]))
-        )
+
+        def rename(d: tuple | None) -> tuple | None:
+            if d is None or d[0] == "const":
+                return d
+            if d[0] == "sharded":
+                return (*d[:1], [same.get(v, v) for v in d[1]], *d[2:])
+            return ("plain", same.get(d[1], d[1]))
+
         self.outs = [rename(d) for d in self.outs]
         self.grads = [(pos, rename(g)) for pos, g in self.grads]
 
@@ -553,8 +556,19 @@ def _made(ins: tuple) -> list[int]:
 
 _ALIASES = {_aten.detach.default, _aten.alias.default}
 _META_WRITES = {  # in-place ops that change a tensor's metadata (any overload)
-    "t_", "transpose_", "unsqueeze_", "squeeze_", "as_strided_", "resize_", "resize_as_",
-    "swapdims_", "swapaxes_", "set_", "detach_", "_coalesced_", "squeeze_copy_",
+    "t_",
+    "transpose_",
+    "unsqueeze_",
+    "squeeze_",
+    "as_strided_",
+    "resize_",
+    "resize_as_",
+    "swapdims_",
+    "swapaxes_",
+    "set_",
+    "detach_",
+    "_coalesced_",
+    "squeeze_copy_",
 }
 
 
