@@ -372,6 +372,7 @@ def bench_rank(mesh, spec: dict) -> dict[str, tuple[str, Measured]]:
 
     import torch.distributed as dist
 
+    os.environ.setdefault("KINETO_LOG_LEVEL", "99")  # no profiler start/stop lines per step
     logging.getLogger("torch").setLevel(logging.ERROR)
     warnings.simplefilter("ignore")  # DTensor's experimental-API notices
     torch.set_num_threads(1)

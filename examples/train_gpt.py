@@ -55,6 +55,14 @@ weight gathers in that format (the stored shards stay exact), ``--grad-comm-dtyp
 the gradient reduce-scatters (ZeRO 1-3); ``sl.optim.zero(stage, "dp", comm_dtype=...,
 grad_comm_dtype=...)``. The ledger of one step shows the wire dtype and bytes.
 
+Replay: ``--capture`` runs each micro-batch's forward and backward
+(`forward_backward`) through `sl.capture`. The first step records each
+device's program (one for the first micro-batch, one for those that add to a
+``.grad``) and later steps replay it with no layout dispatch, to the same
+values and ledger. The optimizer step stays eager: its state counts updates in a
+Python int, which would make every step a new program. ``--sp ring`` needs
+``--backend gloo`` for it (a simulated mesh runs the ring's devices on threads).
+
 Backends: ``--backend sim`` (default) runs every device in this process;
 ``--backend gloo`` runs one local process per device through `sl.launch`;
 under ``torchrun`` (its environment set) the script runs on
@@ -83,6 +91,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
 import os
 import re
@@ -331,6 +340,12 @@ class Setup:
     zero: Any  # sl.optim.Zero or Finish
     tx: sl.optim.GradientTransformation
     dtype: torch.dtype
+    # forward_backward(setup, ...) bound to this setup; under --capture an sl.capture of it
+    forward_backward: Any = None
+
+    def __post_init__(self) -> None:
+        step = functools.partial(forward_backward, self)
+        self.forward_backward = sl.capture(step) if self.args.capture else step
 
     def describe(self) -> str:
         mesh = "none (plain tensors)" if not self.axes else str(self.axes)
@@ -427,6 +442,13 @@ def build(args: argparse.Namespace, mesh: Any = None) -> Setup:
             "--mesh none is the unsharded model in one process: use --backend sim."
         )
     config = make_config(args)
+    ring_here = args.sp == "ring" and logical.get("sp", 1) > 1 and mesh is None
+    if args.capture and ring_here and args.backend == "sim" and not _under_torchrun():
+        raise TrainConfigError(
+            "--capture --sp ring: a simulated mesh runs ring attention's devices on threads, "
+            "which sl.capture cannot record; add --backend gloo (one process per device), "
+            "or drop --capture."
+        )
     if mesh is None and axes:
         mesh = sl.Mesh.simulated(axes)
     elif mesh is not None and dict(zip(mesh.axis_names, mesh.shape)) != axes:
@@ -463,6 +485,15 @@ def _value(loss: torch.Tensor) -> float:
     return float((loss.full() if isinstance(loss, sl.ShardedTensor) else loss).item())
 
 
+def forward_backward(setup: Setup, params: dict[str, Any], mb: dict[str, Any]) -> torch.Tensor:
+    """One micro-batch: the loss (detached), its gradient / --micro-batches added to ``.grad``."""
+    scheme, mesh = setup.scheme, setup.mesh
+    with snn.use(scheme, mesh) if scheme is not None else contextlib.nullcontext():
+        loss = gpt.loss(setup.zero.compute(params), mb, setup.config)
+        (loss / setup.args.micro_batches).backward()
+    return loss.detach()
+
+
 def train_step(
     setup: Setup, params: dict[str, Any], state: Any, batch: dict[str, torch.Tensor]
 ) -> tuple[dict[str, Any], Any, float]:
@@ -474,10 +505,7 @@ def train_step(
         mb = {k: v[i * size : (i + 1) * size] for k, v in batch.items()}
         if scheme is not None:
             mb = scheme.shard_batch(mb, mesh)
-        with snn.use(scheme, mesh) if scheme is not None else contextlib.nullcontext():
-            loss = gpt.loss(z.compute(params), mb, setup.config)
-            (loss / m).backward()
-        total += _value(loss.detach()) / m
+        total += _value(setup.forward_backward(params, mb)) / m
     grads = z.reduce({k: p.grad for k, p in params.items()})
     current = z.state(params)
     updates, state = setup.tx.update(grads, state, current)
@@ -568,6 +596,7 @@ class Result:
     start: int = 0  # the step resumed from
     checkpoints: list[str] = field(default_factory=list)
     params: dict[str, torch.Tensor] = field(default_factory=dict)  # final values, plain
+    recorded: int = 0  # --capture: the programs sl.capture recorded (every other call replayed)
 
     def mean_loss(self, first: bool, n: int = 10) -> float:
         part = self.losses[:n] if first else self.losses[-n:]
@@ -651,6 +680,8 @@ def run(setup: Setup) -> Result:
             result.checkpoints.append(str(save(setup, params, state, step + 1)))
     progress.close()
     result.seconds = time.perf_counter() - t_run
+    if args.capture:
+        result.recorded = sum(map(len, setup.forward_backward.programs.values()))
     with torch.no_grad():
         result.params = {
             k: (p.full() if isinstance(p, sl.ShardedTensor) else p).detach().clone()
@@ -729,6 +760,12 @@ def report(result: Result, args: argparse.Namespace, argv: Sequence[str]) -> Non
         f" (steps {result.steps[0]}..{result.steps[-1]}); {result.tokens_per_s:,.0f} tokens/s, "
         f"{result.seconds:.1f} s"
     )
+    if args.capture:
+        calls = len(result.losses) * args.micro_batches
+        print(
+            f"sl.capture: {result.recorded} program(s) recorded, {calls - result.recorded} of "
+            f"{calls} forward+backward calls replayed"
+        )
     if result.checkpoints:
         print(f"checkpoints: {', '.join(result.checkpoints)}")
     if not args.no_plot and plot(result, args.out, result.describe):
@@ -783,6 +820,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     a("--out", default="train_gpt.png", help="loss-curve PNG")
     a("--no-plot", action="store_true", help="no PNG")
     a("--quiet", action="store_true", help="no progress bar")
+    a("--capture", action="store_true",
+      help="replay each micro-batch's forward+backward with sl.capture (recorded on the first step)")
     a("--threads", type=int, default=1,
       help="torch intra-op threads (main() sets it; tiny matrices run fastest on one)")
     # fmt: on

@@ -29,6 +29,11 @@ warmup_cosine:
   ``--resume`` without a path picks the newest checkpoint;
 - the flag conventions (tp factored into 2D/2.5D/3D grids, sp axes, fsdp,
   ZeRO without dp) and every bad combination's error naming the valid ones;
+- ``--capture`` (dp+tp1d with ZeRO-1, ZeRO-3 with 2 micro-batches, tp2d, fsdp
+  with dropout): the eager run's losses and final parameters bit for bit, its
+  ledger, and one recorded program per micro-batch position for all 50 steps;
+  with ``--sp ring`` on the simulated mesh it is a flag error naming
+  ``--backend gloo``;
 - `main`'s report: the ledger of one step, the loss summary, the PNG, the
   reproducing command; the plain-print fallbacks without tqdm and matplotlib;
 - the default run (``slow``, about a minute): its loss visibly falls.
@@ -210,6 +215,38 @@ def test_micro_batches_accumulate_with_one_reduction_per_step(reference):
     assert [r.kind for r in reductions] == ["reduce_scatter"]  # one for both micro-batches
 
 
+# == --capture ================================================================================
+CAPTURED = {  # flags -> programs each micro-batch position records (first, accumulating)
+    "dp+tp1d-zero1": ["--mesh", "dp=2,tp=2", "--zero", "1"],
+    "dp+tp1d-zero3-micro2": ["--mesh", "dp=2,tp=2", "--zero", "3", "--micro-batches", "2"],
+    "tp2d": ["--mesh", "tp=4", "--tp", "2d"],
+    "fsdp-dropout": ["--mesh", "dp=2", "--fsdp", "--dropout", "0.1"],
+}
+
+
+def _ledger(result: tg.Result) -> list[tuple]:
+    return [(r.kind, r.axes, r.bytes, r.dtype, r.direction, r.cause) for r in result.records]
+
+
+@pytest.mark.parametrize("name", list(CAPTURED))
+def test_capture_replays_the_eager_run(reference, name):
+    """--capture: the same losses and final parameters as the eager run, bit for bit (a
+    replay runs the ops the recording ran, in its order), the same ledger, and one
+    recording per micro-batch position for the whole run (so later steps replayed)."""
+    flags = CAPTURED[name]
+    eager = _train(*flags)
+    setup = tg.build(_args(*flags, "--capture"))
+    captured = tg.run(setup)
+    assert captured.losses == eager.losses, name
+    for k, want in eager.params.items():
+        assert torch.equal(captured.params[k], want), (name, k)
+    assert _ledger(captured) == _ledger(eager), name
+    if "--dropout" not in flags:  # the unsharded run has none
+        _assert_curve(captured.losses, reference.losses, f"{name} --capture vs unsharded")
+    assert captured.recorded == setup.args.micro_batches, (name, captured.recorded)
+    assert eager.recorded == 0
+
+
 def _psi_split(scheme, cfg) -> int:
     """Parameter elements per device under the scheme's layouts (every size here divides)."""
     mesh = {"dp": 2, "tp": 2}
@@ -320,6 +357,7 @@ def test_flags_map_to_meshes_and_schemes(logical, tp, sp, fsdp, axes, scheme):
         (["--mesh", "none", "--backend", "gloo"], r"--backend sim"),
         (["--batch", "8", "--micro-batches", "3"], r"divisors of 8"),
         (["--vocab", "8"], r"--vocab >= 11"),
+        (["--mesh", "sp=2", "--sp", "ring", "--capture"], r"--capture --sp ring.*--backend gloo"),
     ],
 )  # fmt: skip
 def test_bad_combinations_say_what_is_valid(argv, message, capsys):

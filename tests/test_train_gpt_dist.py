@@ -7,7 +7,9 @@ dp+tp1d with ZeRO-1, tp2d ({r: 2, c: 2}) and dp+ring ({dp: 2, sp: 2}); each
 curve equals the unsharded run's (``--mesh none``, in this process) at rtol
 1e-5 at every step, every rank reports the same curve, and each rank's ledger
 of one step equals the simulated mesh's (kinds, axes, bytes, causes: the
-ledger reads the same on both backends). A checkpoint the gloo ranks write at
+ledger reads the same on both backends). With ``--capture`` the dp+ring run,
+whose ppermutes a simulated mesh cannot record, replays after one recording per
+rank to the same curve and ledger. A checkpoint the gloo ranks write at
 step 25 (each rank its own blocks) resumes on a simulated mesh into steps
 26-50 (slow tier, with one ``main(["--backend", "gloo", ...])`` run that
 spawns its own processes through `sl.launch`).
@@ -62,6 +64,21 @@ def test_gloo_loss_curve_equals_unsharded(workers4, reference, name):
         assert result.losses == ranks[0].losses, f"{name}: rank {rank} saw another loss"
     simulated = tg.train(tg.parse_args([*TINY, *GLOO4[name], "--steps", "2"]))
     assert _ledger(ranks[0]) == _ledger(simulated), name  # the same step, both backends
+
+
+@pytest.mark.dist
+def test_gloo_capture_replays_ring_attention(workers4, reference):
+    """--capture on real processes, where the ring's ppermutes are recorded (a simulated
+    mesh refuses): the unsharded curve on every rank, one recorded program per rank, and
+    the eager step's ledger."""
+    args = _args(*GLOO4["dp+ring"], "--capture", "--backend", "gloo")
+    ranks = workers4.run(tg._run_on_rank, tg.build(args).axes, (args,))
+    for rank, result in enumerate(ranks):
+        _curve(result.losses, reference.losses, f"dp+ring --capture rank {rank}")
+        assert result.recorded == 1, (rank, result.recorded)
+    assert "ppermute" in {r.kind for r in ranks[0].records}
+    eager = tg.train(tg.parse_args([*TINY, *GLOO4["dp+ring"], "--steps", "2"]))  # simulated
+    assert _ledger(ranks[0]) == _ledger(eager)  # the replayed step's ledger is the eager one
 
 
 @pytest.mark.slow  # a 4-process launch of its own (start-up included) and a 25-step resume
