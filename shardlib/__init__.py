@@ -20,6 +20,7 @@ from ._errors import MeshMismatchError as MeshMismatchError
 from ._errors import NoRuleError as NoRuleError
 from ._errors import ReplicaMismatchError as ReplicaMismatchError
 from ._errors import ShardlibError as ShardlibError
+from .collectives._compressed import CompressionError as CompressionError
 from .collectives._launch import launch as launch
 from .collectives._ledger import CommLedger as CommLedger
 from .collectives._ledger import CommRecord as CommRecord

@@ -76,8 +76,10 @@ def offer(node, grads, others=()) -> None:
         mine = _storages(g)
         if mine is None:
             return
-        if taken.isdisjoint(mine) and len(set(mine)) == len(mine) and all(
-            b.is_contiguous() for b in g._shards
+        if (
+            taken.isdisjoint(mine)
+            and len(set(mine)) == len(mine)
+            and all(b.is_contiguous() for b in g._shards)
         ):
             _ids.add(id(g))
         taken.update(mine)

@@ -563,9 +563,7 @@ def _decide(func: Any, args: tuple, kwargs: dict) -> _Decision:
         and _sig_of(args[0]) == _sig_of(args[1])
         and best.inputs[0] == best.inputs[1] == best.outputs[0] == args[0]._layout
     )
-    return _Decision(
-        best, paths, out_specs, inplace, fast, out_sig, view, geometry, fn, accumulate
-    )
+    return _Decision(best, paths, out_specs, inplace, fast, out_sig, view, geometry, fn, accumulate)
 
 
 def _current(specs: tuple[ArgSpec, ...]) -> tuple[Layout, ...]:
