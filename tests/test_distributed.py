@@ -3,6 +3,7 @@
 Covers: every (src, dst) layout pair on a 2-D uneven tensor on {x:4}, {a:2,b:2}
 (4 ranks) and sampled pairs on {a:2,b:2,c:2}, {a:2,b:4} (8 ranks), with sum/avg/
 max/min partial sources; gradients through `sl.reshard`; `sl.shard(src=0)`;
+gradients of uneven leaves (a rank with an empty block decides as the others do);
 identical ledgers on both backends; `Mesh.distributed` setup errors.
 
 Tolerances: bitwise where data only moves (no partial source); rtol 1e-6,
@@ -95,6 +96,19 @@ def run_grad(mesh, shape, cases):
             )
         )
     return out
+
+
+def run_uneven_leaf_grads(mesh):
+    """``(a * b).sum()`` backward, `a` split 6 columns over 4 devices (the last holds none)
+    and `b` over both dims: each leaf's gradient (its layout, this process's blocks, the
+    full value) and the backward ledger."""
+    a = sl.shard(_value((4, 6), torch.float64), mesh, sl.P(None, ("a", "b"))).requires_grad_()
+    b = sl.shard(_value((4, 6), torch.float64, seed=1), mesh, sl.P("a", "b")).requires_grad_()
+    with sl.comm_ledger() as led:
+        (a * b).sum().backward()
+    return [
+        (x.grad.spec, [s.clone() for s in x.grad.local_shards()], x.grad.full()) for x in (a, b)
+    ], [vars_of(r) for r in led.records]
 
 
 def run_shard_src(mesh, shape, layouts):
@@ -212,6 +226,22 @@ def test_gradients_match_simulated(workers4):
             torch.testing.assert_close(d_full, w, rtol=1e-12, atol=0)
     kinds = [[r[0] for r in s[3]] for s in sim]
     assert kinds[0] == ["reduce_scatter"] and kinds[1] == []
+
+
+def test_uneven_leaf_gradients_take_the_same_decisions_on_every_rank(workers4):
+    """Whether a leaf's gradient is moved to the leaf's layout is decided on the largest
+    block any device holds, never on this process's own: with the rank holding an empty
+    block deciding differently, the other ranks waited in the move's all-to-all forever."""
+    axes = {"a": 2, "b": 2}
+    sim_grads, sim_led = run_uneven_leaf_grads(sl.Mesh.simulated(axes))
+    want = [_value((4, 6), torch.float64, seed=1), _value((4, 6), torch.float64)]  # d(a*b)
+    for (_, _, full), w in zip(sim_grads, want, strict=True):
+        torch.testing.assert_close(full, w, rtol=0, atol=0)
+    for rank, (grads, led) in enumerate(workers4.run(run_uneven_leaf_grads, axes, ())):
+        assert led == sim_led, rank
+        for (layout, (got,), full), (s_layout, s_shards, _), w in zip(grads, sim_grads, want):
+            assert layout == s_layout, rank
+            assert torch.equal(got, s_shards[rank]) and torch.equal(full, w), rank
 
 
 def test_shard_from_source_rank(workers4):

@@ -82,6 +82,7 @@ from ..collectives._redistribute import execute
 from ..layouts._layout import Layout
 from ..layouts._mesh import Mesh
 from ..layouts._planner import plan
+from ..layouts._shard import max_local_numel
 from . import _accumulate, _aliasing
 from ._rules import ArgSpec, RuleInput, Strategy, rule_for
 from ._tensor import ShardedTensor
@@ -978,8 +979,11 @@ def _versions(t: ShardedTensor) -> tuple:
 
 def _keep(a: ShardedTensor, want: Layout, out: ShardedTensor) -> None:
     """Keep `out`, a reduction of partial `a`, with `a` (see `move`)."""
-    if torch.compiler.is_compiling() or sum(s.numel() for s in out._shards) > sum(
-        s.numel() for s in a._shards
+    shape, am = tuple(a.shape), a._mesh.abstract
+    # the largest block of any device, not this process's: every rank must take the same
+    # decision (a kept copy skips the reduction's collective)
+    if torch.compiler.is_compiling() or max_local_numel(shape, want, am) > max_local_numel(
+        shape, a._layout, am
     ):
         return
     stamp = _versions(a)

@@ -20,6 +20,7 @@ import torch
 from .._errors import LayoutError
 from ..layouts._layout import Layout
 from ..layouts._mesh import Mesh
+from ..layouts._shard import max_local_numel
 
 __all__ = ["Record", "ShardedTensor", "record_of"]
 
@@ -485,8 +486,12 @@ def _hook_leaf(t: ShardedTensor) -> None:
         reordered = g._layout.dims != want.dims and all(
             set(a) == set(b) for a, b in zip(g._layout.dims, want.dims)
         )  # the same axes per dim in another order: a permute puts it in the leaf's blocks
-        if not reordered and max(t.numel() for t in g._shards) <= max(
-            t.numel() for t in leaf["_shards"]
+        shape, am = tuple(g.shape), mesh.abstract
+        # decided on the largest block any device holds, never this process's own: on real
+        # processes an uneven split gives ranks blocks of different sizes, and a decision
+        # one rank takes differently leaves the others waiting in the reshard's collective
+        if not reordered and max_local_numel(shape, g._layout, am) <= max_local_numel(
+            shape, want, am
         ):
             return None  # no larger than the leaf's blocks: left as it came (no communication)
         from ._api import _reshard_impl
