@@ -13,22 +13,19 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
-import sys
 
 import pytest
 import torch
 
 from shardlib.nn import gpt
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 TINY = dict(dim=32, heads=4, layers=1, seq=16, batch=2, vocab=64)
 
 
 def _bench():
-    if BENCH not in sys.path:
-        sys.path.insert(0, BENCH)  # the spawned ranks inherit it and import the same module
-    return importlib.import_module("compile")
+    # as the package module, never with benchmarks/ on sys.path: its file names would
+    # shadow installed packages (benchmarks/kernels.py hides the `kernels` transformers imports)
+    return importlib.import_module("benchmarks.compile")
 
 
 def _f64_loss() -> float:

@@ -10,20 +10,16 @@ floor's are positive and plain torch's are not counted.
 from __future__ import annotations
 
 import importlib
-import os
-import sys
 
 import torch
 
 from shardlib.nn import gpt
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-
 
 def _dispatch_bench():
-    if BENCH not in sys.path:
-        sys.path.insert(0, BENCH)
-    return importlib.import_module("dispatch")
+    # as the package module, never with benchmarks/ on sys.path: its file names would
+    # shadow installed packages (benchmarks/kernels.py hides the `kernels` transformers imports)
+    return importlib.import_module("benchmarks.dispatch")
 
 
 def test_minimal_wrapper_computes_what_plain_torch_computes():

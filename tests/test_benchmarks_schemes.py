@@ -21,21 +21,17 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
-import sys
 
 import pytest
 import torch
 
 from shardlib.nn import gpt
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-
 
 def _schemes():
-    if BENCH not in sys.path:
-        sys.path.insert(0, BENCH)  # the spawned ranks inherit it and import the same module
-    return importlib.import_module("schemes")
+    # as the package module, never with benchmarks/ on sys.path: its file names would
+    # shadow installed packages (benchmarks/kernels.py hides the `kernels` transformers imports)
+    return importlib.import_module("benchmarks.schemes")
 
 
 TINY = dict(dim=32, heads=4, layers=1, seq=16, batch=2, vocab=64)
@@ -82,7 +78,7 @@ def _f64_loss(batch_size: int) -> float:
 
 def test_torch_reference_module_equals_gpt_loss():
     _schemes()
-    ref = importlib.import_module("_megatron_ref")
+    ref = importlib.import_module("benchmarks._megatron_ref")
     c = gpt.Config(vocab=24, dim=16, heads=4, layers=2, seq=8, kv_heads=2)
     params = {k: v.double() for k, v in gpt.init(c, seed=3).items()}
     g = torch.Generator().manual_seed(4)
