@@ -325,6 +325,34 @@ def test_unused_results_are_dropped_and_metadata_writes_replay_exactly():
     torch.testing.assert_close(captured(x2).full(), 3 * x2.full().t(), rtol=0, atol=0)
 
 
+def test_a_write_through_a_linked_copy_replays_its_write_back():
+    """Flattening a tensor split over both dims is a linked copy (its blocks are not views
+    of the base's); a write into it is written back, which places each element by its
+    coordinates, made from shapes and layouts alone: constants of the program, so
+    recording needs no value read and a replay writes back the new values."""
+    mesh = sl.Mesh.simulated({"x": 2, "y": 2})
+
+    def write(x):
+        out = x * 1.0
+        out.reshape(-1)[1:5].mul_(10.0)
+        return out
+
+    def value(seed):
+        return torch.randn(4, 6, dtype=F64, generator=torch.Generator().manual_seed(seed))
+
+    def want(t):
+        t = t.clone()
+        t.view(-1)[1:5] *= 10.0
+        return t
+
+    captured = sl.capture(write)
+    captured(sl.shard(value(0), mesh, sl.P("x", "y")))
+    got = captured(sl.shard(value(1), mesh, sl.P("x", "y")))
+    torch.testing.assert_close(got.full(), want(value(1)), rtol=0, atol=0)
+    (program,) = next(iter(captured.programs.values()))
+    assert any("index_put" in op for op in program.ops), program.ops
+
+
 def test_an_argument_that_changes_every_call_warns_naming_it():
     _, w, x = _tp_linear()
 

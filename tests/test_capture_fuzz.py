@@ -4,8 +4,9 @@ Hypothesis writes short programs over 2-D float64 tensors on the simulated mesh
 {x: 2, y: 2}: elementwise ops, broadcasting against reductions, reductions over a split dim
 left as partial sums, softmax, gelu, where, matmuls, transposes, reshapes (a
 reshape that is not a transpose moves data between devices), slices and
-concatenations, reshards to layouts 4 and 6 do not always divide, detach, and
-in-place adds into intermediates. Each program's leaves take random layouts; the program
+concatenations, reshards to layouts 4 and 6 do not always divide, detach, in-place
+adds into intermediates, and in-place writes through views (transpose, flatten,
+slices) that must reach their base. Each program's leaves take random layouts; the program
 sums everything into a loss and calls ``backward``.
 
 The captured program is recorded on one set of values and replayed on another.
@@ -36,7 +37,7 @@ MESH = {"x": 2, "y": 2}
 SHAPE = (4, 6)
 LAYOUTS = [P(), P("x"), P(None, "y"), P("x", "y"), P("y", "x"), P(("x", "y")), P(None, ("x", "y"))]
 OPS = ["add", "mul", "tanh", "scale", "t", "mm", "center", "softmax", "reshard", "detach",
-       "inplace", "reshape", "slice", "cat", "where", "rowsum", "gelu"]  # fmt: skip
+       "inplace", "reshape", "slice", "cat", "where", "rowsum", "gelu", "viewwrite"]  # fmt: skip
 
 
 def _apply(op: str, a, b, k: int):
@@ -84,6 +85,11 @@ def _apply(op: str, a, b, k: int):
         return a.sum(dim=k % 2, keepdim=True)
     if op == "gelu":
         return torch.nn.functional.gelu(a)
+    if op == "viewwrite":  # an in-place write through a view reaches its base
+        out = a * 1.0
+        view = (out.t(), out.reshape(-1), out[1:], out[:, ::2])[k % 4]
+        view.mul_(2.0)
+        return out
     raise AssertionError(op)
 
 

@@ -504,6 +504,27 @@ def test_softmax_over_split_dim_is_communication_in_strict_mode():
         F.softmax(x, 0)  # the softmax dim is not split: local
 
 
+def test_softmax_over_a_split_dim_of_a_transposed_input_has_torchs_strides():
+    """torch's softmax kernels return contiguous results whatever the input's strides; the
+    split-dim decomposition (elementwise ops, which keep a transposed order) must too, or
+    ``reshape`` is a copy where torch's is a view and a write through it is lost."""
+    mesh = sl.Mesh.simulated({"x": 2, "y": 2})
+    t = _randn((4, 6), 0)
+    for fn in (F.softmax, F.log_softmax):
+        leaf = t.clone().requires_grad_()
+        x = sl.shard(leaf, mesh, P(None, "y")).t()  # (6, 4), dim 0 split, strides (1, 6)
+        y, want = fn(x, 0), fn(leaf.t(), 0)
+        assert y.stride() == want.stride() == (4, 1)
+        out, ref = y * 1.0, want * 1.0
+        out.reshape(-1).mul_(2.0)
+        ref.reshape(-1).mul_(2.0)  # a view in torch: the write reaches `ref`
+        torch.testing.assert_close(out.full(), ref, **TOL)
+        ct = _randn((6, 4), 1).t().contiguous().t()  # a transposed cotangent
+        (g,) = torch.autograd.grad(y, leaf, sl.shard(ct, mesh, P("y", None)))
+        (g_want,) = torch.autograd.grad(want, leaf, ct)
+        torch.testing.assert_close(g, g_want, **TOL)
+
+
 def test_softmax_backward_keeps_partial_sum_gradient():
     mesh = sl.Mesh.simulated({"x": 4, "y": 2})
     t = _randn((8, 6), 0).requires_grad_()

@@ -269,8 +269,21 @@ def _write_back(root: ShardedTensor) -> None:
     base = link.base
     # Elements of an expanded view share base positions; only same-value writes (fill_,
     # zero_) get here with one (check_overlap refuses the others), so any of them may land.
-    coords = link.base_coords()
+    from ._capture import unrecorded
     from ._dispatch import cause_prefix, move
+
+    am = base._mesh.abstract
+    shape = tuple(base.shape)
+    with unrecorded():  # positions only (shapes, layouts): constants of a captured program
+        coords = link.base_coords()
+        where = []
+        for dev in base._mesh.local_devices:
+            bounds = local_bounds(shape, base._layout, am, dev)
+            lo = torch.tensor([lo for lo, _ in bounds], dtype=torch.int64).unsqueeze(1)
+            hi = torch.tensor([hi for _, hi in bounds], dtype=torch.int64).unsqueeze(1)
+            inside = ((coords >= lo) & (coords < hi)).all(0) if coords.numel() else None
+            hit = inside is not None and bool(inside.any())
+            where.append((inside, coords[:, inside] - lo) if hit else None)
 
     # Every device needs the view's values at the positions it holds: all of the view, with
     # the base's partial axes (each device scatters its summand into its own summand).
@@ -279,17 +292,11 @@ def _write_back(root: ShardedTensor) -> None:
     if src._layout != want:
         with cause_prefix("write-back:"):
             src = move(link.func, root, want)
-    am = base._mesh.abstract
-    shape = tuple(base.shape)
     with torch.no_grad():
-        for dev, b, s in zip(base._mesh.local_devices, base._shards, src._shards):
-            bounds = local_bounds(shape, base._layout, am, dev)
-            lo = torch.tensor([lo for lo, _ in bounds], dtype=torch.int64).unsqueeze(1)
-            hi = torch.tensor([hi for _, hi in bounds], dtype=torch.int64).unsqueeze(1)
-            inside = ((coords >= lo) & (coords < hi)).all(0) if coords.numel() else None
-            if inside is None or not bool(inside.any()):
+        for hit, b, s in zip(where, base._shards, src._shards):
+            if hit is None:
                 continue
-            local = coords[:, inside] - lo
+            inside, local = hit
             values = s.reshape(-1)[inside]
             if link.func in _MATH_BIT_VIEWS:  # h9e: conj / neg are their own inverses
                 values = _MATH_BIT_VIEWS[link.func](values)

@@ -26,13 +26,14 @@ creates) is not replayed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -56,6 +57,18 @@ class CaptureError(ShardlibError, RuntimeError):
 def capturing() -> bool:
     """Whether `sl.capture` is recording now (blocks are real; their values must not be read)."""
     return bool(_ledger.capture_hooks)
+
+
+@contextlib.contextmanager
+def unrecorded() -> Iterator[None]:
+    """Run ops outside the recording: for tensors made from shapes and layouts only, never
+    from a block's values. What they make is a constant of the program (made once, free to
+    read into Python); an op inside on an argument's blocks would replay stale values."""
+    if not _active:
+        yield
+        return
+    with _disable_current_modes():
+        yield
 
 
 def capture(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -434,10 +434,20 @@ def _softmax_decomposition(func: Any, dim: int, log: bool, out_dtype: torch.dtyp
         exp = aten.exp.default(shifted)
         total = _reduced(func, aten.sum.dim_IntList(exp, [dim], True))
         if log:
-            return aten.sub.Tensor(shifted, aten.log.default(total))
-        return aten.div.Tensor(exp, total)
+            return _as_kernel(aten.sub.Tensor(shifted, aten.log.default(total)))
+        return _as_kernel(aten.div.Tensor(exp, total))
 
     return decompose
+
+
+def _as_kernel(res: ShardedTensor) -> ShardedTensor:
+    """Contiguous, as torch's softmax kernels return (forward and backward) whatever their
+    input's strides: the decomposition's elementwise ops keep a transposed input's order,
+    and strides decide what torch does next (whether ``reshape`` is a view that a write
+    goes through, whether ``contiguous()`` copies)."""
+    if res.is_contiguous():
+        return res
+    return aten.clone.default(res, memory_format=torch.contiguous_format)
 
 
 @register_rule(*_SOFTMAX)
@@ -464,7 +474,9 @@ def _softmax_backward_decomposition(func: Any, dim: int, log: bool, in_dtype: to
         else:  # d x = y * (g - sum(g * y))
             total = _reduced(func, aten.sum.dim_IntList(aten.mul.Tensor(grad, out), [dim], True))
             res = aten.mul.Tensor(out, aten.sub.Tensor(grad, total))
-        return res if res.dtype == in_dtype else aten._to_copy.default(res, dtype=in_dtype)
+        return _as_kernel(
+            res if res.dtype == in_dtype else aten._to_copy.default(res, dtype=in_dtype)
+        )
 
     return decompose
 
