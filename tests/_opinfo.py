@@ -371,13 +371,47 @@ def _check_blocks(t: sl.ShardedTensor, where: str) -> None:
             )
 
 
-def _close(got: Any, want: Any, rtol: float, atol: float, where: str, values: bool = True) -> None:
+# Ops whose results torch returns in LAPACK's column-major order and shardlib in row-major:
+# the values are right, but a reshape of them is a copy where torch's is a view. Every other
+# op's results, gradients and written inputs report torch's strides (`_check_strides`).
+STRIDE_EXEMPT = {
+    "linalg.eig": "eigenvectors column-major",
+    "linalg.ldl_solve": "writes its column-major input back row-major",
+    "linalg.lu_solve": "the LU factors' gradient column-major",
+    "lu_solve": "the LU factors' gradient column-major",
+    "lu_unpack": "the LU factors' gradient column-major",
+    "ormqr": "the reflectors' gradient column-major",
+}
+
+
+def _check_strides(got: sl.ShardedTensor, want: torch.Tensor, where: str) -> None:
+    """The sharded result reports torch's strides (over dims of size > 1: torch leaves a
+    size-1 dim's stride free)."""
+    if want.layout is not torch.strided or tuple(got.shape) != tuple(want.shape):
+        return
+    g = [st for n, st in zip(got.shape, got.stride()) if n > 1]
+    w = [st for n, st in zip(want.shape, want.stride()) if n > 1]
+    if g != w:
+        raise _Mismatch(f"{where}: strides {got.stride()}, torch {want.stride()}")
+
+
+def _close(
+    got: Any,
+    want: Any,
+    rtol: float,
+    atol: float,
+    where: str,
+    values: bool = True,
+    strides: bool = False,
+) -> None:
     """Raise `_Mismatch` unless `got` (plain or sharded) matches `want` (plain)."""
     if isinstance(want, torch.Tensor):
         if not isinstance(got, torch.Tensor):
             raise _Mismatch(f"{where}: got {type(got).__name__}, torch gives a tensor")
         if isinstance(got, sl.ShardedTensor):
             _check_blocks(got, where)
+            if strides:
+                _check_strides(got, want, where)
             got = got.full()
         if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
             raise _Mismatch(
@@ -405,7 +439,7 @@ def _close(got: Any, want: Any, rtol: float, atol: float, where: str, values: bo
         if not isinstance(got, list | tuple) or len(got) != len(want):
             raise _Mismatch(f"{where}: got {type(got).__name__}, torch {type(want).__name__}")
         for i, (g, w) in enumerate(zip(got, want)):
-            _close(g, w, rtol, atol, f"{where}[{i}]", values)
+            _close(g, w, rtol, atol, f"{where}[{i}]", values, strides)
         return
     if isinstance(got, torch.Tensor):
         got = _plain(got).item() if got.numel() == 1 else _plain(got).tolist()
@@ -487,6 +521,7 @@ def run_case(
 
     plain_inputs = {tid: fresh(tid) for tid in originals}
     compare_values = True
+    strides = key not in STRIDE_EXEMPT
     if op.has_nondeterministic_output:
         compare_values = _reproducible(op, sample, case_seed)
 
@@ -529,7 +564,7 @@ def run_case(
                 sharded[tid] = x.requires_grad_(plain_inputs[tid].requires_grad)
         got = call(sharded)
         got = sample.output_process_fn_grad(got)
-        _close(got, want, rtol, atol, "output", compare_values)
+        _close(got, want, rtol, atol, "output", compare_values, strides)
         # In-place ops (and ops that write an input) must write the sharded input too.
         for tid, t in sharded.items():
             if isinstance(t, sl.ShardedTensor) and not plain_inputs[tid].requires_grad:
@@ -540,6 +575,7 @@ def run_case(
                     atol,
                     f"input {list(originals).index(tid)} after the op",
                     compare_values,
+                    strides,
                 )
         if want_floats:
             phase = "backward"
@@ -560,7 +596,7 @@ def run_case(
                     continue
                 w = torch.zeros_like(values[tid]) if w is None else w
                 g = torch.zeros_like(values[tid]) if g is None else g
-                _close(g, w, rtol, atol, f"grad of input {i}", compare_values)
+                _close(g, w, rtol, atol, f"grad of input {i}", compare_values, strides)
     except _Mismatch as e:
         result.verdict, result.detail = "wrong", str(e)
     except sl.NoRuleError as e:

@@ -6,7 +6,10 @@ sampled layout on the simulated meshes {a:2, b:2} and {x:4} (uneven splits,
 several axes on one dim, partial sum/avg/max/min inputs with exact non-trivial
 summands, plain tensors mixed in as replicated constants), forward values and
 gradients compared with the same sample on plain tensors (rtol 1e-7, atol 1e-9
-unless `tests/_opinfo.TOLERANCES` names the op and why). The harness itself is
+unless `tests/_opinfo.TOLERANCES` names the op and why), and every sharded result,
+gradient and written input must report torch's strides (what decides whether a later
+``reshape`` is a view; `tests/_opinfo.STRIDE_EXEMPT` lists the six LAPACK-order ops that
+do not yet). The harness itself is
 tests/_opinfo.py; tools/opinfo_report.py writes the same sweep to docs/opinfo.md.
 
 - fast tier (default suite): every op, ``SHARDLIB_OPINFO_CASES`` cases per mesh
@@ -183,6 +186,7 @@ class _Sample:
         (lambda x: torch.sin(x) * (1 + 1e-6), "wrong"),  # forward off by 1e-6 relative
         (lambda x: torch.sin(x.detach()), "wrong"),  # no gradient: zeros against cos(x)
         (lambda x: torch.cos(x), "wrong"),
+        (lambda x: torch.sin(x).t().contiguous().t(), "wrong"),  # right values, torch's strides not
         (lambda x: 1 / 0, "crash"),
         (lambda x: sl.reshard(x, "not a layout"), "error"),
     ],
