@@ -353,6 +353,31 @@ def test_a_write_through_a_linked_copy_replays_its_write_back():
     assert any("index_put" in op for op in program.ops), program.ops
 
 
+def test_index_and_target_range_checks_run_in_every_replay():
+    """Eager raises for an index or a class target out of range; recording cannot read the
+    check's value, so the check is an assertion op in the program and every replay makes
+    it on its own values."""
+    mesh = sl.Mesh.simulated({"x": 2})
+    g = torch.Generator().manual_seed(0)
+    x = sl.shard(torch.randn(6, 4, dtype=F64, generator=g), mesh, sl.P("x"))
+    pick = sl.capture(lambda x, idx: x[idx])
+    pick(x, torch.tensor([0, 5]))
+    got = pick(x, torch.tensor([1, 2]))
+    torch.testing.assert_close(got.full(), x.full()[[1, 2]], rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="out of bounds"):
+        pick(x, torch.tensor([1, 6]))
+
+    logits = sl.shard(torch.randn(4, 10, dtype=F64, generator=g), mesh, sl.P(None, "x"))
+    loss = sl.capture(lambda z, t: F.cross_entropy(z, t))
+    loss(logits, torch.tensor([0, 1, 2, 3]))
+    t = torch.tensor([9, 1, 5, 3])
+    torch.testing.assert_close(
+        loss(logits, t).full(), F.cross_entropy(logits.full(), t), rtol=1e-12, atol=0
+    )
+    with pytest.raises(RuntimeError, match="out of bounds"):
+        loss(logits, torch.tensor([10, 1, 2, 3]))
+
+
 def test_an_argument_that_changes_every_call_warns_naming_it():
     _, w, x = _tp_linear()
 

@@ -4,7 +4,8 @@ Hypothesis writes short programs over 2-D float64 tensors on the simulated mesh
 {x: 2, y: 2}: elementwise ops, broadcasting against reductions, reductions over a split dim
 left as partial sums, softmax, gelu, where, matmuls, transposes, reshapes (a
 reshape that is not a transpose moves data between devices), slices and
-concatenations, reshards to layouts 4 and 6 do not always divide, detach, in-place
+concatenations, layer norm, log-softmax, max, cumsum, index gathers, pads, flips,
+rolls, expands, clamps, reshards to layouts 4 and 6 do not always divide, detach, in-place
 adds into intermediates, and in-place writes through views (transpose, flatten,
 slices) that must reach their base. Each program's leaves take random layouts; the program
 sums everything into a loss and calls ``backward``.
@@ -37,7 +38,9 @@ MESH = {"x": 2, "y": 2}
 SHAPE = (4, 6)
 LAYOUTS = [P(), P("x"), P(None, "y"), P("x", "y"), P("y", "x"), P(("x", "y")), P(None, ("x", "y"))]
 OPS = ["add", "mul", "tanh", "scale", "t", "mm", "center", "softmax", "reshard", "detach",
-       "inplace", "reshape", "slice", "cat", "where", "rowsum", "gelu", "viewwrite"]  # fmt: skip
+       "inplace", "reshape", "slice", "cat", "where", "rowsum", "gelu", "viewwrite",
+       "layernorm", "logsoftmax", "amax", "cumsum", "gather", "pad", "flip", "roll", "expand",
+       "clamp"]  # fmt: skip
 
 
 def _apply(op: str, a, b, k: int):
@@ -85,6 +88,26 @@ def _apply(op: str, a, b, k: int):
         return a.sum(dim=k % 2, keepdim=True)
     if op == "gelu":
         return torch.nn.functional.gelu(a)
+    if op == "layernorm":
+        return torch.nn.functional.layer_norm(a, a.shape[-1:])
+    if op == "logsoftmax":
+        return torch.log_softmax(a, dim=k % 2)
+    if op == "amax":  # a max over a split dim, broadcast back
+        return a - a.amax(dim=k % 2, keepdim=True)
+    if op == "cumsum":
+        return a.cumsum(dim=k % 2) / a.shape[k % 2]
+    if op == "gather":  # rows picked by an index (advanced indexing)
+        return a[torch.tensor([k % a.shape[0], 0, a.shape[0] - 1])]
+    if op == "pad":
+        return torch.nn.functional.pad(a, (1, 0, 0, 1))
+    if op == "flip":
+        return a.flip(k % 2)
+    if op == "roll":
+        return a.roll(1 + k % 3, dims=k % 2)
+    if op == "expand":
+        return a * a[:, :1].expand_as(a)
+    if op == "clamp":
+        return a.clamp(-0.5, 0.5)
     if op == "viewwrite":  # an in-place write through a view reaches its base
         out = a * 1.0
         view = (out.t(), out.reshape(-1), out[1:], out[:, ::2])[k % 4]

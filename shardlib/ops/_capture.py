@@ -21,7 +21,9 @@ is not an argument (replay could not set its ``.grad``), a counter-mode `sl.rng`
 opened outside the function (replay would repeat its keys), and a simulated
 `sl.shard_map` over several devices (its devices run on threads). Python state the
 function changes other than these (a list it appends to, an optimizer's state it
-creates) is not replayed.
+creates) is not replayed. The range checks shardlib makes on indices and class targets
+(eager raises IndexError) are assertion ops in the program, so every replay checks its own
+values (a RuntimeError naming the bound).
 """
 
 from __future__ import annotations
@@ -601,8 +603,11 @@ def _build(d: tuple, vals: dict[int, Any]) -> Any:
 @functools.cache
 def _effectful(func: Any) -> bool:
     """Whether dropping `func` when its result is unused would change anything: it writes
-    an argument, draws random numbers, or is not an aten op (collectives, ledger)."""
+    an argument, draws random numbers, returns nothing (an assertion such as the range
+    checks shardlib makes while recording), or is not an aten op (collectives, ledger)."""
     if getattr(func, "namespace", "aten") != "aten":
+        return True
+    if not func._schema.returns:
         return True
     if torch.Tag.nondeterministic_seeded in getattr(func, "tags", ()):
         return True

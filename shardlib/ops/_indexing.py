@@ -86,6 +86,7 @@ from typing import Any
 
 import torch
 
+from ..collectives._ledger import capture_hooks  # sl.capture: no value reads
 from ..layouts._layout import Layout
 from ..layouts._shard import local_bounds
 from ._dispatch import _functional_of, _is_inplace, _locally, _move
@@ -223,6 +224,11 @@ def _check_range(op: Any, idx: torch.Tensor, n: int, negative: bool) -> None:
     if idx.device.type != "cpu" or idx.numel() == 0:
         return
     bad = (idx < (-n if negative else 0)) | (idx >= n)
+    if capture_hooks:  # sl.capture: no value read, the check is an op its replays run too
+        torch._assert_async(
+            ~bad.any(), f"{op}: an index is out of bounds for dimension with size {n}"
+        )
+        return
     if bool(bad.any()):
         raise IndexError(
             f"{op}: index {int(idx[bad][0])} is out of bounds for dimension with size {n}"

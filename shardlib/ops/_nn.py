@@ -302,9 +302,11 @@ def _in_chunk(func: Any, shape: tuple[int, ...], layout: Layout, mesh: Any) -> C
         x, target = b["self"], b["target"]
         # as the unsharded op: no silent zero for a bad target (not while torch.compile traces:
         # the shards have no values then; h9g)
-        if target.device.type == "cpu" and not (torch.compiler.is_compiling() or capture_hooks):
+        if target.device.type == "cpu" and not torch.compiler.is_compiling():
             bad = (target != b["ignore_index"]) & ((target < 0) | (target >= shape[c]))
-            if bool(bad.any()):  # (not on accelerators: it would cost a host sync)
+            if capture_hooks:  # sl.capture: no value read, an op its replays run too
+                torch._assert_async(~bad.any(), f"A target is out of bounds ({shape[c]} classes).")
+            elif bool(bad.any()):  # (not on accelerators: it would cost a host sync)
                 raise IndexError(f"Target {int(target[bad][0])} is out of bounds.")
         lo, hi = local_bounds(shape, layout, mesh, device)[c]
         if hi == lo:  # an empty class chunk: nothing to pick
