@@ -5,7 +5,7 @@ Hypothesis writes short programs over 2-D float64 tensors on the simulated mesh
 left as partial sums, softmax, gelu, where, matmuls, transposes, reshapes (a
 reshape that is not a transpose moves data between devices), slices and
 concatenations, layer norm, log-softmax, max, cumsum, index gathers, pads, flips,
-rolls, expands, clamps, reshards to layouts 4 and 6 do not always divide, detach, in-place
+rolls, expands, clamps, ``sl.einsum`` to a sampled output layout, reshards to layouts 4 and 6 do not always divide, detach, in-place
 adds into intermediates, and in-place writes through views (transpose, flatten,
 slices) that must reach their base. Each program's leaves take random layouts; the program
 sums everything into a loss and calls ``backward``.
@@ -40,7 +40,7 @@ LAYOUTS = [P(), P("x"), P(None, "y"), P("x", "y"), P("y", "x"), P(("x", "y")), P
 OPS = ["add", "mul", "tanh", "scale", "t", "mm", "center", "softmax", "reshard", "detach",
        "inplace", "reshape", "slice", "cat", "where", "rowsum", "gelu", "viewwrite",
        "layernorm", "logsoftmax", "amax", "cumsum", "gather", "pad", "flip", "roll", "expand",
-       "clamp"]  # fmt: skip
+       "clamp", "einsum"]  # fmt: skip
 
 
 def _apply(op: str, a, b, k: int):
@@ -108,6 +108,11 @@ def _apply(op: str, a, b, k: int):
         return a * a[:, :1].expand_as(a)
     if op == "clamp":
         return a.clamp(-0.5, 0.5)
+    if op == "einsum":  # the contraction engine, to a chosen output layout
+        other = b if b.shape[1] == a.shape[1] else a
+        if not isinstance(a, sl.ShardedTensor):
+            return torch.einsum("ij,kj->ik", a, other) / a.shape[1]
+        return sl.einsum("ij,kj->ik", a, other, out_layout=LAYOUTS[k % len(LAYOUTS)]) / a.shape[1]
     if op == "viewwrite":  # an in-place write through a view reaches its base
         out = a * 1.0
         view = (out.t(), out.reshape(-1), out[1:], out[:, ::2])[k % 4]
