@@ -341,7 +341,7 @@ class Setup:
     tx: sl.optim.GradientTransformation
     dtype: torch.dtype
     # forward_backward(setup, ...) bound to this setup; under --capture an sl.capture of it
-    forward_backward: Any = None
+    forward_backward: Any = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         step = functools.partial(forward_backward, self)

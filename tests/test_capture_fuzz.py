@@ -32,6 +32,8 @@ from hypothesis import strategies as st
 import shardlib as sl
 from shardlib import P
 
+from .test_capture import _rows  # the ledger rows replay and eager must share
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 MESH = {"x": 2, "y": 2}
@@ -146,10 +148,6 @@ def _leaves(mesh, layouts, seed: int):
         x = sl.shard(torch.randn(SHAPE, generator=g, dtype=torch.float64), mesh, lay)
         out.append(x.requires_grad_())
     return out
-
-
-def _rows(led) -> list[tuple]:
-    return [(r.kind, r.axes, r.bytes, r.direction, r.cause) for r in led.records]
 
 
 op_steps = st.tuples(st.sampled_from(OPS), st.integers(0, 9), st.integers(0, 9), st.integers(0, 13))

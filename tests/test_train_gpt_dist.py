@@ -23,7 +23,7 @@ import io
 import pytest
 import torch
 
-from tests.test_train_gpt import STEPS, TINY, tg  # the same tiny model and script module
+from tests.test_train_gpt import STEPS, TINY, _ledger, tg  # the same tiny model and script module
 from tests.test_train_gpt import _assert_curve as _curve
 
 GLOO4 = {
@@ -45,10 +45,6 @@ def reference() -> tg.Result:
         return tg.train(_args("--mesh", "none"))
     finally:
         torch.set_num_threads(old)
-
-
-def _ledger(result: tg.Result):
-    return [(r.kind, r.axes, r.bytes, r.dtype, r.direction, r.cause) for r in result.records]
 
 
 @pytest.mark.dist
